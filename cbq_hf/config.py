@@ -1,0 +1,354 @@
+"""`CBQConfig`: every setting of a CBQ quantization run, validated when built and when read back.
+
+The config is plain data. It is what transformers stores under `quantization_config` in `config.json`, so
+`to_dict()` must stay JSON-safe (no tokenizer, tensors or dtypes) and `CBQConfig(**d)` must rebuild it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+#: Version of the on-disk layout (packed tensors, metadata). Bumped when a saved checkpoint would be read wrongly.
+FORMAT_VERSION = 1
+
+_WEIGHT_BITS = (2, 3, 4, 8)
+_ACT_BITS = (None, 4, 8)
+_METHODS = ("rtn", "cbq")
+_FORMATS = ("uniform", "lobcq")
+_LOBCQ_CODEBOOKS = ("universal", "per_layer")
+
+# Keys that only describe the run (where data came from, how it went) and are never needed to load weights.
+_RUN_ONLY_KEYS = ("tokenizer",)
+
+
+def _err(field: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"CBQConfig: invalid `{field}`={value!r}; {allowed}.")
+
+
+def _check_int(field: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _err(field, value, "expected an integer")
+    if minimum is not None and value < minimum:
+        raise _err(field, value, f"expected an integer >= {minimum}")
+    if maximum is not None and value > maximum:
+        raise _err(field, value, f"expected an integer <= {maximum}")
+
+
+def _check_float(field: str, value: Any, minimum: float | None = None, maximum: float | None = None,
+                 strict_min: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _err(field, value, "expected a finite number")
+    if minimum is not None and (value < minimum or (strict_min and value == minimum)):
+        raise _err(field, value, f"expected a number {'>' if strict_min else '>='} {minimum}")
+    if maximum is not None and value > maximum:
+        raise _err(field, value, f"expected a number <= {maximum}")
+
+
+def _check_bool(field: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise _err(field, value, "expected True or False")
+
+
+class CBQConfig(QuantizationConfigMixin):
+    """Settings of a `cbq_hf` quantization, passed to `from_pretrained(..., quantization_config=...)`.
+
+    Weight format
+        bits: bits per weight value: 2, 3, 4 or 8 (3-bit values are stored in 4-bit slots).
+        group_size: input channels that share one scale and zero point; -1 means one group per output channel.
+            When it does not divide a layer's input size the last group of each row is shorter (e.g. 576 with 128:
+            four groups of 128 and one of 64). A group size larger than a layer's input size is an error.
+        sym: symmetric weight grid (zero point fixed at the middle code) instead of asymmetric min-max.
+        act_bits: None for weight-only; 8 or 4 for dynamic per-token symmetric quantization of the input of every
+            quantized linear (a learnable clipping ratio per linear is calibrated with `method="cbq"`).
+        format: "uniform" (integer grid, packed int2/int4/int8) or "lobcq" (block-clustered codebooks, W4A4).
+
+    Calibration data
+        dataset: calibration text: a list of strings, a path to a text / JSON-lines file, "wikitext2" (the local
+            WikiText-2 validation file, see `cbq_hf.data`), a `datasets.Dataset`, or a `datasets` name.
+        tokenizer: tokenizer (object or name/path) used to tokenize `dataset`; used, never serialized.
+        nsamples: number of calibration sequences.
+        seqlen: tokens per calibration sequence (BOS included when the tokenizer has one).
+        seed: seed of the sampling of calibration segments and of every random initialisation.
+
+    Calibration method
+        method: "rtn" (round-to-nearest min-max, no data needed) or "cbq" (cross-block reconstruction).
+        window_size: consecutive decoder blocks reconstructed jointly (1 = block-wise reconstruction).
+        window_overlap: blocks shared by consecutive windows (< window_size).
+        epochs: passes over the calibration samples per window.
+        batch_size: calibration samples per optimisation step.
+        lr: learning rate of the rounding parameters (LoRA factors); `lr_scale` for the step sizes and
+            activation clipping ratios.
+        lora_rank: rank r of the LoRA-Rounding offsets V = A1 @ A2.
+        loss_weight_accumulated / loss_weight_homologous: weights of the two reconstruction terms
+            (quantized window on X_q vs full precision on X_fp; quantized vs full precision both on X_q).
+        kl_weight: weight of the KL part of each distance term (0 disables it).
+        rounding_reg_weight, beta_start, beta_end: rounding regulariser weight and its annealed exponent.
+        use_cfp, cfp_lambda1, cfp_lambda2, cfp_alpha: coarse-to-fine outlier preprocessing and its parameters
+            (IQR multiplier, within-set variance weight, activation smoothing exponent).
+        use_lora_rounding, learn_weight_scales, learn_act_clipping, use_homologous, use_kl: ablation switches.
+        calibration_device: device for the window being optimised ("auto": CUDA when present, else CPU).
+        checkpoint_dir: folder where finished windows are written so an interrupted calibration resumes.
+
+    LO-BCQ (format="lobcq")
+        lobcq_block_len: values per block (one codebook selector per block).
+        lobcq_array_len: values per block array (one 8-bit scale per array).
+        lobcq_num_codebooks: codebooks to choose from (a power of two).
+        lobcq_codebook_bits: bits of a codebook entry (entries are signed integers).
+        lobcq_codebooks: "universal" (one set for every layer, weights and activations) or "per_layer".
+        lobcq_iters: maximum LO-BCQ iterations when designing codebooks.
+
+    Other
+        modules_to_not_convert: module names (or name suffixes) kept in full precision; `lm_head` and embeddings
+            are never converted. After calibration this holds the resolved list.
+    """
+
+    def __init__(
+        self,
+        bits: int = 4,
+        group_size: int = 128,
+        sym: bool = False,
+        act_bits: int | None = None,
+        format: str = "uniform",
+        dataset: Any = "wikitext2",
+        tokenizer: Any = None,
+        nsamples: int = 128,
+        seqlen: int = 512,
+        seed: int = 0,
+        modules_to_not_convert: list[str] | None = None,
+        method: str = "cbq",
+        window_size: int = 2,
+        window_overlap: int = 1,
+        epochs: int = 2,
+        batch_size: int = 4,
+        lr: float = 1e-3,
+        lr_scale: float = 1e-3,
+        lora_rank: int = 5,
+        loss_weight_accumulated: float = 1.0,
+        loss_weight_homologous: float = 1.0,
+        kl_weight: float = 1.0,
+        rounding_reg_weight: float = 1e-3,
+        beta_start: float = 20.0,
+        beta_end: float = 2.0,
+        use_cfp: bool = True,
+        cfp_lambda1: float = 1.5,
+        cfp_lambda2: float = 1.0,
+        cfp_alpha: float = 0.5,
+        use_lora_rounding: bool = True,
+        learn_weight_scales: bool = True,
+        learn_act_clipping: bool = True,
+        use_homologous: bool = True,
+        use_kl: bool = True,
+        calibration_device: str = "auto",
+        checkpoint_dir: str | None = None,
+        lobcq_block_len: int = 8,
+        lobcq_array_len: int = 64,
+        lobcq_num_codebooks: int = 16,
+        lobcq_codebook_bits: int = 6,
+        lobcq_codebooks: str = "universal",
+        lobcq_iters: int = 20,
+        format_version: int = FORMAT_VERSION,
+        **kwargs: Any,
+    ) -> None:
+        self.quant_method = "cbq"
+        self.bits = bits
+        self.group_size = group_size
+        self.sym = sym
+        self.act_bits = act_bits
+        self.format = format
+        self.dataset = dataset
+        self.tokenizer = tokenizer
+        self.nsamples = nsamples
+        self.seqlen = seqlen
+        self.seed = seed
+        self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert is not None else None
+        self.method = method
+        self.window_size = window_size
+        self.window_overlap = window_overlap
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.lr_scale = lr_scale
+        self.lora_rank = lora_rank
+        self.loss_weight_accumulated = loss_weight_accumulated
+        self.loss_weight_homologous = loss_weight_homologous
+        self.kl_weight = kl_weight
+        self.rounding_reg_weight = rounding_reg_weight
+        self.beta_start = beta_start
+        self.beta_end = beta_end
+        self.use_cfp = use_cfp
+        self.cfp_lambda1 = cfp_lambda1
+        self.cfp_lambda2 = cfp_lambda2
+        self.cfp_alpha = cfp_alpha
+        self.use_lora_rounding = use_lora_rounding
+        self.learn_weight_scales = learn_weight_scales
+        self.learn_act_clipping = learn_act_clipping
+        self.use_homologous = use_homologous
+        self.use_kl = use_kl
+        self.calibration_device = calibration_device
+        self.checkpoint_dir = checkpoint_dir
+        self.lobcq_block_len = lobcq_block_len
+        self.lobcq_array_len = lobcq_array_len
+        self.lobcq_num_codebooks = lobcq_num_codebooks
+        self.lobcq_codebook_bits = lobcq_codebook_bits
+        self.lobcq_codebooks = lobcq_codebooks
+        self.lobcq_iters = lobcq_iters
+        self.format_version = format_version
+        # Facts recorded by the quantizer after calibration (bits per weight, perplexity, ...): JSON-safe only.
+        self.run_info: dict[str, Any] = dict(kwargs.pop("run_info", None) or {})
+        kwargs.pop("quant_method", None)
+        if kwargs:
+            raise ValueError(
+                f"CBQConfig: unknown field(s) {sorted(kwargs)}; see `help(cbq_hf.CBQConfig)` for the accepted fields."
+            )
+        self.post_init()
+
+    # ------------------------------------------------------------------ validation
+    def post_init(self) -> None:
+        """Check every field; raise `ValueError` naming the field and the allowed values."""
+        if self.bits not in _WEIGHT_BITS or isinstance(self.bits, bool):
+            raise _err("bits", self.bits, f"allowed: {list(_WEIGHT_BITS)}")
+        _check_int("group_size", self.group_size)
+        if self.group_size != -1 and self.group_size < 1:
+            raise _err("group_size", self.group_size, "expected -1 (per output channel) or a positive integer")
+        _check_bool("sym", self.sym)
+        if self.act_bits not in _ACT_BITS or isinstance(self.act_bits, bool):
+            raise _err("act_bits", self.act_bits, "allowed: None (weight-only), 8 or 4")
+        if self.format not in _FORMATS:
+            raise _err("format", self.format, f"allowed: {list(_FORMATS)}")
+        if self.method not in _METHODS:
+            raise _err("method", self.method, f"allowed: {list(_METHODS)}")
+        self._check_dataset()
+        _check_int("nsamples", self.nsamples, 1)
+        _check_int("seqlen", self.seqlen, 2)
+        _check_int("seed", self.seed, 0)
+        if self.modules_to_not_convert is not None and not all(
+            isinstance(m, str) and m for m in self.modules_to_not_convert
+        ):
+            raise _err("modules_to_not_convert", self.modules_to_not_convert, "expected a list of module names")
+        _check_int("window_size", self.window_size, 1)
+        _check_int("window_overlap", self.window_overlap, 0)
+        if self.window_overlap >= self.window_size:
+            raise ValueError(
+                f"CBQConfig: `window_overlap`={self.window_overlap} must be smaller than `window_size`="
+                f"{self.window_size} (windows advance by window_size - window_overlap blocks)."
+            )
+        _check_int("epochs", self.epochs, 0)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_float("lr", self.lr, 0.0)
+        _check_float("lr_scale", self.lr_scale, 0.0)
+        _check_int("lora_rank", self.lora_rank, 1)
+        for name in ("loss_weight_accumulated", "loss_weight_homologous", "kl_weight", "rounding_reg_weight",
+                     "cfp_lambda2"):
+            _check_float(name, getattr(self, name), 0.0)
+        _check_float("beta_start", self.beta_start, 0.0, strict_min=True)
+        _check_float("beta_end", self.beta_end, 0.0, strict_min=True)
+        _check_float("cfp_lambda1", self.cfp_lambda1, 0.0)
+        _check_float("cfp_alpha", self.cfp_alpha, 0.0, 1.0)
+        for name in ("use_cfp", "use_lora_rounding", "learn_weight_scales", "learn_act_clipping", "use_homologous",
+                     "use_kl"):
+            _check_bool(name, getattr(self, name))
+        if not isinstance(self.calibration_device, str) or not self.calibration_device:
+            raise _err("calibration_device", self.calibration_device, "expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, (str, os.PathLike)):
+            raise _err("checkpoint_dir", self.checkpoint_dir, "expected a folder path or None")
+        if self.checkpoint_dir is not None:
+            self.checkpoint_dir = os.fspath(self.checkpoint_dir)
+        _check_int("lobcq_block_len", self.lobcq_block_len, 1)
+        _check_int("lobcq_array_len", self.lobcq_array_len, 1)
+        if self.lobcq_array_len % self.lobcq_block_len:
+            raise ValueError(
+                f"CBQConfig: `lobcq_array_len`={self.lobcq_array_len} must be a multiple of `lobcq_block_len`="
+                f"{self.lobcq_block_len} (a block array is made of whole blocks)."
+            )
+        _check_int("lobcq_num_codebooks", self.lobcq_num_codebooks, 1, 256)
+        if self.lobcq_num_codebooks & (self.lobcq_num_codebooks - 1):
+            raise _err("lobcq_num_codebooks", self.lobcq_num_codebooks, "expected a power of two between 1 and 256")
+        _check_int("lobcq_codebook_bits", self.lobcq_codebook_bits, 4, 8)
+        if self.lobcq_codebooks not in _LOBCQ_CODEBOOKS:
+            raise _err("lobcq_codebooks", self.lobcq_codebooks, f"allowed: {list(_LOBCQ_CODEBOOKS)}")
+        _check_int("lobcq_iters", self.lobcq_iters, 1)
+        _check_int("format_version", self.format_version, 1)
+        if self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"CBQConfig: checkpoint format_version={self.format_version} is newer than this cbq_hf "
+                f"understands ({FORMAT_VERSION}); upgrade cbq_hf (`pip install -U cbq_hf`)."
+            )
+        # Combinations.
+        if self.format == "lobcq":
+            if self.bits != 4:
+                raise ValueError(
+                    f"CBQConfig: format='lobcq' stores 4-bit codebook indices; `bits` must be 4 (got {self.bits})."
+                )
+            if self.act_bits not in (None, 4):
+                raise ValueError(
+                    f"CBQConfig: format='lobcq' encodes activations with the same 4-bit codebooks; `act_bits` must"
+                    f" be 4 (W4A4) or None (weight-only), got {self.act_bits}."
+                )
+        if not isinstance(self.run_info, dict):
+            raise _err("run_info", self.run_info, "expected a dict")
+
+    def _check_dataset(self) -> None:
+        d = self.dataset
+        if d is None:
+            return
+        if isinstance(d, (str, os.PathLike)):
+            if not os.fspath(d).strip():
+                raise _err("dataset", d, "expected a non-empty name or path")
+            return
+        if isinstance(d, (list, tuple)):
+            if not d:
+                raise _err("dataset", "[]", "the list of calibration texts is empty")
+            if not all(isinstance(t, str) for t in d):
+                raise _err("dataset", type(d[0]).__name__, "a list of calibration texts must contain only strings")
+            return
+        # A `datasets.Dataset` (duck-typed so importing the config does not import `datasets`).
+        if hasattr(d, "column_names") and hasattr(d, "__getitem__"):
+            return
+        raise _err("dataset", type(d).__name__,
+                   "expected a list of strings, a text/JSON-lines path, 'wikitext2', a datasets.Dataset or a name")
+
+    # ------------------------------------------------------------------ derived facts
+    @property
+    def slot_bits(self) -> int:
+        """Bits of the storage slot of one weight value (3-bit values use 4-bit slots)."""
+        return 4 if self.bits == 3 else self.bits
+
+    # ------------------------------------------------------------------ serialization
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict: the tokenizer is dropped and an in-memory dataset is replaced by a short description."""
+        out: dict[str, Any] = {}
+        for key, value in self.__dict__.items():
+            if key in _RUN_ONLY_KEYS:
+                continue
+            out[key] = copy.deepcopy(value) if key != "dataset" else _describe_dataset(value)
+        return out
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
+    def __iter__(self):
+        yield from self.to_dict().items()
+
+    def loading_signature(self) -> dict[str, Any]:
+        """The fields that decide the shapes of the saved tensors (used to check a checkpoint against its config)."""
+        keys = ["format", "bits", "group_size", "sym", "act_bits", "format_version"]
+        if self.format == "lobcq":
+            keys += ["lobcq_block_len", "lobcq_array_len", "lobcq_num_codebooks", "lobcq_codebook_bits",
+                     "lobcq_codebooks"]
+        return {k: getattr(self, k) for k in keys}
+
+
+def _describe_dataset(d: Any) -> Any:
+    if d is None or isinstance(d, str):
+        return d
+    if isinstance(d, os.PathLike):
+        return os.fspath(d)
+    if isinstance(d, (list, tuple)):
+        return f"<{len(d)} in-memory texts>"
+    name = getattr(getattr(d, "info", None), "dataset_name", None) or type(d).__name__
+    return f"<datasets.Dataset {name}, {len(d) if hasattr(d, '__len__') else '?'} rows>"

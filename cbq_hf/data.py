@@ -1,0 +1,137 @@
+"""Calibration text -> token batches.
+
+Accepted sources (`CBQConfig.dataset`): a list of strings; a path to a UTF-8 text file, a JSON-lines file
+(``.jsonl``, one object per line with a "text" field) or a JSON list of strings; ``"wikitext2"`` (the local
+WikiText-2 validation file, see `cbq_hf.paths`); a `datasets.Dataset` with a "text" column; any other string is
+passed to `datasets.load_dataset` (which works offline for local files and fails with a clear message for Hub
+names when offline).
+
+Sampling (seeded, documented): the texts are joined with blank lines and tokenized once without special tokens;
+`nsamples` start positions are drawn uniformly with `torch.Generator().manual_seed(seed)`; each sample is
+`seqlen - 1` consecutive tokens with the tokenizer's BOS token in front (or `seqlen` tokens when it has none).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+
+from .paths import wikitext2_file
+
+
+class CalibrationDataError(ValueError):
+    pass
+
+
+def _read_text_file(path: str) -> list[str]:
+    with open(path, "rb") as f:
+        raw = f.read()
+    if b"\x00" in raw[:1 << 20]:
+        raise CalibrationDataError(f"calibration file {path} looks binary (contains NUL bytes); pass a UTF-8 text "
+                                   f"or JSON-lines file.")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CalibrationDataError(f"calibration file {path} is not valid UTF-8 ({e}); re-encode it as UTF-8.") from e
+    if path.endswith(".jsonl"):
+        out = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CalibrationDataError(f"{path} line {i} is not valid JSON: {e}") from e
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise CalibrationDataError(f"{path} line {i}: expected an object with a string 'text' field.")
+            out.append(obj["text"])
+        return out
+    if path.endswith(".json"):
+        obj = json.loads(text)
+        if not (isinstance(obj, list) and all(isinstance(t, str) for t in obj)):
+            raise CalibrationDataError(f"{path}: a .json calibration file must hold a list of strings.")
+        return obj
+    return [text]
+
+
+def load_calibration_texts(dataset: Any) -> list[str]:
+    """Resolve `CBQConfig.dataset` to a list of texts (see module docstring)."""
+    if dataset is None:
+        raise CalibrationDataError("CBQConfig.dataset is None: method='cbq' needs calibration text "
+                                   "(a list of strings, a file path, 'wikitext2' or a datasets name).")
+    if isinstance(dataset, (list, tuple)):
+        texts = list(dataset)
+    elif isinstance(dataset, (str, os.PathLike)):
+        name = os.fspath(dataset)
+        if name == "wikitext2":
+            path = wikitext2_file("valid")
+            if path is None:
+                raise CalibrationDataError(
+                    "dataset='wikitext2' resolves to the local file shared/data/wikitext-2/wiki.valid.tokens, which "
+                    "was not found; set CBQ_HF_DATA to the folder that holds wikitext-2/, or pass a file path.")
+            texts = _read_text_file(str(path))
+        elif os.path.isfile(name):
+            texts = _read_text_file(name)
+        elif os.sep in name and not os.path.exists(name) or name.endswith((".txt", ".jsonl", ".json", ".tokens")):
+            raise CalibrationDataError(f"calibration file {name!r} does not exist.")
+        else:
+            texts = _load_hub_dataset(name)
+    elif hasattr(dataset, "column_names"):
+        if "text" not in dataset.column_names:
+            raise CalibrationDataError(f"the datasets.Dataset has columns {dataset.column_names}; it needs 'text'.")
+        texts = list(dataset["text"])
+    else:
+        raise CalibrationDataError(f"unsupported calibration dataset of type {type(dataset).__name__}.")
+    if not all(isinstance(t, str) for t in texts):
+        raise CalibrationDataError("calibration texts must all be strings.")
+    if not any(t.strip() for t in texts):
+        raise CalibrationDataError("the calibration text is empty; pass non-empty text.")
+    return texts
+
+
+def _load_hub_dataset(name: str) -> list[str]:
+    try:
+        import datasets
+    except ImportError as e:  # pragma: no cover
+        raise CalibrationDataError(f"dataset={name!r} needs the `datasets` package (pip install datasets).") from e
+    try:
+        ds = datasets.load_dataset(name, split="train")
+    except Exception as e:
+        raise CalibrationDataError(
+            f"could not load dataset {name!r} with datasets.load_dataset ({type(e).__name__}: {e}). If you are "
+            f"offline, pass a local text/JSON-lines file or a list of strings instead of a Hub name.") from e
+    if "text" not in ds.column_names:
+        raise CalibrationDataError(f"dataset {name!r} has columns {ds.column_names}; it needs a 'text' column.")
+    return list(ds["text"])
+
+
+def tokenize_texts(texts: list[str], tokenizer) -> torch.Tensor:
+    """Token ids (1-D int64) of the texts joined with blank lines, without special tokens."""
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_tensors=None)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def sample_segments(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, bos_token_id: int | None
+                    ) -> torch.Tensor:
+    """[nsamples, seqlen] calibration batch: random segments (seeded), BOS prepended when given."""
+    body = seqlen - 1 if bos_token_id is not None else seqlen
+    if ids.numel() < body + 1:
+        raise CalibrationDataError(
+            f"the calibration text has {ids.numel()} tokens, fewer than one sample of seqlen={seqlen}; pass more "
+            f"text or a smaller seqlen.")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - body + 1, (nsamples,), generator=gen)
+    rows = torch.stack([ids[s:s + body] for s in starts.tolist()])
+    if bos_token_id is not None:
+        rows = torch.cat([torch.full((nsamples, 1), bos_token_id, dtype=torch.long), rows], dim=1)
+    return rows
+
+
+def get_calibration_batches(dataset: Any, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """Calibration input ids [nsamples, seqlen] from any accepted dataset source."""
+    texts = load_calibration_texts(dataset)
+    return sample_segments(tokenize_texts(texts, tokenizer), nsamples, seqlen, seed,
+                           getattr(tokenizer, "bos_token_id", None))

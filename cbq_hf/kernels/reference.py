@@ -1,0 +1,21 @@
+"""Pure PyTorch reference of `CBQLinear`: unpack, dequantize, matmul. Every fast kernel is tested against it."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def prepare_input(module, x: torch.Tensor) -> torch.Tensor:
+    """Apply the per-channel smoothing scale and the run-time activation quantization (simulated)."""
+    if module.input_scale is not None:
+        x = (x.float() / module.input_scale).to(x.dtype)
+    return module.fmt.quantize_activations(x, module.packed_buffers())
+
+
+def linear(module, x: torch.Tensor) -> torch.Tensor:
+    """y = Q_act(x / input_scale) @ W_hat.T + bias, computed in float32 and returned in x's dtype."""
+    xq = prepare_input(module, x)
+    w = module.dequantized_weight()
+    bias = module.bias.float() if module.bias is not None else None
+    return F.linear(xq.float(), w, bias).to(x.dtype)

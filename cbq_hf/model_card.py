@@ -1,0 +1,65 @@
+"""README.md model card written beside every saved cbq checkpoint."""
+
+from __future__ import annotations
+
+import os
+
+_TEMPLATE = """---
+library_name: transformers
+tags:
+- cbq_hf
+- quantized
+- {bits}-bit
+base_model: {base_model}
+---
+
+# {title}
+
+Quantized with [`cbq_hf`](https://pypi.org/project/cbq_hf/) ({method_long}).
+
+## Load it
+
+```python
+import cbq_hf  # registers the "cbq" quantization method with transformers: required before loading
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("{repo}")
+```
+
+## Settings
+
+| setting | value |
+|---|---|
+{settings}
+
+## Measured
+
+| what | value |
+|---|---|
+{measured}
+"""
+
+
+def render_model_card(model, repo: str = "PATH_OR_REPO_ID") -> str:
+    cfg = model.config.quantization_config
+    d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    info = d.get("run_info", {}) or {}
+    keys = ["format", "bits", "group_size", "sym", "act_bits", "method", "dataset", "nsamples", "seqlen", "seed",
+            "window_size", "window_overlap", "epochs", "lora_rank", "use_cfp", "modules_to_not_convert"]
+    settings = "\n".join(f"| `{k}` | {d.get(k)!s} |" for k in keys if k in d)
+    measured = "\n".join(f"| {k} | {v} |" for k, v in sorted(info.items()) if k != "base_model") or "| - | - |"
+    act = f"A{d['act_bits']}" if d.get("act_bits") else "A16"
+    method_long = {"cbq": "CBQ cross-block reconstruction", "rtn": "round-to-nearest"}.get(d.get("method"), "")
+    base = info.get("base_model") or "unknown"
+    return _TEMPLATE.format(
+        bits=d.get("bits"), base_model=base, title=f"{os.path.basename(str(base))} W{d.get('bits')}{act} (cbq_hf)",
+        method_long=method_long, repo=repo, settings=settings, measured=measured,
+    )
+
+
+def write_model_card(model, folder: str, repo: str | None = None) -> None:
+    """Write README.md into `folder` unless a card is already there."""
+    path = os.path.join(folder, "README.md")
+    if os.path.exists(path):
+        return
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(render_model_card(model, repo or os.path.basename(os.path.abspath(folder))))

@@ -1,0 +1,3 @@
+from .linear import CBQLinear
+
+__all__ = ["CBQLinear"]

@@ -1,0 +1,94 @@
+"""`CBQLinear`: the inference module that replaces an `nn.Linear` after quantization.
+
+It holds only what is saved: the format's packed buffers, an optional bias and an optional per-input-channel
+scale (CFP smoothing that could not be folded into a preceding op). It has no training state; calibration works
+on float weights elsewhere and packs its result into this module (quantize / freeze split).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..formats.registry import QuantFormat
+
+
+class CBQLinear(nn.Module):
+    """Quantized linear layer: y = Q_act(x / input_scale) @ W_hat.T + bias.
+
+    Args:
+        in_features: input size K.
+        out_features: output size N.
+        bias: whether the layer has a bias (kept in float).
+        fmt: the storage format (decides the packed buffers and the activation quantizer).
+        dtype: dtype of the bias and of the computation's output when the input has no float dtype.
+        device: where buffers are allocated ("meta" when transformers builds the model before loading).
+        has_input_scale: allocate the per-input-channel smoothing scale `input_scale` [K].
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, fmt: QuantFormat,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 has_input_scale: bool = False) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.fmt = fmt
+        for name, (shape, buf_dtype) in fmt.buffer_specs(out_features, in_features).items():
+            self.register_buffer(name, torch.zeros(shape, dtype=buf_dtype, device=device))
+        if has_input_scale:
+            self.register_buffer("input_scale", torch.ones(in_features, dtype=torch.float32, device=device))
+        else:
+            self.input_scale = None
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype or torch.float32, device=device),
+                                     requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        #: Name of the kernel path that ran in the last forward (see `cbq_hf.kernels.dispatch`).
+        self.last_kernel: str | None = None
+        #: Kernel-private state (repacked weights, workspaces); never saved.
+        self._kernel_cache: dict = {}
+
+    # The format's buffers, by name, as a plain dict (what kernels and the reference read).
+    def packed_buffers(self) -> dict[str, torch.Tensor]:
+        names = self.fmt.buffer_specs(self.out_features, self.in_features)
+        return {n: getattr(self, n) for n in names}
+
+    def load_packed(self, buffers: dict[str, torch.Tensor], bias: torch.Tensor | None = None,
+                    input_scale: torch.Tensor | None = None) -> None:
+        """Copy packed buffers (as produced by the format) into this module, checking names, shapes and dtypes."""
+        expected = self.fmt.buffer_specs(self.out_features, self.in_features)
+        if set(buffers) != set(expected):
+            raise ValueError(f"packed buffers {sorted(buffers)} do not match the format's {sorted(expected)}")
+        for name, (shape, dtype) in expected.items():
+            t = buffers[name]
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise ValueError(f"buffer {name}: got {tuple(t.shape)} {t.dtype}, expected {tuple(shape)} {dtype}")
+            setattr(self, name, t.detach().clone().contiguous())
+        if bias is not None:
+            if self.bias is None:
+                raise ValueError("this CBQLinear was built without a bias")
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        if input_scale is not None:
+            if self.input_scale is None:
+                raise ValueError("this CBQLinear was built without an input_scale")
+            self.input_scale = input_scale.detach().float().clone()
+        self._kernel_cache.clear()
+
+    def _apply(self, fn, recurse=True):  # moving or casting invalidates repacked kernel state
+        self._kernel_cache = {}
+        return super()._apply(fn, recurse)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """Float32 [out_features, in_features] weight exactly as the packed buffers encode it."""
+        return self.fmt.dequantize(self.packed_buffers(), self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..kernels.dispatch import linear
+
+        return linear(self, x)
+
+    def extra_repr(self) -> str:
+        act = f", act_bits={self.fmt.act_bits}" if self.fmt.act_bits else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"format={self.fmt.name}{act}")

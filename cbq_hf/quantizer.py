@@ -1,0 +1,189 @@
+"""`CBQHfQuantizer`: the transformers hooks, nothing else.
+
+- Full-precision checkpoint + `CBQConfig`: transformers loads the float weights, then
+  `_process_model_after_weight_loading` runs calibration (RTN or CBQ) and swaps the decoder linears for
+  `CBQLinear` modules.
+- Saved cbq checkpoint: `_process_model_before_weight_loading` verifies the files and builds empty `CBQLinear`
+  modules on the meta device, so the packed tensors load straight into them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import types
+from typing import Any
+
+import torch
+from transformers.quantizers.base import HfQuantizer
+
+from .config import FORMAT_VERSION, CBQConfig
+from .formats import get_format
+from .modeling import empty_cbq_linear, find_decoder_blocks, quantizable_linears, set_module
+from .nn.linear import CBQLinear
+
+logger = logging.getLogger(__name__)
+
+
+def has_input_scale(config: CBQConfig) -> bool:
+    """Whether `CBQLinear` modules of this config carry an explicit per-input-channel smoothing scale."""
+    return config.method == "cbq" and config.use_cfp and config.format == "uniform"
+
+
+class CBQHfQuantizer(HfQuantizer):
+    """Transformers quantizer for `quant_method="cbq"` (see module docstring)."""
+
+    requires_calibration = False
+    quantization_config: CBQConfig
+
+    def __init__(self, quantization_config: CBQConfig, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+
+    # ------------------------------------------------------------------ environment
+    def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
+        if not self.pre_quantized and isinstance(device_map, dict):
+            if "disk" in set(map(str, device_map.values())):
+                raise ValueError(
+                    "cbq_hf: calibration cannot run with blocks offloaded to disk (device_map contains 'disk'). "
+                    "Load the full-precision model on CPU/GPU (device_map=None, 'cpu' or 'auto' with enough "
+                    "max_memory), quantize and save it; the saved quantized checkpoint can then be loaded anywhere."
+                )
+
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return dtype
+
+    # ------------------------------------------------------------------ before loading
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs: Any):
+        cfg = self.quantization_config
+        if model.__class__.main_input_name != "input_ids":
+            raise ValueError("cbq_hf quantizes text models (main input `input_ids`); "
+                             f"{type(model).__name__} is not one.")
+        find_decoder_blocks(model)  # clear error early for models without decoder blocks
+        if cfg.modules_to_not_convert is None:
+            cfg.modules_to_not_convert = [m for m in self.get_modules_to_not_convert(model)]
+        if not self.pre_quantized:
+            return model
+        fmt = get_format(cfg)
+        expected: dict[str, tuple[int, ...]] = {}
+        for name, lin in quantizable_linears(model, cfg.modules_to_not_convert).items():
+            q = empty_cbq_linear(lin, fmt, has_input_scale(cfg), device="meta", name=name)
+            set_module(model, name, q)
+            for buf, (shape, _) in fmt.buffer_specs(q.out_features, q.in_features).items():
+                expected[f"{name}.{buf}"] = shape
+        from .serialization import verify_checkpoint
+
+        verify_checkpoint(checkpoint_files or [], expected, cfg.loading_signature())
+        return model
+
+    # ------------------------------------------------------------------ after loading
+    def _process_model_after_weight_loading(self, model, **kwargs: Any):
+        cfg = self.quantization_config
+        if not self.pre_quantized:
+            if any(p.device.type == "meta" for p in model.parameters()):
+                raise ValueError(
+                    "cbq_hf: some weights are offloaded (meta/disk) and calibration needs them in memory. Load the "
+                    "full-precision model on CPU or GPU to quantize it."
+                )
+            start = time.perf_counter()
+            self._calibrate(model)
+            cfg.run_info.update(self._summary(model))
+            cfg.run_info["calibration_seconds"] = round(time.perf_counter() - start, 2)
+            cfg.run_info.setdefault("base_model", getattr(model.config, "_name_or_path", None) or
+                                    getattr(model, "name_or_path", None))
+        else:
+            self._check_loaded(model)
+        cfg.format_version = FORMAT_VERSION
+        _install_save_hooks(model)
+        return model
+
+    def _calibrate(self, model) -> None:
+        cfg = self.quantization_config
+        fmt = get_format(cfg)
+        if cfg.method == "rtn":
+            from .calibration.rtn import quantize_rtn
+
+            quantize_rtn(model, fmt, cfg.modules_to_not_convert)
+            return
+        from .calibration.engine import calibrate
+        from .data import get_calibration_batches
+
+        tokenizer = cfg.tokenizer
+        if tokenizer is None or isinstance(tokenizer, str):
+            from transformers import AutoTokenizer
+
+            source = tokenizer or getattr(model, "name_or_path", None)
+            if not source:
+                raise ValueError("CBQConfig: `tokenizer` is required for method='cbq' (pass the tokenizer object "
+                                 "or its name/path).")
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        input_ids = get_calibration_batches(cfg.dataset, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
+        calibrate(model, cfg, input_ids)
+
+    def _summary(self, model) -> dict[str, Any]:
+        linears = [m for m in model.modules() if isinstance(m, CBQLinear)]
+        bits = sum(m.fmt.bits_per_weight(m.out_features, m.in_features) * m.out_features * m.in_features
+                   for m in linears)
+        weights = sum(m.out_features * m.in_features for m in linears)
+        return {"quantized_linears": len(linears),
+                "bits_per_weight": round(bits / weights, 4) if weights else None}
+
+    def _check_loaded(self, model) -> None:
+        for name, m in model.named_modules():
+            if isinstance(m, CBQLinear):
+                for buf, t in m.packed_buffers().items():
+                    if t.device.type == "meta":
+                        raise ValueError(f"cbq_hf: tensor {name}.{buf} was not loaded from the checkpoint; the "
+                                         f"checkpoint is incomplete.")
+
+    # ------------------------------------------------------------------ saving
+    def get_state_dict_and_metadata(self, model):
+        import json
+
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+        from .serialization import META_CHECKSUMS, META_CONFIG, META_VERSION, checksum_metadata
+
+        state_dict = remove_tied_weights_from_state_dict(model.state_dict(), model)
+        bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"cbq_hf: refusing to save non-finite values (NaN/inf) in {bad[:3]}.")
+        meta = {
+            META_VERSION: str(FORMAT_VERSION),
+            META_CHECKSUMS: checksum_metadata(state_dict),
+            META_CONFIG: json.dumps(self.quantization_config.loading_signature(), sort_keys=True),
+        }
+        return state_dict, meta
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+def _install_save_hooks(model) -> None:
+    """Make this model's `save_pretrained` atomic and write a model card (instance attribute, class untouched)."""
+    if getattr(model, "_cbq_save_hooked", False):
+        return
+    original = type(model).save_pretrained
+
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
+        from .model_card import write_model_card
+        from .serialization import atomic_save
+
+        if push_to_hub:  # the hub upload path saves into its own temporary folder first
+            return original(self, save_directory, *args, push_to_hub=True, **kwargs)
+
+        def write(tmp: str) -> None:
+            original(self, tmp, *args, **kwargs)
+            write_model_card(self, tmp)
+
+        atomic_save(save_directory, write)
+
+    model.save_pretrained = types.MethodType(save_pretrained, model)
+    model._cbq_save_hooked = True

@@ -1,0 +1,189 @@
+"""Checkpoint integrity and atomic saving.
+
+Saving: `save_pretrained` of a cbq model writes into a temporary sibling folder and swaps it into place with
+renames, so a reader never sees a half-written or mixed folder (files of the old folder that the new save does not
+write, such as a tokenizer saved earlier, are carried over). Every saved tensor gets a SHA-256 checksum in the
+safetensors metadata, beside the format version.
+
+Loading: before transformers copies any tensor, `verify_checkpoint` checks the format version, that every tensor
+the metadata lists is present and unchanged, and that the packed tensors have the shapes the
+`quantization_config` implies. A truncated, bit-flipped, incomplete or inconsistent checkpoint is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterable
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+META_VERSION = "cbq_format_version"
+META_CHECKSUMS = "cbq_sha256"
+META_CONFIG = "cbq_signature"
+
+# Files a save writes; everything else found in an existing target folder is carried over.
+_MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+_MODEL_FILES = {"config.json", "generation_config.json", "README.md"}
+
+
+class CheckpointError(ValueError):
+    """A saved cbq checkpoint is corrupted, incomplete or disagrees with its quantization_config."""
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes (in its own dtype, row-major)."""
+    t = t.detach().to("cpu").contiguous()
+    data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+    return hashlib.sha256(memoryview(data)).hexdigest()
+
+
+def checksum_metadata(state_dict: dict[str, torch.Tensor]) -> str:
+    return json.dumps({k: tensor_digest(v) for k, v in sorted(state_dict.items())}, separators=(",", ":"))
+
+
+def _open(path: str):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as e:  # safetensors raises its own error types for bad headers and short files
+        raise CheckpointError(
+            f"cannot read {path}: {e}. The file is truncated or corrupted; save or download the checkpoint again."
+        ) from e
+
+
+def verify_checkpoint(checkpoint_files: Iterable[str], expected_shapes: dict[str, tuple[int, ...]],
+                      signature: dict) -> None:
+    """Refuse a checkpoint that is corrupted or does not match what the model expects.
+
+    Args:
+        checkpoint_files: the safetensors files of the checkpoint.
+        expected_shapes: tensor name -> shape of every packed tensor the config implies.
+        signature: `CBQConfig.loading_signature()` of the config that will be used to build the model.
+    """
+    from .config import FORMAT_VERSION
+
+    files = [f for f in checkpoint_files if f is not None]
+    if not files:
+        raise CheckpointError("the checkpoint has no weight files; save it again with save_pretrained.")
+    if not all(f.endswith(".safetensors") for f in files):
+        raise CheckpointError(f"cbq checkpoints are stored as safetensors; got {files}.")
+    listed: dict[str, str] = {}
+    present: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for path in files:
+        with _open(path) as f:
+            meta = f.metadata() or {}
+            version = meta.get(META_VERSION)
+            if version is None:
+                raise CheckpointError(
+                    f"{os.path.basename(path)} has no '{META_VERSION}' metadata: it was not written by cbq_hf's "
+                    f"save_pretrained (or was rewritten by another tool). Quantize and save it again with cbq_hf."
+                )
+            if int(version) > FORMAT_VERSION:
+                raise CheckpointError(
+                    f"{os.path.basename(path)} has format version {version}, newer than this cbq_hf supports "
+                    f"({FORMAT_VERSION}); upgrade cbq_hf."
+                )
+            saved_sig = meta.get(META_CONFIG)
+            if saved_sig is not None:
+                saved = json.loads(saved_sig)
+                diff = {k: (saved.get(k), v) for k, v in signature.items() if saved.get(k) != v}
+                if diff:
+                    raise CheckpointError(
+                        "the checkpoint's quantization_config disagrees with the settings its tensors were saved "
+                        f"with: {', '.join(f'{k}: config {v!r} vs tensors {s!r}' for k, (s, v) in diff.items())}. "
+                        "Restore the original config.json."
+                    )
+            listed.update(json.loads(meta.get(META_CHECKSUMS, "{}")))
+            for name in f.keys():
+                present[name] = (path, tuple(f.get_slice(name).get_shape()))
+    missing = sorted(set(listed) - set(present))
+    if missing:
+        raise CheckpointError(
+            f"{len(missing)} tensor(s) listed in the checkpoint metadata are missing from its files (first: "
+            f"{missing[:3]}); the checkpoint is incomplete. Save or download it again."
+        )
+    unlisted = sorted(set(present) - set(listed))
+    if unlisted:
+        raise CheckpointError(
+            f"tensor(s) {unlisted[:3]} are not listed in the checkpoint's checksums; the file was modified after "
+            f"saving."
+        )
+    for name, shape in expected_shapes.items():
+        if name not in present:
+            raise CheckpointError(
+                f"packed tensor {name!r} is missing: the checkpoint does not match its quantization_config "
+                f"(or was saved from a different model)."
+            )
+        if present[name][1] != tuple(shape):
+            raise CheckpointError(
+                f"packed tensor {name!r} has shape {list(present[name][1])} but the quantization_config "
+                f"({signature}) implies {list(shape)}; config.json and the weights disagree."
+            )
+    bad = []
+    by_file: dict[str, list[str]] = {}
+    for name, (path, _) in present.items():
+        by_file.setdefault(path, []).append(name)
+    for path, names in by_file.items():
+        with _open(path) as f:
+            for name in names:
+                try:
+                    digest = tensor_digest(f.get_tensor(name))
+                except Exception as e:
+                    raise CheckpointError(f"cannot read tensor {name!r} from {path}: {e}") from e
+                if digest != listed[name]:
+                    bad.append(name)
+    if bad:
+        raise CheckpointError(
+            f"checksum mismatch for {len(bad)} tensor(s) (first: {bad[:3]}): the checkpoint is corrupted. "
+            f"Save or download it again."
+        )
+
+
+# ---------------------------------------------------------------------------------------------- atomic save
+def atomic_save(save_directory: str | os.PathLike, write) -> None:
+    """Run `write(tmp_dir)` into a fresh sibling folder, then swap it into `save_directory`.
+
+    The target is either the old folder or the complete new one at every moment a reader can look (two renames;
+    between them the folder is briefly absent, never mixed). Files of the old folder that are not model files
+    (tokenizer, README of another tool, ...) and not written by this save are carried over.
+    """
+    target = os.path.abspath(os.fspath(save_directory))
+    if os.path.isfile(target):
+        raise NotADirectoryError(f"save_pretrained: {target} is a file; pass a folder path.")
+    parent = os.path.dirname(target) or "."
+    os.makedirs(parent, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"save_pretrained: cannot write in {parent}; choose a writable output folder.")
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+    try:
+        write(tmp)
+        if os.path.isdir(target):
+            written = set(os.listdir(tmp))
+            for entry in os.listdir(target):
+                if entry in written or entry in _MODEL_FILES or entry.endswith(_MODEL_FILE_SUFFIXES):
+                    continue
+                src = os.path.join(target, entry)
+                if entry.startswith(".") and ".tmp-" in entry:
+                    continue
+                if os.path.isdir(src):
+                    shutil.copytree(src, os.path.join(tmp, entry))
+                else:
+                    shutil.copy2(src, os.path.join(tmp, entry))
+            old = os.path.join(parent, f".{os.path.basename(target)}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(target, old)
+            os.rename(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
