@@ -75,7 +75,7 @@ def load_calibration_texts(dataset: Any) -> list[str]:
             texts = _read_text_file(str(path))
         elif os.path.isfile(name):
             texts = _read_text_file(name)
-        elif os.sep in name and not os.path.exists(name) or name.endswith((".txt", ".jsonl", ".json", ".tokens")):
+        elif _looks_like_path(name):
             raise CalibrationDataError(f"calibration file {name!r} does not exist.")
         else:
             texts = _load_hub_dataset(name)
@@ -90,6 +90,12 @@ def load_calibration_texts(dataset: Any) -> list[str]:
     if not any(t.strip() for t in texts):
         raise CalibrationDataError("the calibration text is empty; pass non-empty text.")
     return texts
+
+
+def _looks_like_path(name: str) -> bool:
+    """A string that names a file rather than a `datasets` Hub id ("owner/name" or "name")."""
+    return (name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+            or name.endswith((".txt", ".jsonl", ".json", ".tokens", ".raw")))
 
 
 def _load_hub_dataset(name: str) -> list[str]:

@@ -149,6 +149,12 @@ def verify_checkpoint(checkpoint_files: Iterable[str], expected_shapes: dict[str
 
 
 # ---------------------------------------------------------------------------------------------- atomic save
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_save(save_directory: str | os.PathLike, write) -> None:
     """Run `write(tmp_dir)` into a fresh sibling folder, then swap it into `save_directory`.
 
@@ -164,6 +170,7 @@ def atomic_save(save_directory: str | os.PathLike, write) -> None:
     if not os.access(parent, os.W_OK):
         raise PermissionError(f"save_pretrained: cannot write in {parent}; choose a writable output folder.")
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a saved model gets the usual folder permissions
     try:
         write(tmp)
         if os.path.isdir(target):

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# End to end on the demo model: fp32 perplexity, quantize + save, reload + perplexity, generate.
+# Run from the repository root after the README's install step. METHOD=rtn|cbq, BITS, GROUP, ACT_BITS.
+set -euo pipefail
+METHOD=${METHOD:-rtn}; BITS=${BITS:-4}; GROUP=${GROUP:-128}; OUT=${OUT:-out/smollm2-w${BITS}g${GROUP}-${METHOD}}
+EXTRA=()
+[ -n "${ACT_BITS:-}" ] && EXTRA+=(--act-bits "$ACT_BITS")
+export HF_HUB_OFFLINE=1
+MODEL=$(cbq-hf demo-model)
+echo "== fp32 perplexity ($MODEL)"
+mkdir -p "$(dirname "$OUT")"
+cbq-hf eval "$MODEL" --json "$(dirname "$OUT")/fp32_eval.json"
+echo "== quantize ($METHOD W${BITS} g${GROUP}) -> $OUT"
+cbq-hf quantize "$MODEL" "$OUT" --method "$METHOD" --bits "$BITS" --group-size "$GROUP" "${EXTRA[@]}"
+echo "== reloaded checkpoint perplexity"
+cbq-hf eval "$OUT" --json "$OUT/eval.json"
+echo "== generate"
+python examples/generate.py "$OUT"

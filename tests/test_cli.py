@@ -1,0 +1,72 @@
+import json
+import os
+
+import pytest
+
+from cbq_hf.cli import EXIT_LOAD, EXIT_USAGE, EXIT_WRITE, main
+
+
+@pytest.fixture
+def model_with_tokenizer(tmp_path):
+    """A tiny Llama with a small word-level tokenizer saved beside it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from helpers import tiny_llama
+
+    vocab = {"<s>": 0, "<unk>": 1, **{f"w{i}": i + 2 for i in range(120)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", unk_token="<unk>")
+    d = tmp_path / "fp"
+    tiny_llama().save_pretrained(d)
+    tok.save_pretrained(d)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{(i * 7) % 120}" for i in range(3000)))
+    return str(d), str(text)
+
+
+def test_quantize_then_eval(model_with_tokenizer, tmp_path, capsys):
+    model, text = model_with_tokenizer
+    out = tmp_path / "q"
+    rc = main(["quantize", model, str(out), "--method", "rtn", "--bits", "4", "--group-size", "32",
+               "--eval-text", text])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["bits_per_weight"] > 4 and res["perplexity"] > 1
+    assert (out / "README.md").exists() and (out / "tokenizer.json").exists()
+    rc = main(["eval", str(out), "--text", text, "--seqlen", "64", "--windows", "5", "--json", str(tmp_path / "e.json")])
+    assert rc == 0
+    assert json.loads((tmp_path / "e.json").read_text())["perplexity"] > 1
+
+
+def test_unknown_model_path(tmp_path, capsys):
+    rc = main(["eval", str(tmp_path / "missing"), "--text", __file__])
+    assert rc == EXIT_LOAD
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_bad_config_value_is_usage_error(model_with_tokenizer, tmp_path, capsys):
+    model, _ = model_with_tokenizer
+    rc = main(["quantize", model, str(tmp_path / "q"), "--method", "rtn", "--bits", "5"])
+    assert rc == EXIT_USAGE
+    assert "`bits`" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
+
+
+def test_unwritable_output(model_with_tokenizer, tmp_path, capsys):
+    model, _ = model_with_tokenizer
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    rc = main(["quantize", model, str(blocker / "q"), "--method", "rtn", "--group-size", "32"])
+    assert rc == EXIT_WRITE
+    assert "not writable" in capsys.readouterr().err
+    assert blocker.read_text() == "not a folder"
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "quantize" in out and "eval" in out

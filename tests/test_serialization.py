@@ -1,0 +1,124 @@
+"""A saved checkpoint that was truncated, bit-flipped, stripped or given a wrong config never loads."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from cbq_hf import CBQConfig
+from cbq_hf.serialization import CheckpointError, atomic_save
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    from helpers import tiny_llama
+
+    root = tmp_path_factory.mktemp("ckpt")
+    tiny_llama().save_pretrained(root / "fp")
+    q = AutoModelForCausalLM.from_pretrained(root / "fp", quantization_config=CBQConfig(method="rtn", group_size=32))
+    q.save_pretrained(root / "q")
+    return root / "q"
+
+
+def _copy(saved, tmp_path):
+    dst = tmp_path / "c"
+    shutil.copytree(saved, dst)
+    return dst
+
+
+def test_clean_checkpoint_loads(saved):
+    AutoModelForCausalLM.from_pretrained(saved)
+
+
+def test_truncated_file_is_refused(saved, tmp_path):
+    d = _copy(saved, tmp_path)
+    f = d / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+        AutoModelForCausalLM.from_pretrained(d)
+
+
+@pytest.mark.parametrize("where", [0.3, 0.6, 0.95])
+def test_bit_flip_in_tensor_data_is_refused(saved, tmp_path, where):
+    d = _copy(saved, tmp_path)
+    f = d / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    pos = int(len(data) * where)
+    data[pos] ^= 0x10
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        AutoModelForCausalLM.from_pretrained(d)
+
+
+def _rewrite(d, edit):
+    from safetensors import safe_open
+
+    f = str(d / "model.safetensors")
+    with safe_open(f, "pt") as h:
+        meta = h.metadata()
+    tensors = load_file(f)
+    edit(tensors, meta)
+    save_file(tensors, f, metadata=meta)
+
+
+def test_deleted_tensor_is_refused(saved, tmp_path):
+    d = _copy(saved, tmp_path)
+    _rewrite(d, lambda t, m: t.pop("model.layers.1.mlp.up_proj.scales"))
+    with pytest.raises(CheckpointError, match="missing"):
+        AutoModelForCausalLM.from_pretrained(d)
+
+
+def test_deleted_float_tensor_is_refused(saved, tmp_path):
+    d = _copy(saved, tmp_path)
+    _rewrite(d, lambda t, m: t.pop("model.norm.weight"))
+    with pytest.raises(CheckpointError, match="missing"):
+        AutoModelForCausalLM.from_pretrained(d)
+
+
+def test_config_that_disagrees_with_tensors_is_refused(saved, tmp_path):
+    d = _copy(saved, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"]["bits"] = 2
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="bits"):
+        AutoModelForCausalLM.from_pretrained(d)
+
+
+def test_foreign_safetensors_without_cbq_metadata_is_refused(saved, tmp_path):
+    d = _copy(saved, tmp_path)
+    _rewrite(d, lambda t, m: m.clear() or m.update({"format": "pt"}))
+    with pytest.raises(CheckpointError, match="cbq_format_version"):
+        AutoModelForCausalLM.from_pretrained(d)
+
+
+def test_atomic_save_failure_leaves_old_folder_untouched(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "model.safetensors").write_text("old")
+
+    def write(tmp):
+        (tmp_path / "partial").write_text("x")
+        open(f"{tmp}/model.safetensors", "w").write("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_save(target, write)
+    assert (target / "model.safetensors").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "partial"]
+
+
+def test_save_refuses_non_finite_weights(tmp_path):
+    from helpers import tiny_llama
+
+    tiny_llama().save_pretrained(tmp_path / "fp")
+    q = AutoModelForCausalLM.from_pretrained(tmp_path / "fp",
+                                             quantization_config=CBQConfig(method="rtn", group_size=32))
+    with torch.no_grad():
+        q.model.norm.weight[0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        q.save_pretrained(tmp_path / "q")
+    assert not (tmp_path / "q").exists()
