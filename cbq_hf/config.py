@@ -165,7 +165,9 @@ class CBQConfig(QuantizationConfigMixin):
         self.nsamples = nsamples
         self.seqlen = seqlen
         self.seed = seed
-        self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert is not None else None
+        if isinstance(modules_to_not_convert, (list, tuple)):
+            modules_to_not_convert = list(modules_to_not_convert)
+        self.modules_to_not_convert = modules_to_not_convert
         self.method = method
         self.window_size = window_size
         self.window_overlap = window_overlap
@@ -226,8 +228,9 @@ class CBQConfig(QuantizationConfigMixin):
         _check_int("nsamples", self.nsamples, 1)
         _check_int("seqlen", self.seqlen, 2)
         _check_int("seed", self.seed, 0)
-        if self.modules_to_not_convert is not None and not all(
-            isinstance(m, str) and m for m in self.modules_to_not_convert
+        if self.modules_to_not_convert is not None and not (
+            isinstance(self.modules_to_not_convert, list)
+            and all(isinstance(m, str) and m for m in self.modules_to_not_convert)
         ):
             raise _err("modules_to_not_convert", self.modules_to_not_convert, "expected a list of module names")
         _check_int("window_size", self.window_size, 1)

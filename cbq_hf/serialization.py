@@ -12,6 +12,7 @@ the metadata lists is present and unchanged, and that the packed tensors have th
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -149,6 +150,44 @@ def verify_checkpoint(checkpoint_files: Iterable[str], expected_shapes: dict[str
 
 
 # ---------------------------------------------------------------------------------------------- atomic save
+def _carry_over(target: str, tmp: str) -> None:
+    """Copy files of an existing `target` that this save does not write (tokenizer, ...) into `tmp`."""
+    if not os.path.isdir(target):
+        return
+    written = set(os.listdir(tmp))
+    for entry in os.listdir(target):
+        if entry in written or entry in _MODEL_FILES or entry.endswith(_MODEL_FILE_SUFFIXES):
+            continue
+        src = os.path.join(target, entry)
+        if os.path.isdir(src):
+            shutil.copytree(src, os.path.join(tmp, entry))
+        else:
+            shutil.copy2(src, os.path.join(tmp, entry))
+
+
+def _swap_into_place(tmp: str, target: str, attempts: int = 100) -> None:
+    """Rename `tmp` to `target`, first moving an existing `target` aside. With several writers racing, each
+    attempt either lands a complete folder or finds the place taken and retries: last writer wins, never mixed."""
+    parent, base = os.path.dirname(target), os.path.basename(target)
+    for _ in range(attempts):
+        old = os.path.join(parent, f".{base}.old-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(target, old)
+        except FileNotFoundError:
+            old = None
+        try:
+            os.rename(tmp, target)
+        except OSError as e:  # another writer landed its folder between our two renames
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            continue
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        return
+    raise OSError(f"could not move the saved checkpoint into {target}: other writers kept replacing it")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -173,24 +212,11 @@ def atomic_save(save_directory: str | os.PathLike, write) -> None:
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a saved model gets the usual folder permissions
     try:
         write(tmp)
-        if os.path.isdir(target):
-            written = set(os.listdir(tmp))
-            for entry in os.listdir(target):
-                if entry in written or entry in _MODEL_FILES or entry.endswith(_MODEL_FILE_SUFFIXES):
-                    continue
-                src = os.path.join(target, entry)
-                if entry.startswith(".") and ".tmp-" in entry:
-                    continue
-                if os.path.isdir(src):
-                    shutil.copytree(src, os.path.join(tmp, entry))
-                else:
-                    shutil.copy2(src, os.path.join(tmp, entry))
-            old = os.path.join(parent, f".{os.path.basename(target)}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
+        try:
+            _carry_over(target, tmp)
+        except FileNotFoundError:  # another writer is swapping the folder right now; nothing to carry
+            pass
+        _swap_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
