@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-import types
 from typing import Any
 
 import torch
@@ -19,6 +18,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from .config import FORMAT_VERSION, CBQConfig
 from .formats import get_format
+from .hub import install_save_hooks
 from .modeling import empty_cbq_linear, find_decoder_blocks, quantizable_linears, set_module
 from .nn.linear import CBQLinear
 
@@ -93,7 +93,7 @@ class CBQHfQuantizer(HfQuantizer):
         else:
             self._check_loaded(model)
         cfg.format_version = FORMAT_VERSION
-        _install_save_hooks(model)
+        install_save_hooks(model)
         return model
 
     def _calibrate(self, model) -> None:
@@ -164,26 +164,3 @@ class CBQHfQuantizer(HfQuantizer):
     @property
     def is_compileable(self) -> bool:
         return True
-
-
-def _install_save_hooks(model) -> None:
-    """Make this model's `save_pretrained` atomic and write a model card (instance attribute, class untouched)."""
-    if getattr(model, "_cbq_save_hooked", False):
-        return
-    original = type(model).save_pretrained
-
-    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
-        from .model_card import write_model_card
-        from .serialization import atomic_save
-
-        if push_to_hub:  # the hub upload path saves into its own temporary folder first
-            return original(self, save_directory, *args, push_to_hub=True, **kwargs)
-
-        def write(tmp: str) -> None:
-            original(self, tmp, *args, **kwargs)
-            write_model_card(self, tmp)
-
-        atomic_save(save_directory, write)
-
-    model.save_pretrained = types.MethodType(save_pretrained, model)
-    model._cbq_save_hooked = True
