@@ -81,8 +81,8 @@ class CBQConfig(QuantizationConfigMixin):
         window_overlap: blocks shared by consecutive windows (< window_size).
         epochs: passes over the calibration samples per window.
         batch_size: calibration samples per optimisation step.
-        lr: learning rate of the rounding parameters (LoRA factors); `lr_scale` for the step sizes and
-            activation clipping ratios.
+        lr: learning rate of the rounding parameters (LoRA factors).
+        lr_scale: learning rate of the step sizes and activation clipping ratios.
         lora_rank: rank r of the LoRA-Rounding offsets V = A1 @ A2.
         loss_weight_accumulated / loss_weight_homologous: weights of the two reconstruction terms
             (quantized window on X_q vs full precision on X_fp; quantized vs full precision both on X_q).
@@ -103,6 +103,7 @@ class CBQConfig(QuantizationConfigMixin):
         lobcq_iters: maximum LO-BCQ iterations when designing codebooks.
 
     Other
+        format_version: version of the saved layout (set by cbq_hf; a newer version than installed is refused).
         modules_to_not_convert: module names (or name suffixes) kept in full precision; `lm_head` and embeddings
             are never converted. After calibration this holds the resolved list.
     """
