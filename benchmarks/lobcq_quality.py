@@ -1,0 +1,104 @@
+"""LO-BCQ quality on the demo model (SmolLM2-135M) beside uniform RTN: WikiText-2 test perplexity, 40 x 512 tokens.
+
+Rows (select with --rows, comma separated): fp32, uniform-w4a4-g128, uniform-w4a8-g128, lobcq-w4a16-universal,
+lobcq-w4a4-universal, lobcq-w4a4-per_layer. Results accumulate in benchmarks/results/lobcq_quality.json (a row
+already there is skipped unless --redo) and are rendered to lobcq_quality.md.
+
+    .venv/bin/python benchmarks/lobcq_quality.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST = ROOT.parent / "shared" / "data" / "wikitext-2" / "wiki.test.raw"
+RESULTS = ROOT / "benchmarks" / "results"
+
+ROWS: dict[str, dict | None] = {
+    "fp32": None,
+    "uniform-w4a4-g128": dict(method="rtn", bits=4, group_size=128, act_bits=4),
+    "uniform-w4a8-g128": dict(method="rtn", bits=4, group_size=128, act_bits=8),
+    "lobcq-w4a16-universal": dict(method="rtn", format="lobcq", act_bits=None, lobcq_codebooks="universal"),
+    "lobcq-w4a4-universal": dict(method="rtn", format="lobcq", act_bits=4, lobcq_codebooks="universal"),
+    "lobcq-w4a4-per_layer": dict(method="rtn", format="lobcq", act_bits=4, lobcq_codebooks="per_layer"),
+}
+
+
+def run_row(name: str, path: str, text: str, windows: int) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import cbq_hf
+    from cbq_hf.evaluation import perplexity
+
+    tok = AutoTokenizer.from_pretrained(path)
+    kwargs = ROWS[name]
+    t = time.perf_counter()
+    if kwargs is None:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    else:
+        cfg = cbq_hf.CBQConfig(**{"group_size": -1, **kwargs})
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=cfg)
+    quant_s = time.perf_counter() - t
+    model.eval()
+    t = time.perf_counter()
+    ppl = perplexity(model, tok, text, n_windows=windows, progress=False)
+    eval_s = time.perf_counter() - t
+    info = getattr(getattr(model.config, "quantization_config", None), "run_info", {}) or {}
+    return {"row": name, "config": kwargs, "ppl": round(ppl, 3), "bits_per_weight": info.get("bits_per_weight"),
+            "quantize_s": round(quant_s, 1), "eval_s": round(eval_s, 1), "windows": windows,
+            "threads": torch.get_num_threads()}
+
+
+def render(results: dict[str, dict]) -> str:
+    fp = results.get("fp32", {}).get("ppl")
+    lines = ["| row | W / A | bits per weight | WikiText-2 ppl | vs fp32 | quantize s | eval s |",
+             "|---|---|---|---|---|---|---|"]
+    for name in ROWS:
+        r = results.get(name)
+        if r is None:
+            continue
+        cfg = r["config"] or {}
+        wa = "fp32" if not cfg else f"W4 / A{cfg.get('act_bits') or 16}"
+        rel = f"{100 * (r['ppl'] / fp - 1):+.1f}%" if fp else ""
+        bpw = "32" if not cfg else f"{r['bits_per_weight']:.3f}"
+        lines.append(f"| {name} | {wa} | {bpw} | {r['ppl']:.2f} | {rel} | {r['quantize_s']} | {r['eval_s']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--redo", action="store_true")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from cbq_hf.demo import demo_model_path
+
+    path = demo_model_path()
+    text = TEST.read_text(encoding="utf-8")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / "lobcq_quality.json"
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    for name in args.rows.split(","):
+        if name not in ROWS:
+            raise SystemExit(f"unknown row {name!r}; rows: {list(ROWS)}")
+        if name in results and not args.redo and results[name]["windows"] == args.windows:
+            continue
+        r = run_row(name, path, text, args.windows)
+        logging.info("%s", r)
+        results = json.loads(out.read_text()) if out.is_file() else {}  # other runs may have added rows
+        results[name] = r
+        out.write_text(json.dumps(results, indent=1) + "\n")
+        (RESULTS / "lobcq_quality.md").write_text(render(results))
+    print(render(results))
+
+
+if __name__ == "__main__":
+    main()
