@@ -1,0 +1,255 @@
+"""Coarse-to-fine outlier preprocessing (CFP) of one decoder block, before its window trains.
+
+Detection (`detect_outliers`), on per-channel statistics v (activations: max |x| per input channel; weights:
+|w| along a row):
+  coarse: candidates are the values above T = Q3 + lambda1 * IQR;
+  fine:   with values normalised by their maximum and sorted, the split keeping the k largest candidates as
+          outliers maximises  gap_k - lambda2 * var(rest_k), where gap_k = min(outliers) - max(rest) is the
+          distance between the two sets at the split.
+Uses:
+  weights:      the magnitude of the largest non-outlier weight of each row is a truncation threshold offered
+                to the step-size initialisation (`rounding.init_qparams`) as one more clip candidate per group:
+                the truncation is the starting point only where it lowers the weight error, and the learned
+                step sizes take over from there. The float weights are never changed by it.
+  activations:  outlier input channels j of the linears that share one input are divided by
+                s_j = (max_j / max_normal)^alpha and their weight columns multiplied by s_j (float function
+                unchanged). The division is folded into the norm whose output feeds those linears when there
+                is one (found by watching which module's output tensor each linear receives, then verified
+                numerically on the block); otherwise it stays as the explicit `input_scale` of `CBQLinear`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------ detection
+def outlier_counts(values: torch.Tensor, lambda1: float, lambda2: float) -> torch.Tensor:
+    """Number of outliers in each row of `values` [R, M] (non-negative statistics), by coarse-to-fine detection.
+
+    Returns int64 [R]; 0 where no value passes the coarse threshold.
+    """
+    v = values.float()
+    r, m = v.shape
+    q1 = torch.quantile(v, 0.25, dim=1)
+    q3 = torch.quantile(v, 0.75, dim=1)
+    thr = q3 + lambda1 * (q3 - q1)
+    n_cand = (v > thr[:, None]).sum(1)
+    kmax = int(n_cand.max()) if r else 0
+    if kmax == 0 or m < 2:
+        return torch.zeros(r, dtype=torch.long)
+    kmax = min(kmax, m - 1)
+    srt = v.sort(dim=1, descending=True).values
+    srt = srt / srt[:, :1].clamp(min=1e-12)
+    cs = srt.cumsum(1)
+    cs2 = srt.pow(2).cumsum(1)
+    total, total2 = cs[:, -1:], cs2[:, -1:]
+    k = torch.arange(1, kmax + 1, dtype=v.dtype)
+    gap = srt[:, :kmax] - srt[:, 1:kmax + 1]  # smallest outlier minus largest remaining value
+    n_rest = m - k
+    mean_rest = (total - cs[:, :kmax]) / n_rest
+    var_rest = ((total2 - cs2[:, :kmax]) / n_rest - mean_rest.pow(2)).clamp(min=0)
+    score = gap - lambda2 * var_rest
+    score = torch.where(k[None, :] <= n_cand[:, None], score, torch.full_like(score, -float("inf")))
+    best = score.argmax(1) + 1
+    return torch.where(n_cand > 0, best, torch.zeros_like(best))
+
+
+def weight_truncation(weight: torch.Tensor, lambda1: float, lambda2: float) -> tuple[torch.Tensor, int]:
+    """Per-row truncation threshold of |W| [N] (the largest non-outlier magnitude; the row max when none) and the
+    number of outlier weights found."""
+    a = weight.detach().float().abs()
+    k = outlier_counts(a, lambda1, lambda2)
+    srt = a.sort(dim=1, descending=True).values
+    thr = srt.gather(1, k.clamp(max=a.shape[1] - 1)[:, None]).squeeze(1)
+    return thr, int(k.sum())
+
+
+def smoothing_scales(act_max: torch.Tensor, lambda1: float, lambda2: float, alpha: float) -> torch.Tensor:
+    """Per-input-channel divisors s [K] (1 for normal channels) from max |x| per channel."""
+    a = act_max.float().clamp(min=1e-8)
+    k = int(outlier_counts(a[None], lambda1, lambda2)[0])
+    s = torch.ones_like(a)
+    if k == 0 or alpha == 0:
+        return s
+    order = a.argsort(descending=True)
+    outliers, rest = order[:k], order[k:]
+    max_normal = a[rest].max()
+    s[outliers] = (a[outliers] / max_normal).clamp(min=1.0).pow(alpha)
+    return s
+
+
+# ------------------------------------------------------------------------------------------ statistics
+@dataclass
+class BlockStats:
+    """Input statistics of a block's linears gathered over calibration batches.
+
+    act_max / act_sq: per linear (relative name) max |x| and mean x^2 per input channel.
+    feeds: per linear, the relative name of the leaf module whose output tensor it receives (None if not found).
+    """
+
+    act_max: dict[str, torch.Tensor] = field(default_factory=dict)
+    act_sq: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+    feeds: dict[str, str | None] = field(default_factory=dict)
+
+
+class StatsCollector:
+    """Forward hooks on one block: per-channel input statistics of its linears and which module feeds them.
+
+    Use as a context manager around forwards of the block.
+    """
+
+    def __init__(self, block: nn.Module, linear_names: list[str]) -> None:
+        self.block = block
+        self.names = linear_names
+        self.stats = BlockStats()
+        self._handles: list = []
+        self._outputs: dict[str, torch.Tensor] = {}
+        self._first = True
+
+    def __enter__(self) -> "StatsCollector":
+        for name, mod in self.block.named_modules():
+            if name in self.names:
+                self._handles.append(mod.register_forward_hook(self._linear_hook(name)))
+            elif name and not list(mod.children()) and _is_affine_norm(mod):
+                self._handles.append(mod.register_forward_hook(self._norm_hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._outputs.clear()
+
+    def end_batch(self) -> None:
+        """Call after each batch: feeding relations are learned from the first batch only."""
+        self._first = False
+        self._outputs.clear()
+
+    def _norm_hook(self, name: str):
+        def hook(mod, args, out):
+            if self._first and isinstance(out, torch.Tensor):
+                self._outputs[name] = out  # kept alive for the batch so its storage cannot be reused
+        return hook
+
+    def _linear_hook(self, name: str):
+        def hook(mod, args, out):
+            x = args[0].detach()
+            xf = x.float().reshape(-1, x.shape[-1])
+            st = self.stats
+            amax = xf.abs().amax(0).cpu()
+            sq = xf.pow(2).sum(0).cpu()
+            if name in st.act_max:
+                st.act_max[name] = torch.maximum(st.act_max[name], amax)
+                st.act_sq[name] += sq
+                st.tokens[name] += xf.shape[0]
+            else:
+                st.act_max[name], st.act_sq[name], st.tokens[name] = amax, sq, xf.shape[0]
+            if self._first:
+                st.feeds[name] = next((n for n, o in self._outputs.items()
+                                       if o.data_ptr() == x.data_ptr() and o.shape == x.shape), None)
+        return hook
+
+    def mean_square(self, name: str) -> torch.Tensor:
+        return self.stats.act_sq[name] / max(self.stats.tokens[name], 1)
+
+
+def _is_affine_norm(mod: nn.Module) -> bool:
+    """A leaf with a 1-D `weight` and no linear layer: RMSNorm / LayerNorm style (checked numerically later)."""
+    w = getattr(mod, "weight", None)
+    return isinstance(w, torch.Tensor) and w.dim() == 1 and not isinstance(mod, (nn.Linear, nn.Embedding))
+
+
+# ------------------------------------------------------------------------------------------ smoothing
+@dataclass
+class Smoothing:
+    """Result of CFP activation smoothing of one block: per linear, the divisor kept as `input_scale` (None when
+    folded into a norm or not smoothed), and what was done (for the report)."""
+
+    input_scales: dict[str, torch.Tensor | None]
+    divisors: dict[str, torch.Tensor]
+    folded: list[str]
+    explicit: list[str]
+    outlier_channels: int
+
+
+@torch.no_grad()
+def smooth_block(block: nn.Module, linears: dict[str, nn.Linear], stats: BlockStats, lambda1: float,
+                 lambda2: float, alpha: float, check) -> Smoothing:
+    """Apply CFP activation smoothing to `block` in place (weights of `linears` and, where possible, norms).
+
+    Args:
+        block: the live decoder block (its linears are still `nn.Linear`).
+        linears: relative name -> linear to smooth.
+        stats: statistics gathered on the block's float inputs.
+        check: callable() -> bool that says whether the block still computes its float function; a fold into a
+            norm that breaks it is undone and the scale is kept explicit instead.
+    """
+    # Linears that share one input (same feeding module, or alone) share one smoothing vector.
+    groups: dict[str, list[str]] = {}
+    for name in linears:
+        key = stats.feeds.get(name) or f"<input of {name}>"
+        groups.setdefault(key, []).append(name)
+    scales: dict[str, torch.Tensor | None] = {n: None for n in linears}
+    folded, explicit, n_out = [], [], 0
+    modules = dict(block.named_modules())
+    pending: list[tuple[list[str], torch.Tensor]] = []
+    divisors: dict[str, torch.Tensor] = {}
+    # Folds first, one group at a time, each verified while every other group is still untouched.
+    for key, names in groups.items():
+        amax = torch.stack([stats.act_max[n] for n in names]).amax(0)
+        s = smoothing_scales(amax, lambda1, lambda2, alpha)
+        if bool((s == 1).all()):
+            continue
+        n_out += int((s != 1).sum())
+        norm = modules.get(key)
+        if norm is None:
+            pending.append((names, s))
+            continue
+        saved = {n: linears[n].weight.detach().clone() for n in names}
+        for n in names:
+            _scale_columns(linears[n], s)
+        if _fold_into_norm(norm, s, check):
+            folded += names
+            divisors.update({n: s for n in names})
+        else:
+            for n in names:
+                linears[n].weight.data.copy_(saved[n])
+            pending.append((names, s))
+    # Explicit input scales: exact by construction (CBQLinear divides its input by the same vector).
+    for names, s in pending:
+        for n in names:
+            _scale_columns(linears[n], s)
+            scales[n] = s
+            divisors[n] = s
+        explicit += names
+    return Smoothing(scales, divisors, folded, explicit, n_out)
+
+
+def _scale_columns(linear: nn.Linear, s: torch.Tensor) -> None:
+    w = linear.weight
+    w.data.mul_(s.to(w.device, w.dtype)[None, :])
+
+
+def _fold_into_norm(norm: nn.Module, s: torch.Tensor, check) -> bool:
+    w = norm.weight
+    old_w = w.detach().clone()
+    bias = getattr(norm, "bias", None)
+    old_b = bias.detach().clone() if isinstance(bias, torch.Tensor) else None
+    w.data.div_(s.to(w.device, w.dtype))
+    if old_b is not None:
+        bias.data.div_(s.to(bias.device, bias.dtype))
+    if check():
+        return True
+    w.data.copy_(old_w)
+    if old_b is not None:
+        bias.data.copy_(old_b)
+    logger.debug("CFP: folding into %s changes the block's output; keeping an explicit input scale", type(norm))
+    return False

@@ -1,0 +1,255 @@
+"""Trainable quantizers of one linear during calibration: learnable step sizes, LoRA-Rounding, activation clipping.
+
+`QuantLinearSim` stands in for an `nn.Linear` while its window trains; `freeze()` returns the integer codes and
+the stored-exact parameters that `UniformFormat.pack` turns into `CBQLinear` buffers.
+
+Choices (and why):
+
+- Step sizes start from a per-group grid search: min-max with a set of clip ratios (plus the CFP truncation
+  threshold when given), keeping per group the candidate with the smallest weight error, weighted by the mean
+  square of each input channel when activation statistics are known. The learned step is
+  s = s0 * exp(log_delta): well conditioned for Adam whatever the magnitude of s0. Zero points stay at their
+  initial integers. Every forward uses the float16-rounded step (straight-through), so what trains is what is
+  stored.
+- LoRA-Rounding: V = V0 + A1 @ A2 with rank r learned factors (A2 starts at zero). V0 is a fixed buffer set so
+  that h(V0) equals the rounding residual W/s0 - floor(W/s0): at the start the rounding is round-to-nearest, so
+  an untrained (or zero-epoch) calibration is never worse than the initial grid. With V = A1 @ A2 alone every
+  offset would start at h = 0.5 and the first hard rounding would round every weight up.
+- The forward uses hard rounding (h >= 0.5) with the gradient of the soft h (straight-through). AdaRound's soft
+  forward needs thousands of steps for the regulariser to push h to 0/1; with the few steps per window that fit
+  on a CPU the soft model is close to the float one and the loss would not see the quantization. The annealed
+  regulariser sum(1 - |2h - 1|^beta) (averaged per element) still pushes offsets away from the decision boundary.
+- Activations (act_bits): per-token symmetric dynamic quantization like `fake_quantize_activations`, with one
+  learnable clipping ratio per linear in [0.2, 1] trained through the step size (LSQ-style straight-through).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..formats.uniform import UniformSpec, expand_groups, minmax_qparams, round_scale
+
+ZETA = 1.1
+GAMMA = -0.1
+#: Clip ratios tried per group when initialising step sizes (1.0 = plain min-max).
+CLIP_GRID = tuple(1.0 - 0.05 * i for i in range(11))
+#: Smallest learnable activation clipping ratio.
+MIN_ACT_CLIP = 0.2
+
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    """h(V) = clip(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)."""
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def inverse_rectified_sigmoid(h: torch.Tensor) -> torch.Tensor:
+    """V with h(V) = h for h in [0, 1)."""
+    p = ((h - GAMMA) / (ZETA - GAMMA)).clamp(1e-6, 1 - 1e-6)
+    return torch.log(p / (1 - p))
+
+
+def rounding_regularizer(h: torch.Tensor, beta: float) -> torch.Tensor:
+    """mean(1 - |2h - 1|^beta): zero when every offset is 0 or 1."""
+    return (1 - (2 * h - 1).abs().pow(beta)).mean()
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+def floor_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.floor(x) - x).detach()
+
+
+def _group_sum(t: torch.Tensor, spec: UniformSpec) -> torch.Tensor:
+    """Sum of t [N, K] over each group -> [N, G]."""
+    n, k = t.shape
+    g = spec.group_len(k)
+    pad = spec.num_groups(k) * g - k
+    return F.pad(t, (0, pad)).view(n, -1, g).sum(-1)
+
+
+def _fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: UniformSpec) -> torch.Tensor:
+    k = w.shape[1]
+    s = expand_groups(scale, k, spec)
+    z = expand_groups(zero, k, spec)
+    return (torch.clamp(torch.round(w / s) + z, 0, spec.qmax) - z) * s
+
+
+@torch.no_grad()
+def init_qparams(weight: torch.Tensor, spec: UniformSpec, channel_weight: torch.Tensor | None = None,
+                 truncation: torch.Tensor | None = None, clip_grid: tuple[float, ...] = CLIP_GRID
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group (scale, zero) [N, G] minimising the (channel-weighted) squared weight error over clip ratios.
+
+    Args:
+        weight: W [N, K] float.
+        spec: the grid.
+        channel_weight: optional [K] importance of each input channel (mean square of the activations).
+        truncation: optional [N] per-row magnitude threshold (CFP weight truncation); tried as one more candidate.
+        clip_grid: clip ratios tried; 1.0 must be among them so the result is never worse than min-max.
+    """
+    w = weight.float()
+    n, k = w.shape
+    cw = torch.ones(k) if channel_weight is None else channel_weight.float().clamp(min=1e-12)
+    cw = cw.to(w.device).expand(n, k)
+    candidates: list[float | torch.Tensor] = list(clip_grid)
+    if truncation is not None:
+        absmax = _group_absmax(w, spec)
+        candidates.append((truncation.to(w.device).float()[:, None] / absmax.clamp(min=1e-12)).clamp(max=1.0))
+    best_scale = best_zero = best_err = None
+    for clip in candidates:
+        scale, zero = minmax_qparams(w, spec, clip)
+        err = _group_sum((_fake_quant(w, scale, zero, spec) - w).pow(2) * cw, spec)
+        if best_err is None:
+            best_scale, best_zero, best_err = scale, zero, err
+        else:
+            better = err < best_err
+            best_scale = torch.where(better, scale, best_scale)
+            best_zero = torch.where(better, zero, best_zero)
+            best_err = torch.where(better, err, best_err)
+    return best_scale, best_zero
+
+
+def _group_absmax(w: torch.Tensor, spec: UniformSpec) -> torch.Tensor:
+    n, k = w.shape
+    g = spec.group_len(k)
+    pad = spec.num_groups(k) * g - k
+    return F.pad(w.abs(), (0, pad)).view(n, -1, g).amax(-1)
+
+
+def fake_quantize_activations_ste(x: torch.Tensor, act_bits: int, clip: torch.Tensor) -> torch.Tensor:
+    """Per-token symmetric quantization of x (as `fake_quantize_activations`), differentiable through `clip`."""
+    qmax = 2 ** (act_bits - 1) - 1
+    step = (x.detach().abs().amax(-1, keepdim=True) * clip / qmax).clamp(min=1e-8)
+    return torch.clamp(round_ste(x / step), -qmax - 1, qmax) * step
+
+
+class QuantLinearSim(nn.Module):
+    """Calibration-time stand-in for an `nn.Linear`: y = Q_act(x / input_scale) @ Q(W).T + b.
+
+    Args:
+        linear: the float linear (its weight already includes any CFP column scaling).
+        spec: the weight grid.
+        act_bits: activation bits, or None for weight-only.
+        lora_rank: rank of the learned rounding factors.
+        use_lora_rounding: learn rounding offsets (else round to nearest).
+        learn_weight_scales: learn the per-group step sizes (else keep the initial grid).
+        learn_act_clipping: learn the activation clipping ratio (else 1.0).
+        input_scale: optional [K] CFP smoothing divisor of the input.
+        channel_weight, truncation: see `init_qparams`.
+        generator: random generator of the LoRA factor initialisation (determinism).
+    """
+
+    def __init__(self, linear: nn.Linear, spec: UniformSpec, act_bits: int | None = None, *, lora_rank: int = 5,
+                 use_lora_rounding: bool = True, learn_weight_scales: bool = True, learn_act_clipping: bool = True,
+                 input_scale: torch.Tensor | None = None, channel_weight: torch.Tensor | None = None,
+                 truncation: torch.Tensor | None = None, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        w = linear.weight.detach().float().clone()
+        n, k = w.shape
+        self.spec = spec
+        self.act_bits = act_bits
+        self.in_features, self.out_features = k, n
+        self.register_buffer("weight", w)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        self.register_buffer("input_scale", None if input_scale is None else input_scale.detach().float().clone())
+        scale0, zero = init_qparams(w, spec, channel_weight, truncation)
+        self.register_buffer("scale0", scale0)
+        self.register_buffer("zero", zero)
+        delta = torch.zeros_like(scale0)
+        if learn_weight_scales:
+            self.log_delta = nn.Parameter(delta)
+        else:
+            self.register_buffer("log_delta", delta)
+        self.use_lora_rounding = use_lora_rounding
+        #: Hard (0/1) rounding offsets in the forward; False gives AdaRound's soft offsets while training.
+        self.hard = True
+        if use_lora_rounding:
+            x = w / expand_groups(scale0, k, spec)
+            self.register_buffer("v0", inverse_rectified_sigmoid(x - torch.floor(x)))
+            a1 = torch.randn(n, lora_rank, generator=generator) / math.sqrt(lora_rank)
+            self.a1 = nn.Parameter(a1.to(w.device))
+            self.a2 = nn.Parameter(torch.zeros(lora_rank, k, device=w.device))
+        clip = torch.ones(1, device=w.device)
+        if act_bits is not None and learn_act_clipping:
+            self.act_clip = nn.Parameter(clip)
+        else:
+            self.register_buffer("act_clip", clip)
+
+    # ---------------------------------------------------------------- parameters
+    def rounding_parameters(self) -> list[nn.Parameter]:
+        return [self.a1, self.a2] if self.use_lora_rounding else []
+
+    def scale_parameters(self) -> list[nn.Parameter]:
+        return [p for p in (self.log_delta, self.act_clip) if isinstance(p, nn.Parameter)]
+
+    def scale(self) -> torch.Tensor:
+        """Current step sizes [N, G], rounded to what is stored (straight-through)."""
+        s = self.scale0 * torch.exp(self.log_delta)
+        return s + (round_scale(s) - s).detach()
+
+    def offsets(self) -> torch.Tensor:
+        """Soft rounding offsets h(V) in [0, 1], [N, K]."""
+        return rectified_sigmoid(self.v0 + self.a1 @ self.a2)
+
+    def clip_ratio(self) -> torch.Tensor:
+        return self.act_clip.clamp(MIN_ACT_CLIP, 1.0)
+
+    # ---------------------------------------------------------------- quantization
+    def _codes(self, scale: torch.Tensor) -> torch.Tensor:
+        """Float codes (differentiable, integer-valued in the forward) on grid `scale`."""
+        k = self.in_features
+        s = expand_groups(scale, k, self.spec)
+        z = expand_groups(self.zero, k, self.spec)
+        x = self.weight / s
+        if self.use_lora_rounding:
+            h = self.offsets()
+            if self.hard:
+                h = h + ((h >= 0.5).to(h.dtype) - h).detach()
+            q = floor_ste(x) + h
+        else:
+            q = round_ste(x)
+        return torch.clamp(q + z, 0, self.spec.qmax)
+
+    def quantized_weight(self) -> torch.Tensor:
+        scale = self.scale()
+        q = self._codes(scale)
+        return (q - expand_groups(self.zero, self.in_features, self.spec)) * expand_groups(scale, self.in_features,
+                                                                                           self.spec)
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        if not self.use_lora_rounding:
+            return self.weight.new_zeros(())
+        return rounding_regularizer(self.offsets(), beta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:
+            x = x / self.input_scale
+        if self.act_bits is not None:
+            x = fake_quantize_activations_ste(x, self.act_bits, self.clip_ratio())
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+    # ---------------------------------------------------------------- freezing
+    @torch.no_grad()
+    def freeze(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float | None]:
+        """Hard-rounded (codes uint8 [N, K], scales [N, G] stored-exact, zeros [N, G], activation clip or None)."""
+        scale = round_scale(self.scale0 * torch.exp(self.log_delta))
+        hard, self.hard = self.hard, True
+        codes = self._codes(scale).round().to(torch.uint8)
+        self.hard = hard
+        clip = float(self.clip_ratio()) if self.act_bits is not None else None
+        return codes.cpu(), scale.cpu(), self.zero.cpu(), clip
+
+    @torch.no_grad()
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.named_parameters()}
+
+    @torch.no_grad()
+    def restore(self, snap: dict[str, torch.Tensor]) -> None:
+        for k, p in self.named_parameters():
+            p.copy_(snap[k])

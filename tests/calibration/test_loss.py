@@ -1,0 +1,44 @@
+"""Window loss: MSE + KL distance, accumulated and homologous terms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cbq_hf.calibration.loss import distance, window_loss
+
+
+def test_distance_zero_on_equal_inputs():
+    h = torch.randn(2, 5, 16)
+    assert float(distance(h, h, 1.0)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distance_is_mse_without_kl():
+    a, b = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    assert float(distance(a, b, 0.0)) == pytest.approx(float(F.mse_loss(a, b)), rel=1e-6)
+
+
+def test_kl_part_matches_definition():
+    a, b = torch.randn(3, 16), torch.randn(3, 16)
+    p, q = a.softmax(-1), b.softmax(-1)
+    kl = (p * (p.log() - q.log())).sum(-1).mean()
+    got = distance(a, b, 2.0) - distance(a, b, 0.0)
+    assert float(got) == pytest.approx(2.0 * float(kl), rel=1e-5)
+    assert float(kl) > 0
+
+
+def test_window_loss_terms():
+    q, t_fp, t_q = torch.randn(2, 4, 8), torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    acc = distance(q, t_fp, 0.5)
+    hom = distance(q, t_q, 0.5)
+    assert float(window_loss(q, t_fp, t_q, 1.0, 2.0, 0.5)) == pytest.approx(float(acc + 2 * hom), rel=1e-6)
+    assert float(window_loss(q, t_fp, None, 1.0, 2.0, 0.5)) == pytest.approx(float(acc), rel=1e-6)
+    assert float(window_loss(q, t_fp, t_q, 1.0, 0.0, 0.5)) == pytest.approx(float(acc), rel=1e-6)
+
+
+def test_gradient_reaches_quantized_output_only():
+    q = torch.randn(2, 4, 8, requires_grad=True)
+    t = torch.randn(2, 4, 8)
+    window_loss(q, t, t.clone(), 1.0, 1.0, 1.0).backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0

@@ -1,0 +1,121 @@
+"""Coarse-to-fine preprocessing: outlier detection, smoothing that keeps the float function, norm folding."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from cbq_hf.calibration.preprocess import (StatsCollector, outlier_counts, smooth_block, smoothing_scales,
+                                           weight_truncation)
+from cbq_hf.modeling import block_linears
+
+
+def test_fine_split_stops_at_the_largest_gap():
+    v = torch.ones(1, 100)
+    v[0, :4] = torch.tensor([100.0, 90.0, 10.0, 9.0])  # two clear outliers, then two mild ones
+    assert outlier_counts(v, 1.5, 1.0).tolist() == [2]
+
+
+def test_detects_planted_outliers():
+    g = torch.Generator().manual_seed(0)
+    v = torch.rand(4, 200, generator=g) + 1.0
+    v[0, [3, 50, 70]] = torch.tensor([30.0, 25.0, 28.0])
+    v[1, 10] = 40.0
+    counts = outlier_counts(v, 1.5, 1.0)
+    assert counts.tolist()[:2] == [3, 1]
+    assert counts.tolist()[2:] == [0, 0]  # uniform rows: the fine split keeps nothing or the coarse test fails
+
+
+def test_smoothing_scales_only_touch_outliers():
+    a = torch.ones(64)
+    a[7], a[9] = 50.0, 45.0
+    s = smoothing_scales(a, 1.5, 1.0, 0.5)
+    assert s[7] == pytest.approx(50.0 ** 0.5) and s[9] == pytest.approx(45.0 ** 0.5)
+    assert torch.all(s[[i for i in range(64) if i not in (7, 9)]] == 1)
+    assert torch.all(smoothing_scales(a, 1.5, 1.0, 0.0) == 1)  # alpha 0: no smoothing
+
+
+def test_weight_truncation_threshold():
+    w = torch.randn(8, 256, generator=torch.Generator().manual_seed(0)) * 0.02
+    w[2, 5] = 1.0
+    thr, n = weight_truncation(w, 1.5, 1.0)
+    assert n >= 1
+    assert thr[2] < 1.0 and thr[2] >= w[2].abs().sort(descending=True).values[1] - 1e-9
+    assert torch.all(thr <= w.abs().amax(1) + 1e-9)
+
+
+class _Divide(nn.Module):
+    """nn.Linear preceded by x / s: what CBQLinear's input_scale does."""
+
+    def __init__(self, lin, s):
+        super().__init__()
+        self.lin, self.s = lin, s
+
+    def forward(self, x):
+        return self.lin(x / self.s)
+
+
+def _block_with_outliers(family):
+    model = family(layers=2)
+    from cbq_hf.calibration.capture import capture_block_inputs
+    from cbq_hf.modeling import find_decoder_blocks
+
+    _, blocks = find_decoder_blocks(model)
+    block = blocks[0]
+    with torch.no_grad():  # plant outlier channels in the norm outputs feeding q/k/v and gate/up
+        for m in block.modules():
+            if "Norm" in type(m).__name__:
+                m.weight[3] *= 40
+                m.weight[11] *= 15
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    inp = capture_block_inputs(model, ids, 4)
+    return block, inp
+
+
+def test_smoothing_keeps_float_output_and_folds_into_norms(family):
+    block, inp = _block_with_outliers(family)
+    ref_block = copy.deepcopy(block)
+    linears = block_linears(block)
+    with StatsCollector(block, list(linears)) as col, torch.no_grad():
+        ref = inp.call_block(block, 0, 0, inp.hidden)
+        col.end_batch()
+    assert col.stats.feeds["self_attn.q_proj"] == col.stats.feeds["self_attn.k_proj"] == "input_layernorm"
+    assert col.stats.feeds["mlp.up_proj"] == "post_attention_layernorm"
+
+    def unchanged():
+        with torch.no_grad():
+            out = inp.call_block(block, 0, 0, inp.hidden)
+        return bool((out - ref).norm() <= 1e-4 * ref.norm())
+
+    sm = smooth_block(block, linears, col.stats, 1.5, 1.0, 0.5, unchanged)
+    assert sm.outlier_channels >= 2
+    assert {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
+            "mlp.up_proj"} <= set(sm.folded)
+    assert not torch.equal(block.input_layernorm.weight, ref_block.input_layernorm.weight)
+    for name in sm.explicit:  # explicit scales stay in CBQLinear's input_scale
+        parent, _, child = name.rpartition(".")
+        setattr(block.get_submodule(parent), child, _Divide(linears[name], sm.input_scales[name]))
+    with torch.no_grad():
+        out = inp.call_block(block, 0, 0, inp.hidden)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_fold_that_breaks_the_function_is_undone(family):
+    """A norm whose output is not `normalised * weight` (e.g. Gemma's (1 + weight)) keeps an explicit scale."""
+    block, inp = _block_with_outliers(family)
+    linears = block_linears(block)
+    with StatsCollector(block, list(linears)) as col, torch.no_grad():
+        ref = inp.call_block(block, 0, 0, inp.hidden)
+        col.end_batch()
+    before = block.input_layernorm.weight.detach().clone()
+    sm = smooth_block(block, linears, col.stats, 1.5, 1.0, 0.5, check=lambda: False)
+    assert sm.folded == []
+    assert torch.equal(block.input_layernorm.weight, before)
+    for name in sm.explicit:
+        parent, _, child = name.rpartition(".")
+        setattr(block.get_submodule(parent), child, _Divide(linears[name], sm.input_scales[name]))
+    with torch.no_grad():
+        torch.testing.assert_close(inp.call_block(block, 0, 0, inp.hidden), ref, rtol=1e-4, atol=1e-4)

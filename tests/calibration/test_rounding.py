@@ -1,0 +1,138 @@
+"""LoRA-Rounding, learnable step sizes and activation clipping of one linear (`QuantLinearSim`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cbq_hf.calibration.rounding import (QuantLinearSim, init_qparams, inverse_rectified_sigmoid,
+                                         rectified_sigmoid, rounding_regularizer)
+from cbq_hf.formats.uniform import (UniformFormat, UniformSpec, dequantize_codes, expand_groups, minmax_qparams,
+                                    quantize_codes, round_scale)
+from cbq_hf.nn.linear import CBQLinear
+
+SPECS = [UniformSpec(4, 32), UniformSpec(2, 16), UniformSpec(3, 48), UniformSpec(4, 32, sym=True)]
+SPEC_IDS = ["w4-g32", "w2-g16", "w3-g48-ragged", "w4-g32-sym"]
+
+
+def _linear(n=24, k=80, bias=True, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n, bias=bias)
+    lin.weight.data[:, 5] *= 8  # a heavy column
+    return lin
+
+
+def test_rectified_sigmoid_range_and_inverse():
+    v = torch.linspace(-30, 30, 1001)
+    h = rectified_sigmoid(v)
+    assert h.min() >= 0 and h.max() <= 1
+    assert h[0] == 0 and h[-1] == 1  # saturates: exact 0/1 reachable
+    r = torch.rand(1000) * 0.999
+    assert torch.allclose(rectified_sigmoid(inverse_rectified_sigmoid(r)), r, atol=1e-5)
+
+
+def test_regularizer():
+    assert float(rounding_regularizer(torch.tensor([0.0, 1.0, 1.0, 0.0]), 2.0)) == pytest.approx(0.0)
+    h = torch.tensor([0.3, 0.6, 0.9])
+    r_hi, r_lo = float(rounding_regularizer(h, 20.0)), float(rounding_regularizer(h, 2.0))
+    assert 0 < r_lo < r_hi <= 1  # annealing beta from high to low tightens the pull towards 0/1
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
+def test_init_never_worse_than_minmax(spec):
+    w = _linear().weight.detach()
+    s0, z0 = minmax_qparams(w, spec)
+    s, z = init_qparams(w, spec)
+    err = lambda s, z: (dequantize_codes(quantize_codes(w, s, z, spec), s, z, spec) - w).pow(2).sum()  # noqa: E731
+    assert float(err(s, z)) <= float(err(s0, z0)) + 1e-7
+    assert torch.equal(s, round_scale(s))  # stored-exact
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
+def test_starts_at_round_to_nearest(spec):
+    lin = _linear()
+    sim = QuantLinearSim(lin, spec, generator=torch.Generator().manual_seed(0))
+    codes, scales, zeros, _ = sim.freeze()
+    assert torch.equal(codes, quantize_codes(lin.weight.detach(), scales, zeros, spec))
+
+
+@pytest.mark.parametrize("act_bits", [None, 8, 4])
+@pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
+def test_packed_linear_matches_simulation(spec, act_bits):
+    """What trained is what is stored: the packed CBQLinear computes exactly the simulated forward."""
+    lin = _linear()
+    in_scale = torch.rand(lin.in_features) + 0.5
+    sim = QuantLinearSim(lin, spec, act_bits, input_scale=in_scale, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # move away from the initial point: random LoRA factors, steps and clip
+        sim.a2.normal_(0, 1.0)
+        sim.log_delta.normal_(0, 0.05)
+        if act_bits:
+            sim.act_clip.fill_(0.8)
+    codes, scales, zeros, clip = sim.freeze()
+    fmt = UniformFormat(spec.bits, spec.group_size, spec.sym, act_bits)
+    q = CBQLinear(lin.in_features, lin.out_features, True, fmt, has_input_scale=True)
+    q.load_packed(fmt.pack(codes, scales, zeros, clip), bias=lin.bias.detach(), input_scale=in_scale)
+    x = torch.randn(3, 7, lin.in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), sim(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(q.dequantized_weight(), sim.quantized_weight(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
+def test_hard_rounding_at_freeze(spec):
+    lin = _linear(bias=False)
+    sim = QuantLinearSim(lin, spec, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sim.a2.normal_(0, 2.0)
+    h = sim.offsets().detach()
+    assert h.min() >= 0 and h.max() <= 1
+    codes, scales, zeros, _ = sim.freeze()
+    k = lin.in_features
+    s, z = expand_groups(scales, k, spec), expand_groups(zeros, k, spec)
+    expected = torch.clamp(torch.floor(lin.weight.detach() / s) + (h >= 0.5).float() + z, 0, spec.qmax)
+    assert torch.equal(codes.float(), expected)
+    assert codes.max() <= spec.qmax
+
+
+def test_gradients_reach_every_learnable_part():
+    lin = _linear()
+    sim = QuantLinearSim(lin, UniformSpec(3, 16), 8, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(4, 9, lin.in_features)
+    target = lin(x).detach()
+    loss = (sim(x) - target).pow(2).mean() + sim.regularizer(10.0)
+    loss.backward()
+    for name in ("a1", "log_delta", "act_clip"):
+        assert getattr(sim, name).grad is not None, name
+    assert sim.a2.grad.abs().sum() > 0
+    assert sim.log_delta.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("switch,absent", [("use_lora_rounding", ["a1", "a2"]),
+                                           ("learn_weight_scales", ["log_delta"]),
+                                           ("learn_act_clipping", ["act_clip"])])
+def test_ablation_switches_remove_parameters(switch, absent):
+    sim = QuantLinearSim(_linear(), UniformSpec(4, 32), 8, **{switch: False})
+    names = {n for n, _ in sim.named_parameters()}
+    assert not names & set(absent)
+
+
+def test_few_steps_lower_reconstruction_error():
+    """On correlated inputs (as real activations are) learned rounding beats round-to-nearest quickly."""
+    torch.manual_seed(0)
+    lin = _linear(n=32, k=64)
+    sim = QuantLinearSim(lin, UniformSpec(2, 16), generator=torch.Generator().manual_seed(0))
+    x = torch.randn(512, 8) @ torch.randn(8, lin.in_features) + 0.3 * torch.randn(512, lin.in_features)
+    target = lin(x).detach()
+    opt = torch.optim.Adam([{"params": sim.rounding_parameters(), "lr": 1e-2},
+                            {"params": sim.scale_parameters(), "lr": 1e-3}])
+    with torch.no_grad():
+        start = float((sim(x) - target).pow(2).mean())
+    for _ in range(60):
+        loss = (sim(x) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        end = float((sim(x) - target).pow(2).mean())
+    assert end < 0.7 * start
