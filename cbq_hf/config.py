@@ -126,7 +126,7 @@ class CBQConfig(QuantizationConfigMixin):
         window_overlap: int = 1,
         epochs: int = 2,
         batch_size: int = 4,
-        lr: float = 1e-3,
+        lr: float = 1e-2,
         lr_scale: float = 1e-3,
         lora_rank: int = 5,
         loss_weight_accumulated: float = 1.0,

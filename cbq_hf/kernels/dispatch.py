@@ -1,9 +1,11 @@
 """The one place where a `CBQLinear` forward chooses its kernel.
 
-Paths are registered with `register_kernel(name, supports, fn)`; `linear()` takes the first registered path whose
-`supports(module, x)` is true, in registration order (fastest first), and falls back to the reference.
-Force a path with the environment variable ``CBQ_KERNEL=<name>`` or `force_kernel(name)`; the path that ran is
-recorded on the module as `module.last_kernel`.
+Paths are registered with `register_kernel(name, supports, fn, prefer)`; `linear()` takes the first registered path
+whose `supports(module, x)` (can it run this call?) and `prefer(module, x)` (is it the fast choice here, e.g. decode
+vs prefill?) are both true, in registration order, and falls back to the reference.
+Force a path with the environment variable ``CBQ_KERNEL=<name>`` or `force_kernel(name)` (only `supports` is asked
+then; a forced path that cannot run is an error); the path that ran is recorded on the module as `module.last_kernel`.
+The compiled CPU paths are registered at the end of this module; nothing is built before a forward asks for them.
 """
 
 from __future__ import annotations
@@ -23,17 +25,20 @@ class KernelPath:
     name: str
     supports: Callable[[object, torch.Tensor], bool]
     fn: Callable[[object, torch.Tensor], torch.Tensor]
+    prefer: Callable[[object, torch.Tensor], bool] | None = None
 
 
 _PATHS: list[KernelPath] = []
 _forced: str | None = None
 
 
-def register_kernel(name: str, supports: Callable, fn: Callable, first: bool = False) -> None:
-    """Add (or replace) a kernel path. `supports(module, x)` says whether it can run this call."""
+def register_kernel(name: str, supports: Callable, fn: Callable, first: bool = False,
+                    prefer: Callable | None = None) -> None:
+    """Add (or replace) a kernel path. `supports(module, x)` says whether it can run this call; `prefer(module, x)`
+    (default: always) whether automatic selection should take it when it can."""
     global _PATHS
     _PATHS = [p for p in _PATHS if p.name != name]
-    path = KernelPath(name, supports, fn)
+    path = KernelPath(name, supports, fn, prefer)
     if first:
         _PATHS.insert(0, path)
     else:
@@ -62,6 +67,8 @@ def _select(module, x: torch.Tensor) -> tuple[str, Callable]:
     for path in _PATHS:
         if forced is not None and path.name != forced:
             continue
+        if forced is None and path.prefer is not None and not path.prefer(module, x):
+            continue
         if path.supports(module, x):
             return path.name, path.fn
         if forced is not None:
@@ -78,3 +85,12 @@ def linear(module, x: torch.Tensor) -> torch.Tensor:
     name, fn = _select(module, x)
     module.last_kernel = name
     return fn(module, x)
+
+
+def _register_builtin() -> None:
+    from .cpu import paths as cpu_paths
+
+    cpu_paths.register()
+
+
+_register_builtin()

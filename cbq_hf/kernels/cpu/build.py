@@ -1,0 +1,150 @@
+"""Lazy build of the C++ CPU kernels (`cbq_cpu.cpp`) into the torch ops ``torch.ops.cbq_hf_cpu.*``.
+
+Nothing here runs at ``import cbq_hf``: the first `load()` picks an instruction-set variant from the CPU flags,
+compiles it with `torch.utils.cpp_extension.load` (ninja + the system C++ compiler) into the cbq_hf cache
+directory (reused by later processes), and loads it. When that is impossible (no compiler, no ninja, a CPU
+without AVX2) it logs ONE warning and `load()` returns None from then on, so dispatch falls back to the reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import platform
+import threading
+from pathlib import Path
+
+import torch
+
+from ...paths import cache_dir
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cbq_cpu.cpp")
+
+_COMMON_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-DNDEBUG"]
+#: Compiler flags per variant, best first. All use the same source; `dot_u8s8` picks VNNI when the flags allow it.
+VARIANT_FLAGS: dict[str, list[str]] = {
+    "avx512vnni": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
+    "avxvnni": ["-mavx2", "-mfma", "-mf16c", "-mavxvnni"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+}
+_REQUIRED_FLAGS: dict[str, set[str]] = {
+    "avx512vnni": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"},
+    "avxvnni": {"avx2", "fma", "f16c", "avx_vnni"},
+    "avx2": {"avx2", "fma", "f16c"},
+}
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "ops": the loaded op namespace, or "error": why it could not be built
+
+
+def cpu_flags() -> set[str]:
+    """Instruction-set flags of this CPU (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def select_variant(flags: set[str] | None = None) -> str | None:
+    """The best build variant this CPU runs, or None (not x86-64 or no AVX2/FMA)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    flags = cpu_flags() if flags is None else flags
+    for name, needed in _REQUIRED_FLAGS.items():
+        if needed <= flags:
+            return name
+    return None
+
+
+def build_dir(variant: str) -> Path:
+    """Where a variant's build lives: keyed by torch version and a hash of the source and flags."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(VARIANT_FLAGS[variant]).encode()).hexdigest()[:12]
+    tv = torch.__version__.replace("+", "_")
+    return cache_dir() / "kernels" / f"cpu-{variant}-torch{tv}-{digest}"
+
+
+def _build(variant: str) -> None:
+    """Compile (or reuse) and load the extension; registers ``torch.ops.cbq_hf_cpu``."""
+    from torch.utils import cpp_extension
+
+    path = build_dir(variant)
+    path.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name=f"cbq_hf_cpu_{variant}",
+        sources=[str(SOURCE)],
+        extra_cflags=_COMMON_FLAGS + VARIANT_FLAGS[variant],
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(path),
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+def _register_fakes() -> None:
+    """Shape functions so the ops trace under torch.compile / torch.export."""
+    lib = "cbq_hf_cpu::"
+
+    @torch.library.register_fake(lib + "gemm_float")
+    def _(x, wpack, scales, szs, bias, bits, N, glen):
+        return x.new_empty((x.shape[0], N), dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "gemm_int")
+    def _(codes, steps, wpack, scales, szs, bias, bits, N, glen):
+        return codes.new_empty((codes.shape[0], N), dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "quantize_act")
+    def _(x, clip, act_bits):
+        return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "dequantize_into")
+    def _(qweight, scales, zeros, slot, glen, out):
+        return None
+
+
+def load():
+    """The loaded op namespace ``torch.ops.cbq_hf_cpu``, building it on first call; None if it cannot be built."""
+    if "ops" in _state:
+        return _state["ops"]
+    if "error" in _state:
+        return None
+    with _lock:
+        if "ops" in _state or "error" in _state:
+            return _state.get("ops")
+        variant = select_variant()
+        try:
+            if variant is None:
+                raise RuntimeError(f"this CPU ({platform.machine()}) has no AVX2/FMA support")
+            _build(variant)
+            _register_fakes()
+        except Exception as exc:  # noqa: BLE001 - any build failure means: use the reference path
+            _state["error"] = f"{type(exc).__name__}: {exc}".strip()
+            logger.warning(
+                "cbq_hf: the packed CPU kernels could not be built (%s); CBQLinear falls back to the slow pure "
+                "PyTorch reference path. Install a C++ compiler and `pip install ninja` to enable them.",
+                str(_state["error"]).splitlines()[0][:300],
+            )
+            return None
+        _state["ops"] = torch.ops.cbq_hf_cpu
+        _state["variant"] = variant
+        logger.info("cbq_hf: loaded CPU kernels (%s) from %s", variant, build_dir(variant))
+        return _state["ops"]
+
+
+def loaded_variant() -> str | None:
+    """The variant that was built and loaded, or None (not yet, or impossible)."""
+    return _state.get("variant")  # type: ignore[return-value]
+
+
+def build_error() -> str | None:
+    """Why the build failed, or None."""
+    return _state.get("error")  # type: ignore[return-value]
+
+
+def _reset_for_tests() -> None:
+    _state.clear()

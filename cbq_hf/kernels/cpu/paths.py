@@ -1,0 +1,156 @@
+"""The compiled CPU kernel paths of `CBQLinear` and their registration with `cbq_hf.kernels.dispatch`.
+
+Paths (automatic choice in this order; each can be forced by name):
+
+- ``cpu_dequant``: prefill. Dequantize into a reused float32 workspace and call the dense float32 GEMM; the numbers
+  are the reference's (same weight, same GEMM). Chosen from `DEQUANT_MIN_M` rows on.
+- ``cpu_int``: ``act_bits`` set and 2/3/4-bit weights. Activations are quantized per token in C++ (codes identical to
+  the reference's), then int8 x uint8 dot products (AVX2 ``maddubs``, VNNI ``dpbusd`` when built for it) with exact
+  int32 sums per group.
+- ``cpu_packed``: every other case (fp32/bf16/fp16 activations, 8-bit weights, act_bits with 8-bit weights on
+  simulated-quantized inputs): float FMA straight from the packed codes, exact w.r.t. the dequantized weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import reference
+from . import build
+from .layout import Panels, repack
+
+#: Rows (tokens) from which `cpu_dequant` (dequantize + dense fp32 GEMM) beats the packed GEMV kernels, measured
+#: on a 2-core AMD EPYC (AVX2, no VNNI) with benchmarks/kernels.py: the packed kernels re-stream each panel per token,
+#: so they grow linearly in M while the GEMM stays near its M=1 cost for small M. Crossover measured at M ~ 16-32
+#: for weight-only and ~ 48-64 for the int8 path (see docs/benchmarks_kernels.md).
+DEQUANT_MIN_M = 24
+DEQUANT_MIN_M_INT = 48
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_workspace: dict[str, torch.Tensor] = {}
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // max(x.shape[-1], 1)
+
+
+def _supports_common(module, x: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype in _FLOAT_DTYPES
+        and getattr(module.fmt, "name", None) == "uniform"
+        and module.qweight.device.type == "cpu"
+        and build.load() is not None
+    )
+
+
+def supports_packed(module, x: torch.Tensor) -> bool:
+    return _supports_common(module, x)
+
+
+def supports_int(module, x: torch.Tensor) -> bool:
+    act = module.fmt.act_bits
+    # _supports_common first: it checks the format is uniform before `spec` is read (LO-BCQ has none)
+    return _supports_common(module, x) and act is not None and 2 <= act <= 8 and module.fmt.spec.slot_bits in (2, 4)
+
+
+def prefer_packed(module, x: torch.Tensor) -> bool:
+    return _rows(x) < DEQUANT_MIN_M
+
+
+def prefer_int(module, x: torch.Tensor) -> bool:
+    return _rows(x) < DEQUANT_MIN_M_INT
+
+
+def prefer_dequant(module, x: torch.Tensor) -> bool:
+    limit = DEQUANT_MIN_M_INT if module.fmt.act_bits is not None else DEQUANT_MIN_M
+    return _rows(x) >= limit
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def panels(module) -> Panels:
+    """The module's weights in the panel layout (repacked once, cached in ``module._kernel_cache``)."""
+    pan = module._kernel_cache.get("cpu_panels")
+    if pan is None:
+        b = module.packed_buffers()
+        pan = repack(b["qweight"], b["scales"], b["zeros"], module.fmt.spec, module.in_features, module.bias)
+        module._kernel_cache["cpu_panels"] = pan
+    return pan
+
+
+def _act_clip(module) -> float:
+    clip = module._kernel_cache.get("cpu_act_clip")
+    if clip is None:
+        clip = float(module.act_clip.reshape(-1)[0])
+        module._kernel_cache["cpu_act_clip"] = clip
+    return clip
+
+
+def _scaled_2d(module, x: torch.Tensor) -> torch.Tensor:
+    """x as [M, K] divided by `input_scale` exactly as the reference does (rounded back to x's dtype)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if module.input_scale is not None:
+        x2 = (x2.float() / module.input_scale).to(x.dtype)
+    return x2
+
+
+def _kernel_input(x2: torch.Tensor) -> torch.Tensor:
+    if x2.dtype == torch.float16:
+        x2 = x2.float()
+    return x2.contiguous()
+
+
+def workspace(numel: int) -> torch.Tensor:
+    """A float32 buffer of at least `numel` elements shared by all layers (one layer runs at a time); reusing it
+    avoids a fresh allocation, and its page faults, per call."""
+    buf = _workspace.get("f32")
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=torch.float32)
+        _workspace["f32"] = buf
+    return buf[:numel]
+
+
+# ---------------------------------------------------------------------------------------------- paths
+def linear_packed(module, x: torch.Tensor) -> torch.Tensor:
+    ops = build.load()
+    pan = panels(module)
+    x2 = _scaled_2d(module, x)
+    if module.fmt.act_bits is not None:
+        x2 = module.fmt.quantize_activations(x2, module.packed_buffers())
+    y = ops.gemm_float(_kernel_input(x2), pan.wpack, pan.scales, pan.szs, pan.bias, pan.slot,
+                       module.out_features, pan.glen)
+    return y.to(x.dtype).view(*x.shape[:-1], module.out_features)
+
+
+def quantize_activations(module, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer codes int8 [M, K] and steps float32 [M] of x2 [M, K] (already divided by input_scale)."""
+    return build.load().quantize_act(_kernel_input(x2), _act_clip(module), module.fmt.act_bits)
+
+
+def linear_int(module, x: torch.Tensor) -> torch.Tensor:
+    ops = build.load()
+    pan = panels(module)
+    codes, steps = quantize_activations(module, _scaled_2d(module, x))
+    y = ops.gemm_int(codes, steps, pan.wpack, pan.scales, pan.szs, pan.bias, pan.slot, module.out_features, pan.glen)
+    return y.to(x.dtype).view(*x.shape[:-1], module.out_features)
+
+
+def linear_dequant(module, x: torch.Tensor) -> torch.Tensor:
+    ops = build.load()
+    n, k = module.out_features, module.in_features
+    w = workspace(n * k).view(n, k)
+    ops.dequantize_into(module.qweight, module.scales, module.zeros, module.fmt.spec.slot_bits,
+                        module.fmt.spec.group_len(k), w)
+    xq = reference.prepare_input(module, x)
+    bias = module.bias.float() if module.bias is not None else None
+    return F.linear(xq.float(), w, bias).to(x.dtype)
+
+
+def register() -> None:
+    """Register the CPU paths with dispatch (cheap: nothing is compiled until a forward needs them)."""
+    from ..dispatch import register_kernel
+
+    register_kernel("cpu_dequant", supports_packed, linear_dequant, prefer=prefer_dequant)
+    register_kernel("cpu_int", supports_int, linear_int, prefer=prefer_int)
+    register_kernel("cpu_packed", supports_packed, linear_packed, prefer=prefer_packed)

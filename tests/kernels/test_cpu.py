@@ -1,0 +1,98 @@
+"""Every compiled CPU path against the reference (random shapes, bits, groups, dtypes, activation settings)."""
+
+import pytest
+import torch
+
+from cbq_hf.kernels import reference
+from cbq_hf.kernels.cpu import build, paths
+from cbq_hf.kernels.dispatch import force_kernel
+
+from kernel_helpers import assert_close, magnitude, make_linear
+
+pytestmark = pytest.mark.skipif(build.select_variant() is None, reason="CPU without AVX2/FMA")
+
+SHAPES = [(130, 200, 64), (3, 72, -1), (1, 576, 128), (64, 576, 48), (130, 576, 100)]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _ids(s):
+    return f"n{s[0]}k{s[1]}g{s[2]}"
+
+
+def _run(lin, x, kernel):
+    with torch.no_grad(), force_kernel(kernel):
+        y = lin(x)
+    assert lin.last_kernel == kernel
+    return y
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 3, 64, 300], ids=lambda m: f"m{m}")
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"w{b}")
+def test_weight_only_paths_match_reference(bits, shape, m, dtype):
+    n, k, g = shape
+    if m == 300 and n > 3:
+        pytest.skip("M=300 is covered on the small-N shapes (keeps the suite fast)")
+    lin = make_linear(n, k, bits, g, sym=(bits + n) % 2 == 0, bias=m != 3)
+    x = torch.randn(2, m, k).to(DTYPES[dtype]) if m == 3 else torch.randn(m, k).to(DTYPES[dtype])
+    ref = reference.linear(lin, x)
+    for kernel in ("cpu_packed", "cpu_dequant"):
+        y = _run(lin, x, kernel)
+        assert y.dtype == x.dtype and y.shape == ref.shape
+        assert_close(y, ref, magnitude(lin, x), DTYPES[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 3, 64], ids=lambda m: f"m{m}")
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=_ids)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"w{b}")
+@pytest.mark.parametrize("act_bits", [8, 4], ids=lambda a: f"a{a}")
+def test_activation_quantized_paths_match_reference(act_bits, bits, shape, m, dtype):
+    n, k, g = shape
+    lin = make_linear(n, k, bits, g, act_bits=act_bits, sym=bits % 2 == 0)
+    x = torch.randn(m, k).to(DTYPES[dtype])
+    ref = reference.linear(lin, x)
+    kernels = ["cpu_packed", "cpu_dequant"] + (["cpu_int"] if bits != 8 else [])
+    for kernel in kernels:
+        assert_close(_run(lin, x, kernel), ref, magnitude(lin, x), DTYPES[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act_bits", [8, 4], ids=lambda a: f"a{a}")
+def test_integer_activation_codes_identical_to_reference(act_bits, dtype):
+    lin = make_linear(4, 576, 4, 128, act_bits=act_bits)
+    x = torch.randn(64, 576).to(DTYPES[dtype]) * torch.logspace(-3, 3, 64).unsqueeze(1).to(DTYPES[dtype])
+    x[3] = 0  # an all-zero token: the step is clamped
+    x[5, 7] = 1e4
+    xs = paths._scaled_2d(lin, x)
+    codes, steps = paths.quantize_activations(lin, xs)
+    xf = xs.float()
+    qmax = 2 ** (act_bits - 1) - 1
+    step = (xf.abs().amax(-1, keepdim=True) * lin.act_clip / qmax).clamp(min=1e-8)
+    expected = torch.clamp(torch.round(xf / step), -qmax - 1, qmax)
+    assert torch.equal(codes.float(), expected)
+    assert torch.equal(steps, step.squeeze(1))
+    if dtype == "fp32":  # the simulated activations are exactly codes * step
+        assert torch.equal(codes.float() * steps[:, None], lin.fmt.quantize_activations(xs, lin.packed_buffers()))
+
+
+def test_repack_is_cached_and_cleared_on_load():
+    lin = make_linear(8, 64, 4, 32)
+    _run(lin, torch.randn(1, 64), "cpu_packed")
+    first = lin._kernel_cache["cpu_panels"]
+    _run(lin, torch.randn(1, 64), "cpu_packed")
+    assert lin._kernel_cache["cpu_panels"] is first
+    lin.load_packed(lin.fmt.quantize_rtn(torch.randn(8, 64)))
+    assert "cpu_panels" not in lin._kernel_cache
+    assert_close(_run(lin, torch.ones(1, 64), "cpu_packed"), reference.linear(lin, torch.ones(1, 64)),
+                 magnitude(lin, torch.ones(1, 64)), torch.float32)
+
+
+def test_ops_trace_under_torch_compile():
+    lin = make_linear(16, 128, 4, 64, input_scale=False)
+    x = torch.randn(2, 128)
+    with force_kernel("cpu_packed"):
+        eager = lin(x)
+        compiled = torch.compile(lambda t: lin(t), backend="eager", fullgraph=False)(x)
+    assert torch.allclose(eager, compiled)

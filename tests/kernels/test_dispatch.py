@@ -1,0 +1,69 @@
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cbq_hf.kernels import dispatch
+from cbq_hf.kernels.cpu import build, paths
+
+from kernel_helpers import make_linear
+
+needs_kernels = pytest.mark.skipif(build.select_variant() is None, reason="CPU without AVX2/FMA")
+
+
+@needs_kernels
+@pytest.mark.parametrize(("act_bits", "m", "expected"), [
+    (None, 1, "cpu_packed"), (None, paths.DEQUANT_MIN_M, "cpu_dequant"),
+    (8, 1, "cpu_int"), (8, paths.DEQUANT_MIN_M_INT, "cpu_dequant"),
+])
+def test_automatic_choice_by_rows(act_bits, m, expected):
+    lin = make_linear(8, 64, 4, 32, act_bits=act_bits)
+    lin(torch.randn(m, 64))
+    assert lin.last_kernel == expected
+
+
+@pytest.mark.parametrize("name", ["reference", "cpu_packed"])
+def test_forcing_a_kernel_by_context_and_env(name, monkeypatch):
+    if name != "reference" and build.select_variant() is None:
+        pytest.skip("CPU without AVX2/FMA")
+    lin = make_linear(8, 64, 4, 32)
+    with dispatch.force_kernel(name):
+        lin(torch.randn(2, 64))
+    assert lin.last_kernel == name
+    monkeypatch.setenv("CBQ_KERNEL", name)
+    lin(torch.randn(30, 64))
+    assert lin.last_kernel == name
+
+
+def test_forced_kernel_that_cannot_run_raises():
+    lin = make_linear(8, 64, 4, 32, act_bits=None)
+    with dispatch.force_kernel("cpu_int"), pytest.raises(RuntimeError, match="cannot run"):
+        lin(torch.randn(2, 64))
+    with dispatch.force_kernel("no_such_kernel"), pytest.raises(ValueError, match="not a kernel"):
+        lin(torch.randn(2, 64))
+
+
+def test_no_compiler_falls_back_to_reference_with_one_warning(monkeypatch, caplog):
+    def broken(variant):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(build, "_state", {})
+    monkeypatch.setattr(build, "_build", broken)
+    lin = make_linear(8, 64, 4, 32)
+    with caplog.at_level(logging.WARNING, logger="cbq_hf.kernels.cpu.build"):
+        for _ in range(3):
+            y = lin(torch.randn(2, 64))
+    assert lin.last_kernel == "reference"
+    warnings = [r for r in caplog.records if "could not be built" in r.getMessage()]
+    assert len(warnings) == 1 and "no C++ compiler" in warnings[0].getMessage()
+    assert y.shape == (2, 8)
+
+
+def test_import_does_not_build_or_import_a_compiler():
+    code = ("import sys, cbq_hf, cbq_hf.kernels.dispatch as d; from cbq_hf.kernels.cpu import build; "
+            "assert 'torch.utils.cpp_extension' not in sys.modules, 'cpp_extension imported'; "
+            "assert build._state == {}, 'built at import'; assert 'cpu_packed' in d.available_kernels()")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "CBQ_KERNEL": ""})
