@@ -20,12 +20,12 @@ from .. import reference
 from . import build
 from .layout import Panels, repack
 
-#: Rows (tokens) from which `cpu_dequant` (dequantize + dense fp32 GEMM) beats the packed GEMV kernels, measured
-#: on a 2-core AMD EPYC (AVX2, no VNNI) with benchmarks/kernels.py: the packed kernels re-stream each panel per token,
-#: so they grow linearly in M while the GEMM stays near its M=1 cost for small M. Crossover measured at M ~ 16-32
-#: for weight-only and ~ 48-64 for the int8 path (see docs/benchmarks_kernels.md).
-DEQUANT_MIN_M = 24
-DEQUANT_MIN_M_INT = 48
+#: Rows (tokens) from which `cpu_dequant` (dequantize + dense fp32 GEMM) is chosen over the packed kernels.
+#: PROVISIONAL: measured once on a heavily loaded 2-core AMD EPYC (AVX2, no VNNI, load average 6-12) with
+#: benchmarks/kernels.py, 4096x4096, 1 thread: at M=64 cpu_packed 153 ms and cpu_int 71 ms vs cpu_dequant 200 ms
+#: (dense fp32 108 ms), so the crossover is above 64 for both; 128 is a guess between 64 and 512. Re-measure.
+DEQUANT_MIN_M = 128
+DEQUANT_MIN_M_INT = 128
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _workspace: dict[str, torch.Tensor] = {}
