@@ -39,7 +39,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -519,7 +518,7 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str = 
     """
     from safetensors.torch import save_file
 
-    from .serialization import atomic_save
+    from .serialization import atomic_save, copy_entry
 
     if to not in TARGETS:
         raise ExportError(f"unknown export target {to!r}; choose one of {sorted(TARGETS)}.")
@@ -562,11 +561,7 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str = 
         for entry in os.listdir(src):
             if entry in _SKIP_FILES or entry.endswith(_SKIP_FILES_SUFFIX) or entry.startswith("."):
                 continue
-            full = os.path.join(src, entry)
-            if os.path.isdir(full):
-                shutil.copytree(full, os.path.join(tmp, entry))
-            else:
-                shutil.copy2(full, os.path.join(tmp, entry))
+            copy_entry(os.path.join(src, entry), tmp)
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
             f.write(_readme(source, to))
 

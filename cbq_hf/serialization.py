@@ -158,11 +158,16 @@ def _carry_over(target: str, tmp: str) -> None:
     for entry in os.listdir(target):
         if entry in written or entry in _MODEL_FILES or entry.endswith(_MODEL_FILE_SUFFIXES):
             continue
-        src = os.path.join(target, entry)
-        if os.path.isdir(src):
-            shutil.copytree(src, os.path.join(tmp, entry))
-        else:
-            shutil.copy2(src, os.path.join(tmp, entry))
+        copy_entry(os.path.join(target, entry), tmp)
+
+
+def copy_entry(path: str, folder: str) -> None:
+    """Copy the file or folder `path` into `folder`, keeping its name and metadata."""
+    dst = os.path.join(folder, os.path.basename(path))
+    if os.path.isdir(path):
+        shutil.copytree(path, dst)
+    else:
+        shutil.copy2(path, dst)
 
 
 def _swap_into_place(tmp: str, target: str, attempts: int = 100) -> None:
