@@ -97,3 +97,35 @@ def test_ops_trace_under_torch_compile():
         eager = lin(x)
         compiled = torch.compile(lambda t: lin(t), backend="eager", fullgraph=False)(x)
     assert torch.allclose(eager, compiled)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"w{b}")
+def test_float_modes_convert_and_denormal_agree_with_reference(bits):
+    """Both unpack modes of the float kernel (vcvtdq2ps, and denormal reinterpretation) against the reference."""
+    ops = build.load()
+    lin = make_linear(37, 200, bits, 72, input_scale=False, bias=False)
+    pan = paths.panels(lin)
+    x = torch.randn(5, 200) * torch.logspace(-4, 4, 5).unsqueeze(1)
+    ref = reference.linear(lin, x)
+    for mode in (0, 1):
+        y = ops.gemm_float(x, pan.wpack, pan.scales, pan.zeros, None, pan.slot, 37, pan.glen, mode)
+        assert_close(y, ref, magnitude(lin, x), torch.float32)
+
+
+def test_huge_activations_take_the_convert_mode():
+    lin = make_linear(16, 128, 4, 64, input_scale=False)
+    x = torch.randn(2, 128)
+    x[1, 3] = 1e20  # beyond the denormal mode's range: the automatic choice must convert
+    assert_close(_run(lin, x, "cpu_packed"), reference.linear(lin, x), magnitude(lin, x), torch.float32)
+
+
+def test_flush_denormal_mode_does_not_break_the_float_kernel():
+    lin = make_linear(16, 128, 2, 64)
+    x = torch.randn(3, 128)
+    old = torch.set_flush_denormal(True)
+    try:
+        y = _run(lin, x, "cpu_packed")
+    finally:
+        torch.set_flush_denormal(False)
+    assert old
+    assert_close(y, reference.linear(lin, x), magnitude(lin, x), torch.float32)

@@ -91,12 +91,19 @@ def _register_fakes() -> None:
     lib = "cbq_hf_cpu::"
 
     @torch.library.register_fake(lib + "gemm_float")
-    def _(x, wpack, scales, szs, bias, bits, N, glen):
+    def _(x, wpack, scales, zeros, bias, slot, N, glen, mode=-1):
         return x.new_empty((x.shape[0], N), dtype=torch.float32)
 
     @torch.library.register_fake(lib + "gemm_int")
-    def _(codes, steps, wpack, scales, szs, bias, bits, N, glen):
+    def _(codes, steps, wpack, scales, zeros, bias, slot, N, glen):
         return codes.new_empty((codes.shape[0], N), dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "repack")
+    def _(qweight, scales, zeros, slot, K, glen):
+        panels, groups = -(-qweight.shape[0] // 8), -(-K // glen)
+        kp = groups * (-(-glen // 64) * 64)
+        return (qweight.new_empty((panels * kp * slot,)), scales.new_empty((panels, groups, 8)),
+                zeros.new_empty((panels, groups, 8)))
 
     @torch.library.register_fake(lib + "quantize_act")
     def _(x, clip, act_bits):

@@ -1,27 +1,33 @@
-// Packed int2/int3/int4/int8 CPU kernels for CBQLinear (AVX2 + FMA; AVX-VNNI / AVX-512 VNNI dot products when the
-// build enables them). Built lazily by cbq_hf/kernels/cpu/build.py; registered as the torch ops cbq_hf_cpu::*.
+// Packed int2/int3/int4/int8 CPU kernels for CBQLinear (AVX2 + FMA + F16C; AVX-VNNI / AVX-512 VNNI dot products when
+// the build enables them). Built lazily by cbq_hf/kernels/cpu/build.py; registered as the torch ops cbq_hf_cpu::*.
 //
-// Panel layout (built by cbq_hf/kernels/cpu/layout.py from the on-disk layout, never saved):
-//   * every group of `glen` codes is padded with zero codes to Gp = roundup(glen, 64) codes, so K becomes
-//     Kp = G * Gp; rows are padded with zero rows to Np = roundup(N, 4);
-//   * a "word" holds 8 lanes; lane i holds P codes, code j of lane i at bits [BITS*j, BITS*(j+1)).
-//     int4/int3: 32-bit lanes (word = 32 bytes, P = 8); int2: 16-bit lanes (16 bytes, P = 8);
-//     int8: 32-bit lanes (32 bytes, P = 4). A word covers C = 8 * P consecutive codes: code c = j * 8 + i;
-//   * words of 4 consecutive rows are interleaved: [Np / 4][Kp / C][4 rows][word bytes], so one panel of four
-//     output rows is one sequential stream.
-// Scales are given as float [Np / 4][G][4]; szs = scale * zero as float [Np][G].
+// Panel layout (built by `repack` from the on-disk layout at first use, never saved):
+//   * every group of `glen` codes is padded with zero codes to Gp = roundup(glen, 64) codes (Kp = G * Gp), rows are
+//     padded with zero rows to Np = roundup(N, 8); a "chunk" is 64 consecutive codes of one row;
+//   * a chunk takes CB = 64 * slot / 8 bytes: int4 (slot 4, also 3-bit codes): code c in byte c % 32, nibble c / 32;
+//     int2: code c in byte c % 16, bits 2 * (c / 16); int8: code c in byte c. So the low nibbles of a 32-byte int4
+//     chunk are codes 0..31 in order and the high nibbles codes 32..63 (the llama.cpp q4 order);
+//   * the chunks of 8 consecutive rows are interleaved: wpack = [Np / 8][Kp / 64][8 rows][CB], so one panel of eight
+//     output rows is one sequential stream;
+//   * scales fp16 and zeros uint8, both [Np / 8][G][8]: one 8-lane vector per panel and group.
 //
-// Float path (fp32/bf16 activations):  y = sum_g s_g * sum_{k in g} q_k x_k  -  sum_g (s_g z_g) * sum_{k in g} x_k.
-// Integer path (act_bits 8/4): the same with integer codes of x (exact int32 sums per group), times the token step.
+// Every path computes, per row n and group g:  s_g * (sum_k q_k x_k - z_g * sum_k x_k)  and sums over groups.
+//   Float path (fp32/bf16 activations): q_k x_k in fp32 FMAs straight from the packed codes (unpacked by mask and
+//   reinterpreted as denormal floats, or converted; see FloatMode), eight rows per pass over the activations.
+//   Integer path (act_bits 2..8): x_k = integer activation codes; sum_k q_k x_k - z_g sum_k x_k is an exact int32
+//   (u8 x s8 `maddubs` pairs, or VNNI `dpbusd`), scaled by s_g in float, and the token's step at the end.
 
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <immintrin.h>
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -29,249 +35,302 @@
 
 namespace {
 
-constexpr int64_t kRows = 4;
-constexpr int64_t kPad = 64;
+constexpr int64_t kRows = 8;    // output rows per panel
+constexpr int64_t kChunk = 64;  // codes per chunk
+constexpr int64_t kPrefetch = 2048;  // bytes ahead in a panel's weight stream that each chunk step prefetches
 
-struct Geometry {
-  int64_t K, N, Np, glen, G, Gp, Kp;
-  int bits;
-  int64_t word_bytes, P, C;
-
-  Geometry(int64_t K_, int64_t N_, int64_t glen_, int bits_) : K(K_), N(N_), glen(glen_), bits(bits_) {
-    Np = (N + kRows - 1) / kRows * kRows;
-    G = (K + glen - 1) / glen;
-    Gp = (glen + kPad - 1) / kPad * kPad;
-    Kp = G * Gp;
-    if (bits == 2) {
-      word_bytes = 16; P = 8;
-    } else if (bits == 8) {
-      word_bytes = 32; P = 4;
-    } else {
-      word_bytes = 32; P = 8;
-    }
-    C = 8 * P;
-  }
-  int64_t chunks_per_group() const { return Gp / C; }
-  int64_t panel_bytes() const { return (Kp / C) * kRows * word_bytes; }
-};
-
-inline float hsum(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v);
-  __m128 hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  __m128 sh = _mm_movehdup_ps(lo);
-  __m128 s = _mm_add_ps(lo, sh);
-  sh = _mm_movehl_ps(sh, s);
-  s = _mm_add_ss(s, sh);
-  return _mm_cvtss_f32(s);
+// Prefetch the cache lines `kPrefetch` bytes past the `bytes` bytes starting at w (one chunk step of a panel).
+inline void prefetch_ahead(const uint8_t* w, int64_t bytes) {
+  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetch + o), _MM_HINT_T0);
 }
 
-template <int BITS>
-inline __m256i load_word(const uint8_t* p) {
-  if constexpr (BITS == 2) {
-    return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  } else {
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+struct Geometry {
+  int64_t K, N, Np, glen, G, Gp, Kp, CB;
+  int slot;
+
+  Geometry(int64_t K_, int64_t N_, int64_t glen_, int slot_) : K(K_), N(N_), glen(glen_), slot(slot_) {
+    TORCH_CHECK(slot == 2 || slot == 4 || slot == 8, "slot bits must be 2, 4 or 8");
+    TORCH_CHECK(glen > 0 && K > 0 && N > 0, "empty geometry");
+    Np = (N + kRows - 1) / kRows * kRows;
+    G = (K + glen - 1) / glen;
+    Gp = (glen + kChunk - 1) / kChunk * kChunk;
+    Kp = G * Gp;
+    CB = kChunk * slot / 8;
   }
+  int64_t panels() const { return Np / kRows; }
+  int64_t chunks_per_group() const { return Gp / kChunk; }
+  int64_t panel_bytes() const { return (Kp / kChunk) * kRows * CB; }
+};
+
+// Byte and bit offset of code c (0..63) inside a chunk (see the layout above).
+inline void code_position(int slot, int c, int& byte, int& shift) {
+  if (slot == 4) {
+    byte = c % 32; shift = 4 * (c / 32);
+  } else if (slot == 2) {
+    byte = c % 16; shift = 2 * (c / 16);
+  } else {
+    byte = c; shift = 0;
+  }
+}
+
+// Float path: vector v (0..7) lane i (0..7) of a chunk's unpacked codes holds code `float_code(slot, v, i)`, as the
+// bit field [s, s + slot) of a 32-bit lane with s = field_shift(slot, v, mode), turned into a float either by
+//   * kConvert: vcvtdq2ps of the masked lane = q * 2^s, or
+//   * kDenormal: reinterpreting the masked lane (< 2^24) as a float, which is exactly q * 2^(s - 149) (a denormal,
+//     or the smallest normal binade for bit 23). This saves the conversion, the bottleneck of the float path on
+//     AVX2 (one vcvtdq2ps per 8 products); it needs DAZ off (run_panels clears it) and activations within range.
+// The activations are arranged and pre-scaled by 2^(xexp(mode) - s) to match, so every FMA product is
+// q_k * x_k * 2^(xexp - (mode == kDenormal ? 149 : 0)) exactly, and the result is rescaled once at the end.
+enum FloatMode { kConvert = 0, kDenormal = 1 };
+constexpr int kDenormalXExp = 90;  // products q x 2^-59: x up to 2^37 before overflow, down to ~2^-67 without underflow
+constexpr float kDenormalMaxAbsX = 1.3e11f;  // < 2^37: larger activations take the kConvert path
+
+inline int float_code(int slot, int v, int i) {
+  if (slot == 4) return 4 * i + v / 2 + 32 * (v % 2);  // 32-bit lane i = bytes 4i..4i+3, nibble v
+  if (slot == 2) return 2 * i + v / 4 + 16 * (v % 4);  // 16-bit lane i (zero-extended) = bytes 2i, 2i+1, crumb v
+  return 32 * (v / 4) + 4 * i + v % 4;                 // two 32-byte halves; lane i = bytes 4i..4i+3, byte v % 4
+}
+
+// Where field v sits when it is multiplied: the top field is shifted down (masking it in place could set the sign
+// bit), and in kDenormal mode every field must stay below bit 24.
+inline int field_shift(int slot, int v, int mode) {
+  if (slot == 4) return v == 7 ? 0 : (v == 6 && mode == kDenormal) ? 0 : 4 * v;
+  if (slot == 2) return v == 7 ? 0 : 2 * v;
+  return v % 4 == 3 ? 0 : 8 * (v % 4);
+}
+
+inline int x_exponent(int slot, int v, int mode) {
+  return (mode == kDenormal ? kDenormalXExp : 0) - field_shift(slot, v, mode);
+}
+
+// Factor that turns the kernel's sums into sum q x.
+inline float output_scale(int mode) { return mode == kDenormal ? std::ldexp(1.f, 149 - kDenormalXExp) : 1.f; }
+
+// ------------------------------------------------------------------------------------------ reductions
+// out lane r = sum of the 8 lanes of p[r].
+inline __m256 reduce_rows(const __m256 p[8]) {
+  const __m256 t0 = _mm256_hadd_ps(p[0], p[1]), t1 = _mm256_hadd_ps(p[2], p[3]);
+  const __m256 t2 = _mm256_hadd_ps(p[4], p[5]), t3 = _mm256_hadd_ps(p[6], p[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+inline __m256i reduce_rows(const __m256i p[8]) {
+  const __m256i t0 = _mm256_hadd_epi32(p[0], p[1]), t1 = _mm256_hadd_epi32(p[2], p[3]);
+  const __m256i t2 = _mm256_hadd_epi32(p[4], p[5]), t3 = _mm256_hadd_epi32(p[6], p[7]);
+  const __m256i u0 = _mm256_hadd_epi32(t0, t1), u1 = _mm256_hadd_epi32(t2, t3);
+  return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
+}
+
+inline __m256 load_scales(const at::Half* s) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
+}
+
+inline __m256i load_zeros(const uint8_t* z) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(z)));
 }
 
 // ------------------------------------------------------------------------------------------ float activations
-// Copy one token into the padded K layout (zeros in the padding) and sum it per group.
+// p[r] += sum_v float(field v of row r) * xc[8v .. 8v+7] for the 32-byte words of 8 rows at `words` (`stride` bytes
+// apart); field v = the lane bits [B*v, B*(v+1)) (see field_shift). The loop runs v outer, rows inner, so eight
+// independent FMA chains are adjacent: row-by-row order leaves the FMA pipes waiting on one chain's latency.
+template <int B, int NV, int MODE>
+inline void fma_rows(const uint8_t* words, int64_t stride, const float* xc, __m256 p[8]) {
+  constexpr int kTopShiftFrom = (MODE == kDenormal && B == 4) ? 6 : NV - 1;  // fields shifted down to bit 0
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) {
+    const __m256 xv = _mm256_loadu_ps(xc + 8 * v);
+    const __m256i m = _mm256_set1_epi32(((1 << B) - 1) << (v >= kTopShiftFrom ? 0 : B * v));
+#pragma GCC unroll 8
+    for (int r = 0; r < 8; ++r) {
+      const __m256i wr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(words + r * stride));
+      __m256i q;
+      if (v == NV - 1) q = _mm256_srli_epi32(wr, B * v);
+      else if (v >= kTopShiftFrom) q = _mm256_and_si256(_mm256_srli_epi32(wr, B * v), m);
+      else q = _mm256_and_si256(wr, m);
+      const __m256 qf = MODE == kDenormal ? _mm256_castsi256_ps(q) : _mm256_cvtepi32_ps(q);
+      p[r] = _mm256_fmadd_ps(qf, xv, p[r]);
+    }
+  }
+}
+
+// p[r] += the 8 rows' chunks (at w) times the arranged activations xc (64 floats).
+template <int SLOT, int MODE>
+inline void chunk_float(const uint8_t* w, const float* xc, __m256 p[8]) {
+  if constexpr (SLOT == 4) {
+    fma_rows<4, 8, MODE>(w, 32, xc, p);
+  } else if constexpr (SLOT == 2) {
+    alignas(32) uint32_t wide[8][8];  // 16-bit lanes zero-extended to 32 bits, so masked fields stay positive
+    for (int r = 0; r < 8; ++r)
+      _mm256_store_si256(reinterpret_cast<__m256i*>(wide[r]),
+                         _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16 * r))));
+    fma_rows<2, 8, MODE>(reinterpret_cast<const uint8_t*>(wide), 32, xc, p);
+  } else {
+    fma_rows<8, 4, MODE>(w, 64, xc, p);
+    fma_rows<8, 4, MODE>(w + 32, 64, xc + 32, p);
+  }
+}
+
+// One panel (8 rows) against one arranged token: out = sum_g s_g * (sum q x - z_g * xsum_g).
+template <int SLOT, int MODE>
+__m256 panel_float(const uint8_t* w, const at::Half* sc, const uint8_t* zp, const float* xa, const float* xsum,
+                   const Geometry& g) {
+  constexpr int CB = 64 * SLOT / 8;
+  const int64_t cpg = g.chunks_per_group();
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t gi = 0; gi < g.G; ++gi) {
+    __m256 p[8];
+    for (auto& v : p) v = _mm256_setzero_ps();
+    for (int64_t ch = 0; ch < cpg; ++ch) {
+      prefetch_ahead(w, kRows * CB);
+      chunk_float<SLOT, MODE>(w, xa + (gi * cpg + ch) * kChunk, p);
+      w += kRows * CB;
+    }
+    const __m256 z = _mm256_cvtepi32_ps(load_zeros(zp + gi * kRows));
+    const __m256 dot = _mm256_fnmadd_ps(z, _mm256_set1_ps(xsum[gi]), reduce_rows(p));
+    acc = _mm256_fmadd_ps(load_scales(sc + gi * kRows), dot, acc);
+  }
+  return acc;
+}
+
+// Arrange one token for the float path (see float_code / x_exponent) with zeros in the group padding; xsum = per-group
+// sums of the plain values, scaled like the products (by 1 / output_scale).
 template <typename T>
-void pad_token(const T* x, const Geometry& g, float* xp, float* xsum) {
-  std::memset(xp, 0, sizeof(float) * g.Kp);
+void arrange_float(const T* x, const Geometry& g, int mode, float* xa, float* xsum) {
+  std::array<int, 64> code;
+  std::array<float, 64> scale;
+  for (int v = 0; v < 8; ++v)
+    for (int i = 0; i < 8; ++i) {
+      code[8 * v + i] = float_code(g.slot, v, i);
+      scale[8 * v + i] = std::ldexp(1.f, x_exponent(g.slot, v, mode));
+    }
+  std::vector<float> plain(g.Gp);
   for (int64_t gi = 0; gi < g.G; ++gi) {
     const int64_t k0 = gi * g.glen;
     const int64_t len = std::min(g.glen, g.K - k0);
-    float* dst = xp + gi * g.Gp;
+    std::fill(plain.begin(), plain.end(), 0.f);
     float s = 0.f;
     for (int64_t k = 0; k < len; ++k) {
-      const float v = static_cast<float>(x[k0 + k]);
-      dst[k] = v;
-      s += v;
+      plain[k] = static_cast<float>(x[k0 + k]);
+      s += plain[k];
     }
-    xsum[gi] = s;
+    xsum[gi] = s / output_scale(mode);
+    float* dst = xa + gi * g.Gp;
+    for (int64_t ch = 0; ch < g.Gp; ch += kChunk)
+      for (int pos = 0; pos < 64; ++pos) dst[ch + pos] = plain[ch + code[pos]] * scale[pos];
   }
-}
-
-// Four rows of one panel against one padded token: out[r] = sum_g s[g][r] * sum_k q x.
-template <int BITS>
-void panel_float(const uint8_t* w, const float* sp, const float* xp, const Geometry& g, float out[4]) {
-  constexpr int P = BITS == 8 ? 4 : 8;
-  constexpr int WB = BITS == 2 ? 16 : 32;
-  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  const int64_t cpg = g.chunks_per_group();
-  for (int64_t gi = 0; gi < g.G; ++gi) {
-    __m256 p0 = _mm256_setzero_ps(), p1 = p0, p2 = p0, p3 = p0;
-    const float* xg = xp + gi * g.Gp;
-    for (int64_t ch = 0; ch < cpg; ++ch) {
-      const float* xc = xg + ch * (8 * P);
-      __m256i w0 = load_word<BITS>(w);
-      __m256i w1 = load_word<BITS>(w + WB);
-      __m256i w2 = load_word<BITS>(w + 2 * WB);
-      __m256i w3 = load_word<BITS>(w + 3 * WB);
-      w += 4 * WB;
-#pragma GCC unroll 8
-      for (int j = 0; j < P; ++j) {
-        const __m256 xv = _mm256_loadu_ps(xc + 8 * j);
-        p0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(w0, mask)), xv, p0);
-        p1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(w1, mask)), xv, p1);
-        p2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(w2, mask)), xv, p2);
-        p3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(w3, mask)), xv, p3);
-        w0 = _mm256_srli_epi32(w0, BITS);
-        w1 = _mm256_srli_epi32(w1, BITS);
-        w2 = _mm256_srli_epi32(w2, BITS);
-        w3 = _mm256_srli_epi32(w3, BITS);
-      }
-    }
-    const float* s = sp + gi * kRows;
-    a0 = _mm256_fmadd_ps(p0, _mm256_set1_ps(s[0]), a0);
-    a1 = _mm256_fmadd_ps(p1, _mm256_set1_ps(s[1]), a1);
-    a2 = _mm256_fmadd_ps(p2, _mm256_set1_ps(s[2]), a2);
-    a3 = _mm256_fmadd_ps(p3, _mm256_set1_ps(s[3]), a3);
-  }
-  out[0] = hsum(a0);
-  out[1] = hsum(a1);
-  out[2] = hsum(a2);
-  out[3] = hsum(a3);
-}
-
-template <int BITS>
-void gemm_float_impl(const float* xp, const float* xsum, int64_t M, const uint8_t* wpack, const float* scales,
-                     const float* szs, const float* bias, const Geometry& g, float* y) {
-  const int64_t panels = g.Np / kRows;
-  const int64_t pb = g.panel_bytes();
-  at::parallel_for(0, panels, 8, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const uint8_t* w = wpack + p * pb;
-      const float* sp = scales + p * g.G * kRows;
-      for (int64_t m = 0; m < M; ++m) {
-        float out[4];
-        panel_float<BITS>(w, sp, xp + m * g.Kp, g, out);
-        for (int64_t r = 0; r < kRows; ++r) {
-          const int64_t n = p * kRows + r;
-          if (n >= g.N) break;
-          const float* sz = szs + n * g.G;
-          const float* xs = xsum + m * g.G;
-          float corr = 0.f;
-          for (int64_t gi = 0; gi < g.G; ++gi) corr += sz[gi] * xs[gi];
-          y[m * g.N + n] = out[r] - corr + (bias ? bias[n] : 0.f);
-        }
-      }
-    }
-  });
 }
 
 // ------------------------------------------------------------------------------------------ integer activations
-// Position of code c (0..63) of a 64-code chunk in the byte order the integer kernel multiplies it in.
-// int4: a 32-byte word w gives lo = w & 15 and hi = (w >> 4) & 15; byte b sits in lane b / 4 at byte b % 4, so its
-// low nibble is code j = 2 (b % 4) and its high nibble j = 2 (b % 4) + 1 of lane b / 4.
-// int2: a 16-byte word broadcast to both halves and shifted by (0 | 2) and (4 | 6); byte b (< 16) of the first
-// vector is crumb 4 (b % 2) of lane b / 2, of the second half crumb 4 (b % 2) + 1, and so on.
-std::vector<int> arrangement(int bits) {
-  std::vector<int> code_at(64);
-  for (int pos = 0; pos < 64; ++pos) {
-    int lane, j;
-    if (bits == 2) {
-      const int vec = pos / 32, half = (pos % 32) / 16, b = pos % 16;
-      lane = b / 2;
-      j = 4 * (b % 2) + 2 * vec + half;
-    } else {
-      const int vec = pos / 32, b = pos % 32;
-      lane = b / 4;
-      j = 2 * (b % 4) + vec;
-    }
-    code_at[pos] = j * 8 + lane;
-  }
-  return code_at;
-}
-
 inline __m256i dot_u8s8(__m256i acc, __m256i w, __m256i x) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
   return _mm256_dpbusd_epi32(acc, w, x);
 #elif defined(__AVXVNNI__)
   return _mm256_dpbusd_avx_epi32(acc, w, x);
 #else
-  // |w * x| pairs stay far below the int16 limit: w <= 15, |x| <= 128.
+  // maddubs adds two u8 x s8 products into int16: |15 * -128 * 2| = 3840 is far from the int16 limit (only 4-bit
+  // and 2-bit codes come here), so the pair sums are exact; madd with ones widens them to int32.
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
 #endif
 }
 
-template <int BITS>
-inline void split_word(const uint8_t* p, __m256i& a, __m256i& b) {
-  if constexpr (BITS == 2) {
+// Codes 0..31 (lo) and 32..63 (hi) of one row's chunk as bytes.
+template <int SLOT>
+inline void split_chunk(const uint8_t* w, __m256i& lo, __m256i& hi) {
+  if constexpr (SLOT == 2) {
     const __m256i m = _mm256_set1_epi8(3);
-    const __m256i wb = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    a = _mm256_and_si256(_mm256_srlv_epi32(wb, _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2)), m);
-    b = _mm256_and_si256(_mm256_srlv_epi32(wb, _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6)), m);
+    const __m256i wb = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+    lo = _mm256_and_si256(_mm256_srlv_epi32(wb, _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2)), m);
+    hi = _mm256_and_si256(_mm256_srlv_epi32(wb, _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6)), m);
   } else {
     const __m256i m = _mm256_set1_epi8(15);
-    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    a = _mm256_and_si256(w, m);
-    b = _mm256_and_si256(_mm256_srli_epi16(w, 4), m);
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+    lo = _mm256_and_si256(wv, m);
+    hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), m);
   }
 }
 
-// Four rows of one panel against one arranged int8 token: out[r] = sum_g s[g][r] * sum_k q c.
-template <int BITS>
-void panel_int(const uint8_t* w, const float* sp, const int8_t* xa, const Geometry& g, float out[4]) {
-  constexpr int WB = BITS == 2 ? 16 : 32;
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  const int64_t cpg = g.Gp / 64;
+// One panel against one padded int8 token: out = sum_g s_g * (sum q c - z_g * csum_g), the bracket in exact int32.
+template <int SLOT>
+__m256 panel_int(const uint8_t* w, const at::Half* sc, const uint8_t* zp, const int8_t* xc, const int32_t* csum,
+                 const Geometry& g) {
+  constexpr int CB = 64 * SLOT / 8;
+  const int64_t cpg = g.chunks_per_group();
+  __m256 acc = _mm256_setzero_ps();
   for (int64_t gi = 0; gi < g.G; ++gi) {
-    __m256i p0 = _mm256_setzero_si256(), p1 = p0, p2 = p0, p3 = p0;
-    const int8_t* xg = xa + gi * g.Gp;
+    __m256i p[8];
+    for (auto& v : p) v = _mm256_setzero_si256();
     for (int64_t ch = 0; ch < cpg; ++ch) {
-      const __m256i xlo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + ch * 64));
-      const __m256i xhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + ch * 64 + 32));
-      __m256i lo, hi;
-      split_word<BITS>(w, lo, hi);
-      p0 = dot_u8s8(dot_u8s8(p0, lo, xlo), hi, xhi);
-      split_word<BITS>(w + WB, lo, hi);
-      p1 = dot_u8s8(dot_u8s8(p1, lo, xlo), hi, xhi);
-      split_word<BITS>(w + 2 * WB, lo, hi);
-      p2 = dot_u8s8(dot_u8s8(p2, lo, xlo), hi, xhi);
-      split_word<BITS>(w + 3 * WB, lo, hi);
-      p3 = dot_u8s8(dot_u8s8(p3, lo, xlo), hi, xhi);
-      w += 4 * WB;
+      const int8_t* x = xc + (gi * cpg + ch) * kChunk;
+      const __m256i xlo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+      const __m256i xhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32));
+      prefetch_ahead(w, kRows * CB);
+#pragma GCC unroll 8
+      for (int r = 0; r < 8; ++r) {
+        __m256i lo, hi;
+        split_chunk<SLOT>(w + r * CB, lo, hi);
+        p[r] = dot_u8s8(dot_u8s8(p[r], lo, xlo), hi, xhi);
+      }
+      w += kRows * CB;
     }
-    const float* s = sp + gi * kRows;
-    a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(s[0]), a0);
-    a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(s[1]), a1);
-    a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p2), _mm256_set1_ps(s[2]), a2);
-    a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p3), _mm256_set1_ps(s[3]), a3);
+    const __m256i corr = _mm256_mullo_epi32(load_zeros(zp + gi * kRows), _mm256_set1_epi32(csum[gi]));
+    const __m256 dot = _mm256_cvtepi32_ps(_mm256_sub_epi32(reduce_rows(p), corr));
+    acc = _mm256_fmadd_ps(load_scales(sc + gi * kRows), dot, acc);
   }
-  out[0] = hsum(a0);
-  out[1] = hsum(a1);
-  out[2] = hsum(a2);
-  out[3] = hsum(a3);
+  return acc;
 }
 
-template <int BITS>
-void gemm_int_impl(const int8_t* xa, const int32_t* csum, const float* step, int64_t M, const uint8_t* wpack,
-                   const float* scales, const float* szs, const float* bias, const Geometry& g, float* y) {
-  const int64_t panels = g.Np / kRows;
-  const int64_t pb = g.panel_bytes();
-  at::parallel_for(0, panels, 8, [&](int64_t p0, int64_t p1) {
+// Pad one token's int8 codes per group (zeros in the padding) and sum them per group.
+void arrange_int(const int8_t* c, const Geometry& g, int8_t* xa, int32_t* csum) {
+  std::memset(xa, 0, g.Kp);
+  for (int64_t gi = 0; gi < g.G; ++gi) {
+    const int64_t k0 = gi * g.glen;
+    const int64_t len = std::min(g.glen, g.K - k0);
+    int32_t s = 0;
+    for (int64_t k = 0; k < len; ++k) s += c[k0 + k];
+    std::memcpy(xa + gi * g.Gp, c + k0, len);
+    csum[gi] = s;
+  }
+}
+
+// ------------------------------------------------------------------------------------------ shared driver
+// Runs panel_fn(panel, token) -> 8 row values for every panel and token (threads over panels, at::get_num_threads),
+// and writes y [M, N] = value * row_scale(token) + bias.
+// Denormal operands must be honoured by the kDenormal float mode: clear DAZ (set by torch.set_flush_denormal) in the
+// running thread for the scope, restore it after.
+struct KeepDenormals {
+  unsigned saved;
+  KeepDenormals() : saved(_mm_getcsr()) {
+    if (saved & 0x0040u) _mm_setcsr(saved & ~0x0040u);
+  }
+  ~KeepDenormals() {
+    if (saved & 0x0040u) _mm_setcsr(saved);
+  }
+};
+
+template <typename PanelFn, typename TokenScale>
+void run_panels(const Geometry& g, int64_t M, const float* bias, float* y, PanelFn panel_fn, TokenScale token_scale) {
+  at::parallel_for(0, g.panels(), 4, [&](int64_t p0, int64_t p1) {
+    const KeepDenormals keep;
+    alignas(32) float out[kRows];
     for (int64_t p = p0; p < p1; ++p) {
-      const uint8_t* w = wpack + p * pb;
-      const float* sp = scales + p * g.G * kRows;
+      const int64_t n0 = p * kRows, rows = std::min(kRows, g.N - n0);
       for (int64_t m = 0; m < M; ++m) {
-        float out[4];
-        panel_int<BITS>(w, sp, xa + m * g.Kp, g, out);
-        for (int64_t r = 0; r < kRows; ++r) {
-          const int64_t n = p * kRows + r;
-          if (n >= g.N) break;
-          const float* sz = szs + n * g.G;
-          const int32_t* cs = csum + m * g.G;
-          float corr = 0.f;
-          for (int64_t gi = 0; gi < g.G; ++gi) corr += sz[gi] * static_cast<float>(cs[gi]);
-          y[m * g.N + n] = step[m] * (out[r] - corr) + (bias ? bias[n] : 0.f);
-        }
+        _mm256_store_ps(out, panel_fn(p, m));
+        const float ts = token_scale(m);
+        float* yr = y + m * g.N + n0;
+        for (int64_t r = 0; r < rows; ++r) yr[r] = out[r] * ts + (bias ? bias[n0 + r] : 0.f);
       }
     }
   });
+}
+
+// Reused per-thread scratch (token arrangement): fresh buffers per call cost page faults for large M.
+template <typename T>
+T* scratch(int64_t n, int which) {
+  thread_local std::vector<T> buf[2];
+  if (static_cast<int64_t>(buf[which].size()) < n) buf[which].resize(n);
+  return buf[which].data();
 }
 
 // ------------------------------------------------------------------------------------------ activation quantizer
@@ -327,102 +386,203 @@ std::tuple<at::Tensor, at::Tensor> quantize_act(const at::Tensor& x, double clip
   return {codes, steps};
 }
 
-void check_weights(const Geometry& g, const at::Tensor& wpack, const at::Tensor& scales, const at::Tensor& szs,
-                   const std::optional<at::Tensor>& bias) {
+// The checked geometry and raw pointers of the panel weights shared by both GEMMs.
+struct PanelWeights {
+  Geometry g;
+  const uint8_t* w;
+  const at::Half* sc;
+  const uint8_t* zp;
+  const float* bias;
+};
+
+PanelWeights panel_weights(int64_t K, const at::Tensor& wpack, const at::Tensor& scales, const at::Tensor& zeros,
+                           const std::optional<at::Tensor>& bias, int64_t slot, int64_t N, int64_t glen) {
+  const Geometry g(K, N, glen, static_cast<int>(slot));
   check_cpu(wpack, "wpack");
   check_cpu(scales, "scales");
-  check_cpu(szs, "szs");
-  TORCH_CHECK(wpack.scalar_type() == at::kByte && wpack.numel() == (g.Np / kRows) * g.panel_bytes(),
+  check_cpu(zeros, "zeros");
+  TORCH_CHECK(wpack.scalar_type() == at::kByte && wpack.numel() == g.panels() * g.panel_bytes(),
               "wpack does not match the panel layout");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == g.Np * g.G, "scales must be float [Np/4, G, 4]");
-  TORCH_CHECK(szs.scalar_type() == at::kFloat && szs.numel() == g.Np * g.G, "szs must be float [Np, G]");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.numel() == g.Np * g.G, "scales must be fp16 [Np/8, G, 8]");
+  TORCH_CHECK(zeros.scalar_type() == at::kByte && zeros.numel() == g.Np * g.G, "zeros must be uint8 [Np/8, G, 8]");
+  const float* b = nullptr;
   if (bias) {
     check_cpu(*bias, "bias");
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == g.N, "bias must be float [N]");
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == N, "bias must be float [N]");
+    b = bias->data_ptr<float>();
   }
-  TORCH_CHECK(g.bits == 2 || g.bits == 4 || g.bits == 8, "bits (slot) must be 2, 4 or 8");
+  return {g, wpack.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(), zeros.data_ptr<uint8_t>(), b};
 }
 
-at::Tensor gemm_float(const at::Tensor& x, const at::Tensor& wpack, const at::Tensor& scales, const at::Tensor& szs,
-                      const std::optional<at::Tensor>& bias, int64_t bits, int64_t N, int64_t glen) {
+template <typename Fn>
+void with_slot(int slot, Fn fn) {
+  if (slot == 2) fn(std::integral_constant<int, 2>{});
+  else if (slot == 4) fn(std::integral_constant<int, 4>{});
+  else fn(std::integral_constant<int, 8>{});
+}
+
+template <typename T>
+float max_abs(const T* x, int64_t n) {
+  float m = 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = std::fabs(static_cast<float>(x[i]));
+    m = v > m || std::isnan(v) ? v : m;  // a NaN sticks, so it selects kConvert below
+  }
+  return m;
+}
+
+// mode: kConvert, kDenormal, or -1 = kDenormal when every |x| < kDenormalMaxAbsX (always true for bf16-range LLM
+// activations in practice), else kConvert.
+at::Tensor gemm_float(const at::Tensor& x, const at::Tensor& wpack, const at::Tensor& scales, const at::Tensor& zeros,
+                      const std::optional<at::Tensor>& bias, int64_t slot, int64_t N, int64_t glen, int64_t mode) {
   check_cpu(x, "x");
   TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
-  const Geometry g(x.size(1), N, glen, static_cast<int>(bits));
-  check_weights(g, wpack, scales, szs, bias);
+  const bool is_f32 = x.scalar_type() == at::kFloat;
+  TORCH_CHECK(is_f32 || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
+  const PanelWeights pw = panel_weights(x.size(1), wpack, scales, zeros, bias, slot, N, glen);
+  const Geometry& g = pw.g;
   const int64_t M = x.size(0);
-  auto xp = at::empty({M, g.Kp}, x.options().dtype(at::kFloat));
-  auto xsum = at::empty({M, g.G}, x.options().dtype(at::kFloat));
+  if (mode < 0) {
+    const float amax =
+        is_f32 ? max_abs(x.data_ptr<float>(), x.numel()) : max_abs(x.data_ptr<at::BFloat16>(), x.numel());
+    mode = amax < kDenormalMaxAbsX ? kDenormal : kConvert;
+  }
+  TORCH_CHECK(mode == kConvert || mode == kDenormal, "mode must be -1, 0 or 1");
+  const int md = static_cast<int>(mode);
+  float* xa = scratch<float>(M * g.Kp, 0);
+  float* xsum = scratch<float>(M * g.G, 1);
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
-      if (x.scalar_type() == at::kFloat) {
-        pad_token(x.data_ptr<float>() + m * g.K, g, xp.data_ptr<float>() + m * g.Kp, xsum.data_ptr<float>() + m * g.G);
-      } else {
-        pad_token(x.data_ptr<at::BFloat16>() + m * g.K, g, xp.data_ptr<float>() + m * g.Kp,
-                  xsum.data_ptr<float>() + m * g.G);
-      }
+      if (is_f32)
+        arrange_float(x.data_ptr<float>() + m * g.K, g, md, xa + m * g.Kp, xsum + m * g.G);
+      else
+        arrange_float(x.data_ptr<at::BFloat16>() + m * g.K, g, md, xa + m * g.Kp, xsum + m * g.G);
     }
   });
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
   auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
-  const float* b = bias ? bias->data_ptr<float>() : nullptr;
-  const auto run = [&](auto kernel) {
-    kernel(xp.data_ptr<float>(), xsum.data_ptr<float>(), M, wpack.data_ptr<uint8_t>(), scales.data_ptr<float>(),
-           szs.data_ptr<float>(), b, g, y.data_ptr<float>());
+  const int64_t pb = g.panel_bytes();
+  const float out_scale = output_scale(md);
+  const auto run = [&](auto slot_c, auto mode_c) {
+    constexpr int S = decltype(slot_c)::value, MD = decltype(mode_c)::value;
+    run_panels(
+        g, M, pw.bias, y.data_ptr<float>(),
+        [&](int64_t p, int64_t m) {
+          return panel_float<S, MD>(pw.w + p * pb, pw.sc + p * g.G * kRows, pw.zp + p * g.G * kRows, xa + m * g.Kp,
+                                    xsum + m * g.G, g);
+        },
+        [&](int64_t) { return out_scale; });
   };
-  if (bits == 2) run(gemm_float_impl<2>);
-  else if (bits == 4) run(gemm_float_impl<4>);
-  else run(gemm_float_impl<8>);
+  with_slot(g.slot, [&](auto s) {
+    if (md == kDenormal) run(s, std::integral_constant<int, kDenormal>{});
+    else run(s, std::integral_constant<int, kConvert>{});
+  });
   return y;
 }
 
 at::Tensor gemm_int(const at::Tensor& codes, const at::Tensor& steps, const at::Tensor& wpack,
-                    const at::Tensor& scales, const at::Tensor& szs, const std::optional<at::Tensor>& bias,
-                    int64_t bits, int64_t N, int64_t glen) {
+                    const at::Tensor& scales, const at::Tensor& zeros, const std::optional<at::Tensor>& bias,
+                    int64_t slot, int64_t N, int64_t glen) {
   check_cpu(codes, "codes");
   check_cpu(steps, "steps");
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar, "codes must be int8 [M, K]");
-  TORCH_CHECK(bits == 2 || bits == 4, "the integer kernel takes 2- or 4-bit slots");
-  const Geometry g(codes.size(1), N, glen, static_cast<int>(bits));
-  check_weights(g, wpack, scales, szs, bias);
+  TORCH_CHECK(slot == 2 || slot == 4, "the integer kernel takes 2- or 4-bit slots");
+  const PanelWeights pw = panel_weights(codes.size(1), wpack, scales, zeros, bias, slot, N, glen);
+  const Geometry& g = pw.g;
   const int64_t M = codes.size(0);
   TORCH_CHECK(steps.scalar_type() == at::kFloat && steps.numel() == M, "steps must be float [M]");
-  const auto code_at = arrangement(static_cast<int>(bits));
-  auto xa = at::empty({M, g.Kp}, codes.options());
-  auto csum = at::empty({M, g.G}, codes.options().dtype(at::kInt));
+  int8_t* xa = scratch<int8_t>(M * g.Kp, 0);
+  int32_t* csum = scratch<int32_t>(M * g.G, 1);
   const int8_t* c = codes.data_ptr<int8_t>();
-  int8_t* xap = xa.data_ptr<int8_t>();
-  int32_t* cs = csum.data_ptr<int32_t>();
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    std::vector<int8_t> padded(g.Gp);
-    for (int64_t m = m0; m < m1; ++m) {
-      for (int64_t gi = 0; gi < g.G; ++gi) {
-        const int64_t k0 = gi * g.glen;
-        const int64_t len = std::min(g.glen, g.K - k0);
-        std::fill(padded.begin(), padded.end(), 0);
-        int32_t s = 0;
-        for (int64_t k = 0; k < len; ++k) {
-          padded[k] = c[m * g.K + k0 + k];
-          s += padded[k];
-        }
-        cs[m * g.G + gi] = s;
-        int8_t* dst = xap + m * g.Kp + gi * g.Gp;
-        for (int64_t ch = 0; ch < g.Gp; ch += 64)
-          for (int pos = 0; pos < 64; ++pos) dst[ch + pos] = padded[ch + code_at[pos]];
-      }
-    }
+    for (int64_t m = m0; m < m1; ++m) arrange_int(c + m * g.K, g, xa + m * g.Kp, csum + m * g.G);
   });
   auto y = at::empty({M, N}, codes.options().dtype(at::kFloat));
-  const float* b = bias ? bias->data_ptr<float>() : nullptr;
-  const auto run = [&](auto kernel) {
-    kernel(xap, cs, steps.data_ptr<float>(), M, wpack.data_ptr<uint8_t>(), scales.data_ptr<float>(),
-           szs.data_ptr<float>(), b, g, y.data_ptr<float>());
-  };
-  if (bits == 2) run(gemm_int_impl<2>);
-  else run(gemm_int_impl<4>);
+  const float* st = steps.data_ptr<float>();
+  const int64_t pb = g.panel_bytes();
+  with_slot(g.slot, [&](auto s) {
+    constexpr int S = decltype(s)::value;
+    if constexpr (S != 8) {
+      run_panels(
+          g, M, pw.bias, y.data_ptr<float>(),
+          [&](int64_t p, int64_t m) {
+            return panel_int<S>(pw.w + p * pb, pw.sc + p * g.G * kRows, pw.zp + p * g.G * kRows, xa + m * g.Kp,
+                                csum + m * g.G, g);
+          },
+          [&](int64_t m) { return st[m]; });
+    }
+  });
   return y;
 }
 
-// W_hat = (q - z) * s in float32 from the on-disk layout, written into `out` [N, K] (a reused workspace).
+// The panel layout (wpack, scales, zeros) from the on-disk layout: qweight uint8 [N, ceil(K * slot / 8)] (code k of a
+// row at bits slot * (k % (8 / slot)) of byte k / (8 / slot)), scales fp16 [N, G], zeros uint8 [N, G].
+std::tuple<at::Tensor, at::Tensor, at::Tensor> repack(const at::Tensor& qweight, const at::Tensor& scales,
+                                                      const at::Tensor& zeros, int64_t slot, int64_t K, int64_t glen) {
+  check_cpu(qweight, "qweight");
+  check_cpu(scales, "scales");
+  check_cpu(zeros, "zeros");
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2, "qweight must be uint8 [N, bytes]");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && zeros.scalar_type() == at::kByte, "scales fp16, zeros uint8");
+  const int64_t N = qweight.size(0);
+  const Geometry g(K, N, glen, static_cast<int>(slot));
+  TORCH_CHECK(qweight.size(1) == (K * slot + 7) / 8, "qweight row bytes do not match K");
+  TORCH_CHECK(scales.numel() == N * g.G && zeros.numel() == N * g.G, "scales/zeros must be [N, G]");
+  auto wpack = at::zeros({g.panels() * g.panel_bytes()}, qweight.options());
+  auto sc = at::zeros({g.panels(), g.G, kRows}, scales.options());
+  auto zp = at::zeros({g.panels(), g.G, kRows}, zeros.options());
+  const uint8_t* q = qweight.data_ptr<uint8_t>();
+  const int64_t rb = qweight.size(1), per_byte = 8 / slot, mask = (1 << slot) - 1;
+  const int64_t cpg = g.chunks_per_group(), pb = g.panel_bytes();
+  std::array<int, 64> byte_of, shift_of;
+  for (int c = 0; c < 64; ++c) code_position(g.slot, c, byte_of[c], shift_of[c]);
+  uint8_t* out = wpack.data_ptr<uint8_t>();
+  at::Half* so = sc.data_ptr<at::Half>();
+  uint8_t* zo = zp.data_ptr<uint8_t>();
+  const at::Half* si = scales.data_ptr<at::Half>();
+  const uint8_t* zi = zeros.data_ptr<uint8_t>();
+  at::parallel_for(0, g.panels(), 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t r = 0; r < kRows && p * kRows + r < N; ++r) {
+        const int64_t n = p * kRows + r;
+        const uint8_t* qr = q + n * rb;
+        for (int64_t gi = 0; gi < g.G; ++gi) {
+          so[(p * g.G + gi) * kRows + r] = si[n * g.G + gi];
+          zo[(p * g.G + gi) * kRows + r] = zi[n * g.G + gi];
+          const int64_t len = std::min(g.glen, K - gi * g.glen);
+          for (int64_t j = 0; j < len; ++j) {
+            const int64_t k = gi * g.glen + j, ch = j / kChunk, c = j % kChunk;
+            const int code = (qr[k / per_byte] >> (slot * (k % per_byte))) & mask;
+            uint8_t* chunk = out + p * pb + ((gi * cpg + ch) * kRows + r) * g.CB;
+            chunk[byte_of[c]] |= static_cast<uint8_t>(code << shift_of[c]);
+          }
+        }
+      }
+    }
+  });
+  return {wpack, sc, zp};
+}
+
+// W_hat = (q - z) * s in float32 for rows [n0, n1) from the on-disk layout (SLOT a constant so the unpack vectorises).
+template <int SLOT>
+void dequantize_rows(const uint8_t* q, int64_t rb, const at::Half* s, const uint8_t* z, int64_t K, int64_t G,
+                     int64_t glen, int64_t n0, int64_t n1, float* o) {
+  constexpr int per_byte = 8 / SLOT, mask = (1 << SLOT) - 1;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* qr = q + n * rb;
+    float* orow = o + n * K;
+    for (int64_t gi = 0; gi < G; ++gi) {
+      const float sc = static_cast<float>(s[n * G + gi]);
+      const float zs = static_cast<float>(z[n * G + gi]) * sc;
+      const int64_t k1 = std::min(K, (gi + 1) * glen);
+      for (int64_t k = gi * glen; k < k1; ++k) {
+        const int code = (qr[k / per_byte] >> ((k % per_byte) * SLOT)) & mask;
+        orow[k] = static_cast<float>(code) * sc - zs;
+      }
+    }
+  }
+}
+
+// W_hat into `out` [N, K] (a reused workspace).
 void dequantize_into(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros, int64_t slot,
                      int64_t glen, at::Tensor out) {
   check_cpu(qweight, "qweight");
@@ -433,26 +593,11 @@ void dequantize_into(const at::Tensor& qweight, const at::Tensor& scales, const 
   TORCH_CHECK(scales.scalar_type() == at::kHalf && zeros.scalar_type() == at::kByte, "scales fp16, zeros uint8");
   TORCH_CHECK(slot == 2 || slot == 4 || slot == 8, "slot must be 2, 4 or 8");
   const int64_t N = out.size(0), K = out.size(1), G = scales.size(1), rb = qweight.size(1);
-  const uint8_t* q = qweight.data_ptr<uint8_t>();
-  const at::Half* s = scales.data_ptr<at::Half>();
-  const uint8_t* z = zeros.data_ptr<uint8_t>();
-  float* o = out.data_ptr<float>();
-  const int per_byte = 8 / static_cast<int>(slot);
-  const int mask = (1 << slot) - 1;
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* qr = q + n * rb;
-      float* orow = o + n * K;
-      for (int64_t gi = 0; gi < G; ++gi) {
-        const float sc = static_cast<float>(s[n * G + gi]);
-        const float zf = static_cast<float>(z[n * G + gi]);
-        const int64_t k1 = std::min(K, (gi + 1) * glen);
-        for (int64_t k = gi * glen; k < k1; ++k) {
-          const int code = (qr[k / per_byte] >> ((k % per_byte) * slot)) & mask;
-          orow[k] = (static_cast<float>(code) - zf) * sc;
-        }
-      }
-    }
+    with_slot(static_cast<int>(slot), [&](auto sl) {
+      dequantize_rows<decltype(sl)::value>(qweight.data_ptr<uint8_t>(), rb, scales.data_ptr<at::Half>(),
+                                           zeros.data_ptr<uint8_t>(), K, G, glen, n0, n1, out.data_ptr<float>());
+    });
   });
 }
 
@@ -460,9 +605,11 @@ void dequantize_into(const at::Tensor& qweight, const at::Tensor& scales, const 
 
 TORCH_LIBRARY(cbq_hf_cpu, m) {
   m.def("quantize_act(Tensor x, float clip, int act_bits) -> (Tensor, Tensor)");
-  m.def("gemm_float(Tensor x, Tensor wpack, Tensor scales, Tensor szs, Tensor? bias, int bits, int N, int glen) -> Tensor");
-  m.def("gemm_int(Tensor codes, Tensor steps, Tensor wpack, Tensor scales, Tensor szs, Tensor? bias, int bits, int N, "
-        "int glen) -> Tensor");
+  m.def("gemm_float(Tensor x, Tensor wpack, Tensor scales, Tensor zeros, Tensor? bias, int slot, int N, int glen, "
+        "int mode=-1) -> Tensor");
+  m.def("gemm_int(Tensor codes, Tensor steps, Tensor wpack, Tensor scales, Tensor zeros, Tensor? bias, int slot, "
+        "int N, int glen) -> Tensor");
+  m.def("repack(Tensor qweight, Tensor scales, Tensor zeros, int slot, int K, int glen) -> (Tensor, Tensor, Tensor)");
   m.def("dequantize_into(Tensor qweight, Tensor scales, Tensor zeros, int slot, int glen, Tensor(a!) out) -> ()");
 }
 
@@ -470,5 +617,6 @@ TORCH_LIBRARY_IMPL(cbq_hf_cpu, CPU, m) {
   m.impl("quantize_act", &quantize_act);
   m.impl("gemm_float", &gemm_float);
   m.impl("gemm_int", &gemm_int);
+  m.impl("repack", &repack);
   m.impl("dequantize_into", &dequantize_into);
 }

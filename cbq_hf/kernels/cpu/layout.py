@@ -1,7 +1,7 @@
 """Repack the on-disk uniform layout into the CPU kernels' panel layout (see the header of `cbq_cpu.cpp`).
 
-Done once per module at first use, in plain torch, and kept in ``module._kernel_cache``; the saved checkpoint layout
-never changes.
+Done once per module at first use (the C++ op ``cbq_hf_cpu::repack``, linear in the weight size) and kept in
+``module._kernel_cache``; the saved checkpoint layout never changes.
 """
 
 from __future__ import annotations
@@ -9,61 +9,39 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from ...formats.uniform import UniformSpec, unpack_codes
+from ...formats.uniform import UniformSpec
 
-ROWS = 4  # output rows per panel
-PAD = 64  # groups are padded to a multiple of this many codes
+ROWS = 8  # output rows per panel
+CHUNK = 64  # codes per chunk; groups are padded to a multiple of this
 
 
 @dataclass(frozen=True)
 class Panels:
     """Weights of one linear in the panel layout, plus what the kernels need beside them."""
 
-    wpack: torch.Tensor  # uint8 [Np/4 * Kp/C * 4 * word_bytes]
-    scales: torch.Tensor  # float32 [Np/4, G, 4]
-    szs: torch.Tensor  # float32 [Np, G]: scale * zero
+    wpack: torch.Tensor  # uint8 [Np/8 * Kp/64 * 8 * (8 * slot)]: codes, 8-row panels
+    scales: torch.Tensor  # float16 [Np/8, G, 8]
+    zeros: torch.Tensor  # uint8 [Np/8, G, 8]
     bias: torch.Tensor | None  # float32 [N]
-    slot: int  # 2, 4 or 8
-    glen: int  # codes per group (last group may be shorter)
+    slot: int  # 2, 4 or 8 bits per stored code
+    glen: int  # codes per group (the last group may be shorter)
+
+    def nbytes(self) -> int:
+        """Bytes held by the repacked copy (resident memory beside the module's own buffers)."""
+        return sum(t.numel() * t.element_size() for t in (self.wpack, self.scales, self.zeros))
 
 
-def codes_per_lane(slot: int) -> int:
-    return 4 if slot == 8 else 8
-
-
-def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: UniformSpec, in_features: int,
-           bias: torch.Tensor | None = None) -> Panels:
-    """Panel layout of one linear from its packed buffers (qweight [N, bytes], scales/zeros [N, G])."""
-    slot = spec.slot_bits
-    n, k = qweight.shape[0], in_features
-    glen = spec.group_len(k)
-    groups = spec.num_groups(k)
-    gp = -(-glen // PAD) * PAD
-    np_ = -(-n // ROWS) * ROWS
-    p = codes_per_lane(slot)
-    c = 8 * p
-
-    codes = unpack_codes(qweight, slot, k)
-    codes = F.pad(codes, (0, groups * glen - k)).view(n, groups, glen)
-    codes = F.pad(codes, (0, gp - glen)).reshape(n, groups * gp)
-    codes = F.pad(codes, (0, 0, 0, np_ - n))
-    # [panel, row, chunk, j, lane] -> [panel, chunk, row, lane, j]; code j*8 + lane of a chunk sits in lane `lane`
-    codes = codes.view(np_ // ROWS, ROWS, groups * gp // c, p, 8).permute(0, 2, 1, 4, 3)
-    shifts = torch.arange(p, dtype=torch.int64) * slot
-    words = (codes.to(torch.int64) << shifts).sum(-1)
-    lane_bits = 16 if slot == 2 else 32
-    words = torch.where(words >= 2 ** (lane_bits - 1), words - 2**lane_bits, words)
-    words = words.to(torch.int16 if lane_bits == 16 else torch.int32).contiguous()
-    wpack = words.view(torch.uint8).reshape(-1)
-
-    s = F.pad(scales.float(), (0, 0, 0, np_ - n))
-    z = F.pad(zeros.float(), (0, 0, 0, np_ - n))
+def repack(ops, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: UniformSpec,
+           in_features: int, bias: torch.Tensor | None = None) -> Panels:
+    """Panel layout of one linear from its packed buffers (qweight [N, bytes], scales/zeros [N, G]); `ops` is the
+    loaded ``torch.ops.cbq_hf_cpu`` namespace."""
+    slot, glen = spec.slot_bits, spec.group_len(in_features)
+    wpack, s, z = ops.repack(qweight.contiguous(), scales.contiguous(), zeros.contiguous(), slot, in_features, glen)
     return Panels(
         wpack=wpack,
-        scales=s.view(np_ // ROWS, ROWS, groups).transpose(1, 2).contiguous(),
-        szs=(s * z).contiguous(),
+        scales=s,
+        zeros=z,
         bias=None if bias is None else bias.detach().float().contiguous(),
         slot=slot,
         glen=glen,

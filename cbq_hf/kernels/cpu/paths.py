@@ -21,11 +21,14 @@ from . import build
 from .layout import Panels, repack
 
 #: Rows (tokens) from which `cpu_dequant` (dequantize + dense fp32 GEMM) is chosen over the packed kernels.
-#: PROVISIONAL: measured once on a heavily loaded 2-core AMD EPYC (AVX2, no VNNI, load average 6-12) with
-#: benchmarks/kernels.py, 4096x4096, 1 thread: at M=64 cpu_packed 153 ms and cpu_int 71 ms vs cpu_dequant 200 ms
-#: (dense fp32 108 ms), so the crossover is above 64 for both; 128 is a guess between 64 and 512. Re-measure.
+#: Measured with `benchmarks/kernels.py --shapes 4096x4096 --ms 8 16 32 64 128 256 --paths cpu_packed cpu_int
+#: cpu_dequant` (benchmarks/results/kernels_crossover.md, 2-core AMD EPYC Zen 3, AVX2, 1 thread, load average ~9):
+#: the float packed kernel costs ~2 ms per token (W4A16: 127 ms at M=64, 229 ms at M=128) while dequantize (~24 ms)
+#: + dense fp32 GEMM costs 155 + 24 ms at M=64 and 192 + 24 ms at M=128, so the float crossover is ~100-128 rows.
+#: The integer kernel (~0.85 ms per token: 212 ms at M=256 vs 339 ms for dequantize + GEMM) was faster at every M
+#: measured, up to 512 in the full table, so its crossover is set above that.
 DEQUANT_MIN_M = 128
-DEQUANT_MIN_M_INT = 128
+DEQUANT_MIN_M_INT = 1024
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _workspace: dict[str, torch.Tensor] = {}
@@ -74,7 +77,8 @@ def panels(module) -> Panels:
     pan = module._kernel_cache.get("cpu_panels")
     if pan is None:
         b = module.packed_buffers()
-        pan = repack(b["qweight"], b["scales"], b["zeros"], module.fmt.spec, module.in_features, module.bias)
+        pan = repack(build.load(), b["qweight"], b["scales"], b["zeros"], module.fmt.spec, module.in_features,
+                     module.bias)
         module._kernel_cache["cpu_panels"] = pan
     return pan
 
@@ -118,7 +122,7 @@ def linear_packed(module, x: torch.Tensor) -> torch.Tensor:
     x2 = _scaled_2d(module, x)
     if module.fmt.act_bits is not None:
         x2 = module.fmt.quantize_activations(x2, module.packed_buffers())
-    y = ops.gemm_float(_kernel_input(x2), pan.wpack, pan.scales, pan.szs, pan.bias, pan.slot,
+    y = ops.gemm_float(_kernel_input(x2), pan.wpack, pan.scales, pan.zeros, pan.bias, pan.slot,
                        module.out_features, pan.glen)
     return y.to(x.dtype).view(*x.shape[:-1], module.out_features)
 
@@ -132,7 +136,7 @@ def linear_int(module, x: torch.Tensor) -> torch.Tensor:
     ops = build.load()
     pan = panels(module)
     codes, steps = quantize_activations(module, _scaled_2d(module, x))
-    y = ops.gemm_int(codes, steps, pan.wpack, pan.scales, pan.szs, pan.bias, pan.slot, module.out_features, pan.glen)
+    y = ops.gemm_int(codes, steps, pan.wpack, pan.scales, pan.zeros, pan.bias, pan.slot, module.out_features, pan.glen)
     return y.to(x.dtype).view(*x.shape[:-1], module.out_features)
 
 
