@@ -21,6 +21,7 @@ _ACT_BITS = (None, 4, 8)
 _METHODS = ("rtn", "cbq")
 _FORMATS = ("uniform", "lobcq")
 _LOBCQ_CODEBOOKS = ("universal", "per_layer")
+_ACTIVATION_STORAGE = ("cpu", "disk")
 
 # Keys that only describe the run (where data came from, how it went) and are never needed to load weights.
 _RUN_ONLY_KEYS = ("tokenizer",)
@@ -92,7 +93,11 @@ class CBQConfig(QuantizationConfigMixin):
             (IQR multiplier, within-set variance weight, activation smoothing exponent).
         use_lora_rounding, learn_weight_scales, learn_act_clipping, use_homologous, use_kl: ablation switches.
         calibration_device: device for the window being optimised ("auto": CUDA when present, else CPU).
-        checkpoint_dir: folder where finished windows are written so an interrupted calibration resumes.
+        checkpoint_dir: folder where finished windows are written so an interrupted calibration resumes. A rerun
+            with another config, data or model refuses to resume it (error naming what differs).
+        activation_storage: where the calibration activations (the two streams X_q and X_fp and the window
+            targets, each 4 bytes x nsamples x seqlen x hidden) live: "cpu" (memory) or "disk" (files in
+            `checkpoint_dir`/streams, else a temporary folder, read and written one batch at a time).
 
     LO-BCQ (format="lobcq")
         lobcq_block_len: values per block (one codebook selector per block).
@@ -146,6 +151,7 @@ class CBQConfig(QuantizationConfigMixin):
         use_kl: bool = True,
         calibration_device: str = "auto",
         checkpoint_dir: str | None = None,
+        activation_storage: str = "cpu",
         lobcq_block_len: int = 8,
         lobcq_array_len: int = 64,
         lobcq_num_codebooks: int = 16,
@@ -194,6 +200,7 @@ class CBQConfig(QuantizationConfigMixin):
         self.use_kl = use_kl
         self.calibration_device = calibration_device
         self.checkpoint_dir = checkpoint_dir
+        self.activation_storage = activation_storage
         self.lobcq_block_len = lobcq_block_len
         self.lobcq_array_len = lobcq_array_len
         self.lobcq_num_codebooks = lobcq_num_codebooks
@@ -262,6 +269,8 @@ class CBQConfig(QuantizationConfigMixin):
             raise _err("checkpoint_dir", self.checkpoint_dir, "expected a folder path or None")
         if self.checkpoint_dir is not None:
             self.checkpoint_dir = os.fspath(self.checkpoint_dir)
+        if self.activation_storage not in _ACTIVATION_STORAGE:
+            raise _err("activation_storage", self.activation_storage, f"allowed: {list(_ACTIVATION_STORAGE)}")
         _check_int("lobcq_block_len", self.lobcq_block_len, 1)
         _check_int("lobcq_array_len", self.lobcq_array_len, 1)
         if self.lobcq_array_len % self.lobcq_block_len:

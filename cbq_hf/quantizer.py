@@ -2,7 +2,8 @@
 
 - Full-precision checkpoint + `CBQConfig`: transformers loads the float weights, then
   `_process_model_after_weight_loading` runs calibration (RTN or CBQ) and swaps the decoder linears for
-  `CBQLinear` modules.
+  `CBQLinear` modules. With an accelerate `device_map` (blocks on "cpu"/"disk"), calibration loads one window of
+  blocks at a time and puts the frozen blocks back (`calibration/offload.py`, docs/scale_out.md).
 - Saved cbq checkpoint: `_process_model_before_weight_loading` verifies the files and builds empty `CBQLinear`
   modules on the meta device, so the packed tensors load straight into them.
 """
@@ -27,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 def has_input_scale(config: CBQConfig) -> bool:
     """Whether `CBQLinear` modules of this config carry an explicit per-input-channel smoothing scale."""
-    return config.method == "cbq" and config.use_cfp and config.format == "uniform"
+    return config.method == "cbq" and config.use_cfp and config.format in ("uniform", "lobcq")
 
 
 class CBQHfQuantizer(HfQuantizer):
@@ -38,16 +39,13 @@ class CBQHfQuantizer(HfQuantizer):
 
     def __init__(self, quantization_config: CBQConfig, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)
+        #: The CBQ engine's report of the last calibration (windows with start/end loss), None for RTN/loading.
+        self.calibration_report: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ environment
     def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
-        if not self.pre_quantized and isinstance(device_map, dict):
-            if "disk" in set(map(str, device_map.values())):
-                raise ValueError(
-                    "cbq_hf: calibration cannot run with blocks offloaded to disk (device_map contains 'disk'). "
-                    "Load the full-precision model on CPU/GPU (device_map=None, 'cpu' or 'auto' with enough "
-                    "max_memory), quantize and save it; the saved quantized checkpoint can then be loaded anywhere."
-                )
+        """Nothing to refuse: calibration runs with any accelerate `device_map` ("cpu"/"disk" offload included,
+        see `calibration/offload.py`); a saved cbq checkpoint loads like any transformers model."""
 
     def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return dtype
@@ -79,11 +77,6 @@ class CBQHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
         cfg = self.quantization_config
         if not self.pre_quantized:
-            if any(p.device.type == "meta" for p in model.parameters()):
-                raise ValueError(
-                    "cbq_hf: some weights are offloaded (meta/disk) and calibration needs them in memory. Load the "
-                    "full-precision model on CPU or GPU to quantize it."
-                )
             start = time.perf_counter()
             self._calibrate(model)
             cfg.run_info.update(self._summary(model))
@@ -100,9 +93,13 @@ class CBQHfQuantizer(HfQuantizer):
         cfg = self.quantization_config
         fmt = get_format(cfg)
         if cfg.method == "rtn":
+            from .calibration.offload import is_dispatched, quantize_rtn_dispatched
             from .calibration.rtn import quantize_rtn
 
-            quantize_rtn(model, fmt, cfg.modules_to_not_convert)
+            if is_dispatched(model):  # accelerate device_map / offload: one block in memory at a time
+                quantize_rtn_dispatched(model, fmt, cfg.modules_to_not_convert)
+            else:
+                quantize_rtn(model, fmt, cfg.modules_to_not_convert)
             return
         from .calibration.engine import calibrate
         from .data import get_calibration_batches
@@ -117,7 +114,7 @@ class CBQHfQuantizer(HfQuantizer):
                                  "or its name/path).")
             tokenizer = AutoTokenizer.from_pretrained(source)
         input_ids = get_calibration_batches(cfg.dataset, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
-        calibrate(model, cfg, input_ids)
+        self.calibration_report = calibrate(model, cfg, input_ids)  # per-window losses (CLI summary / plot)
 
     def _summary(self, model) -> dict[str, Any]:
         linears = [m for m in model.modules() if isinstance(m, CBQLinear)]
@@ -144,6 +141,11 @@ class CBQHfQuantizer(HfQuantizer):
         from .serialization import META_CHECKSUMS, META_CONFIG, META_VERSION, checksum_metadata
 
         state_dict = remove_tied_weights_from_state_dict(model.state_dict(), model)
+        on_meta = [k for k, v in state_dict.items() if v.device.type == "meta"]
+        if on_meta:
+            raise ValueError(f"cbq_hf: refusing to save {on_meta[0]} (and {len(on_meta) - 1} more): it is on the meta "
+                             f"device (offloaded, not loaded), so its values are unknown. Save a model whose "
+                             f"weights are all in memory (cbq_hf materialises offloaded weights after calibration).")
         bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
             raise ValueError(f"cbq_hf: refusing to save non-finite values (NaN/inf) in {bad[:3]}.")

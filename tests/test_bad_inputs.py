@@ -29,7 +29,8 @@ FLOAT_FIELDS = ["lr", "lr_scale", "loss_weight_accumulated", "loss_weight_homolo
                 "rounding_reg_weight", "beta_start", "beta_end", "cfp_lambda1", "cfp_lambda2", "cfp_alpha"]
 BOOL_FIELDS = ["sym", "use_cfp", "use_lora_rounding", "learn_weight_scales", "learn_act_clipping",
                "use_homologous", "use_kl"]
-CHOICE_FIELDS = {"method": ["rtn", "cbq"], "format": ["uniform", "lobcq"], "lobcq_codebooks": ["universal", "per_layer"]}
+CHOICE_FIELDS = {"method": ["rtn", "cbq"], "format": ["uniform", "lobcq"], "lobcq_codebooks": ["universal", "per_layer"],
+                 "activation_storage": ["cpu", "disk"]}
 
 wrong_type = st.one_of(st.text(max_size=5), st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=2),
                        st.integers(), max_size=1), st.just(object()), st.complex_numbers(allow_nan=False))
@@ -55,7 +56,20 @@ def _expect_field_error(field: str, value) -> None:
 def test_wrong_types_are_refused(field, value):
     if field in FLOAT_FIELDS and isinstance(value, complex):
         value = value  # complex is not a real number: still invalid
+    if field in CHOICE_FIELDS and value in CHOICE_FIELDS[field]:
+        return  # a short random text that happens to be a valid choice
     _expect_field_error(field, value)
+
+
+@pytest.mark.parametrize("value", ["gpu", "", "CPU", "mmap", None, 1, True, ["cpu"], {"disk": 1}])
+def test_activation_storage_is_cpu_or_disk(value):
+    _expect_field_error("activation_storage", value)
+
+
+@settings(max_examples=10, deadline=None)
+@given(value=st.one_of(st.integers(), st.lists(st.text(max_size=3), max_size=2), st.just(object()), st.booleans()))
+def test_checkpoint_dir_must_be_a_path(value):
+    _expect_field_error("checkpoint_dir", value)
 
 
 @settings(max_examples=40, deadline=None)
@@ -166,5 +180,7 @@ def test_model_without_decoder_blocks():
 
 
 def teardown_module(module):
-    print("\nbad-input sweep:", dict(COUNTS))
+    tried = sum(v for k, v in COUNTS.items() if k.endswith("inputs tried"))
+    print(f"\nbad-input sweep: {dict(COUNTS)}; inputs tried {tried}, errors clear {COUNTS['clear errors']}, "
+          f"crashes {COUNTS['crashes']}")
     assert COUNTS["crashes"] == 0

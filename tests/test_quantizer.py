@@ -101,10 +101,20 @@ def test_group_size_larger_than_layer_is_refused(llama_dir):
         _rtn(llama_dir, group_size=256)
 
 
-def test_disk_offload_refused_for_calibration(llama_dir):
-    with pytest.raises(ValueError, match="disk"):
-        AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=CBQConfig(method="rtn"),
-                                             device_map={"": "disk"})
+def test_disk_offload_calibrates_with_no_meta_left(llama_dir, tmp_path):
+    """Offloaded calibration in depth: tests/calibration/test_offload.py. Here: the quantizer accepts it."""
+    q = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=CBQConfig(method="rtn", group_size=32),
+                                             device_map={"": "disk"}, offload_folder=str(tmp_path / "off"))
+    assert isinstance(q.model.layers[0].self_attn.q_proj, CBQLinear)
+    assert not any(t.device.type == "meta" for t in q.state_dict().values())
+
+
+def test_saving_meta_weights_is_refused(llama_dir, tmp_path):
+    q = _rtn(llama_dir)
+    q.model.norm.to("meta")  # a weight whose values are unknown must never be written
+    with pytest.raises(ValueError, match=r"refusing to save model\.norm\.weight.*meta device"):
+        q.save_pretrained(tmp_path / "q")
+    assert not (tmp_path / "q" / "model.safetensors").exists()
 
 
 def test_double_import_and_reload_keep_registration():

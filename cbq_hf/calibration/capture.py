@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..modeling import find_decoder_blocks
+from .offload import input_device
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
         raise ValueError(f"input_ids must be a LongTensor [nsamples, seqlen], got shape {tuple(input_ids.shape)}")
     prefix, blocks = find_decoder_blocks(model)
     owner = _blocks_owner(model, prefix)
-    device = next(model.parameters()).device
+    device = input_device(model)  # embeddings' execution device under accelerate offload
     originals = list(blocks)
     state: dict[str, Any] = {}
     sinks: list[list[BlockCall]] = [[] for _ in originals]

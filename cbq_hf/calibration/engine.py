@@ -6,7 +6,8 @@ Flow, per window of consecutive decoder blocks (`windows.window_schedule`):
 1. Blocks entering the window get a float copy (the reference), are moved to the calibration device in float32,
    preprocessed by CFP (`preprocess`) and have their linears wrapped in trainable `rounding.QuantLinearSim`.
 2. Targets: the float window on the float stream X_fp (accumulated term) and on the quantized stream X_q
-   (homologous term). Both streams live on the CPU; only the window's blocks are on the calibration device.
+   (homologous term). Streams and targets live in CPU memory or on disk (`config.activation_storage`,
+   `streams`); only the window's blocks are on the calibration device.
 3. The window's quantizer parameters are trained jointly (Adam) on loss.window_loss + rounding regulariser.
    A non-finite loss (or parameter) sends the window back to its starting point with a warning; a window whose
    hard-rounded loss ends above where it started is also sent back (so CBQ is never worse than its initial grid).
@@ -16,7 +17,8 @@ Flow, per window of consecutive decoder blocks (`windows.window_schedule`):
    same calibration resumes at the first unfinished window.
 
 Device and memory: only the current window's blocks (live and float reference) are on the calibration device,
-in float32; streams and targets stay on the CPU. The library never sets torch's thread count.
+in float32; streams and targets stay on the CPU or on disk (`streams`), read one batch at a time. The library
+never sets torch's thread count.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -34,14 +37,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..formats import get_format
+from ..formats.lobcq import LOBCQFormat
 from ..formats.uniform import UniformFormat
 from ..modeling import empty_cbq_linear, find_decoder_blocks, quantizable_linears, set_module
 from ..nn.linear import CBQLinear
 from .capture import BlockInputs, capture_block_inputs
-from .checkpoint import CheckpointStore, run_signature
+from .checkpoint import CheckpointStore, restore_frozen_block, restore_live_block, run_identity
 from .loss import window_loss
+from .offload import OffloadPlan, finish
 from .preprocess import StatsCollector, smooth_block, weight_truncation
+from .lobcq_sim import LOBCQLinearSim
 from .rounding import QuantLinearSim
+from .streams import Stream, StreamStorage
 from .windows import Window, window_schedule
 
 logger = logging.getLogger(__name__)
@@ -103,31 +110,32 @@ def calibrate(model: nn.Module, config, input_ids: torch.Tensor, progress: bool 
     Returns:
         A report: per window the blocks, start/end loss, steps, status and seconds; totals and CFP counts.
     """
-    if config.format != "uniform":
-        raise NotImplementedError(
-            f"cbq_hf: the CBQ engine supports format='uniform' only (got format={config.format!r}); "
-            f"use method='rtn' or the LO-BCQ calibration for that format.")
     t_start = time.perf_counter()
     fmt = get_format(config)
-    assert isinstance(fmt, UniformFormat)
+    assert isinstance(fmt, (UniformFormat, LOBCQFormat))
     prefix, blocks = find_decoder_blocks(model)
     targets = quantizable_linears(model, config.modules_to_not_convert)
     per_block: dict[int, dict[str, str]] = {i: {} for i in range(len(blocks))}
     for full in targets:
         idx, _, rel = full[len(prefix) + 1:].partition(".")
         per_block[int(idx)][rel] = full
-        lin = targets[full]
-        fmt.check_shape(lin.out_features, lin.in_features, full)
+        fmt.check_shape(targets[full].out_features, targets[full].in_features, full)
+    del targets  # it holds every float linear: kept, no frozen block's float weights could be freed
     device = resolve_device(config, model)
-    model_device = next(model.parameters()).device
+    plan = OffloadPlan(model, prefix, blocks)  # accelerate device_map / offload: where each block lives
+    model_device = plan.model_device
     orig_dtype = next(model.parameters()).dtype
     was_training = model.training
     model.eval()
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
 
+    identity = run_identity(config, input_ids, model, len(blocks)) if config.checkpoint_dir else None
     inputs = capture_block_inputs(model, input_ids, config.batch_size)
-    x_fp = inputs.hidden
+    streams = StreamStorage(config.activation_storage,
+                            os.path.join(config.checkpoint_dir, "streams") if config.checkpoint_dir else None)
+    x_fp = streams.from_tensor(inputs.hidden)
+    inputs.hidden = inputs.hidden.new_empty((0, *inputs.hidden.shape[1:]))  # x_fp holds it now
     x_q = x_fp.clone()
     schedule = window_schedule(len(blocks), config.window_size, config.window_overlap)
     states: dict[int, _BlockState] = {}
@@ -137,18 +145,28 @@ def calibrate(model: nn.Module, config, input_ids: torch.Tensor, progress: bool 
     store = None
     first_window = 0
     if config.checkpoint_dir:
-        store = CheckpointStore(config.checkpoint_dir, run_signature(config, input_ids, len(blocks)))
+        store = CheckpointStore(config.checkpoint_dir, identity, config.to_dict())
         saved = store.load_state()
         if saved is not None:
             first_window = saved["next_window"]
+            with_scale = _has_input_scale(config)
             for b in range(schedule[first_window - 1].freeze_end):
-                blocks[b] = store.load_frozen_block(b).to(model_device)
-            for b, (live, fp) in saved["inflight"].items():
-                blocks[b] = live.to(device)
-                states[b] = _BlockState(fp=fp.to(device), sims={rel: blocks[b].get_submodule(rel)
-                                                               for rel in per_block[b]})
-            x_q, x_fp = saved["x_q"], saved["x_fp"]
-            gen.set_state(saved["gen_state"])
+                plan.onload(b, blocks[b])
+                restore_frozen_block(blocks[b], store.load_tensors(f"block_{b}.safetensors", saved), per_block[b],
+                                     fmt, with_scale)
+                _cast_float(blocks[b], orig_dtype, plan.home(b))
+                plan.offload(b, blocks[b])
+            window_tensors = store.load_tensors(f"window_{first_window - 1}.safetensors", saved)
+            for b in saved["inflight_blocks"]:
+                live = blocks[b]  # rebuilt exactly as when it entered its first window, then given its saved state
+                plan.onload(b, live)
+                live.requires_grad_(False)
+                _cast_float(live, torch.float32, device)
+                fp = copy.deepcopy(live)
+                own = {k.partition("/")[2]: v for k, v in window_tensors.items() if k.partition("/")[0] == str(b)}
+                states[b] = _BlockState(fp=fp, sims=restore_live_block(live, own, per_block[b], config, fmt))
+            x_q, x_fp = store.load_stream("x_q", saved, streams), store.load_stream("x_fp", saved, streams)
+            gen.set_state(window_tensors["gen_state"])
             report["windows"], report["cfp"] = saved["windows"], saved["cfp"]
             report["resumed_from_window"] = first_window
             logger.info("resuming calibration from %s at window %d/%d", config.checkpoint_dir, first_window + 1,
@@ -161,6 +179,7 @@ def calibrate(model: nn.Module, config, input_ids: torch.Tensor, progress: bool 
             new = [b for b in win.blocks if b not in states]
             for b in new:
                 live = blocks[b]
+                plan.onload(b, live)  # offloaded weights loaded, accelerate hooks removed
                 live.requires_grad_(False)
                 _cast_float(live, torch.float32, device)
                 states[b] = _BlockState(fp=copy.deepcopy(live))
@@ -178,7 +197,8 @@ def calibrate(model: nn.Module, config, input_ids: torch.Tensor, progress: bool 
                 _freeze_block(blocks[b], states.pop(b), per_block[b], fmt, config, device)
             x_q = _advance(list(win.frozen), blocks, inputs, x_q, device)
             for b in win.frozen:
-                _cast_float(blocks[b], orig_dtype, model_device)
+                _cast_float(blocks[b], orig_dtype, plan.home(b))
+                plan.offload(b, blocks[b])  # runs where accelerate ran it
             x_fp = next_fp
             inputs.clear_device_cache()
             entry["seconds"] = round(time.perf_counter() - t0, 2)
@@ -186,16 +206,15 @@ def calibrate(model: nn.Module, config, input_ids: torch.Tensor, progress: bool 
             if store is not None:
                 for b in win.frozen:
                     store.save_frozen_block(b, blocks[b])
-                store.save_state({"next_window": win.index + 1, "x_q": x_q, "x_fp": x_fp,
-                                  "inflight": {b: (blocks[b], st.fp) for b, st in states.items()},
-                                  "gen_state": gen.get_state(), "windows": report["windows"],
-                                  "cfp": report["cfp"]})
+                store.save_state(win.index + 1, x_q, x_fp, {b: blocks[b] for b in states}, gen.get_state(), report)
             bar.set_postfix(loss=f"{entry['loss_start']:.3g}->{entry['loss_end']:.3g}")
             logger.info("window %d/%d (blocks %d-%d): loss %.4g -> %.4g (%s), %.1f s", win.index + 1,
                         len(schedule), win.start, win.end - 1, entry["loss_start"], entry["loss_end"],
                         entry["status"], entry["seconds"])
     finally:
         model.train(was_training)
+        streams.close()
+    finish(model, plan)  # dispatched model: no meta tensor left, every block hooked where accelerate ran it
     report["seconds"] = round(time.perf_counter() - t_start, 2)
     statuses = [w["status"] for w in report["windows"]]
     if isinstance(getattr(config, "run_info", None), dict):  # JSON-safe summary saved with the checkpoint
@@ -208,12 +227,12 @@ def calibrate(model: nn.Module, config, input_ids: torch.Tensor, progress: bool 
 
 # ------------------------------------------------------------------------------------------------ streams
 @torch.no_grad()
-def _run_float(win: Window, states: dict[int, _BlockState], inputs: BlockInputs, x: torch.Tensor,
+def _run_float(win: Window, states: dict[int, _BlockState], inputs: BlockInputs, x: Stream,
                device: torch.device, collectors: dict[int, StatsCollector]
-               ) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+               ) -> tuple[Stream, Stream, dict[int, torch.Tensor]]:
     """Float window on stream x: (window output, stream at the window's freeze end, first-batch block inputs)."""
-    out = torch.empty_like(x)
-    nxt = torch.empty_like(x) if win.freeze_end < win.end else None
+    out = x.empty_like()
+    nxt = x.empty_like() if win.freeze_end < win.end else None
     first_in: dict[int, torch.Tensor] = {}
     for c in collectors.values():
         c.__enter__()
@@ -236,9 +255,9 @@ def _run_float(win: Window, states: dict[int, _BlockState], inputs: BlockInputs,
 
 
 @torch.no_grad()
-def _advance(frozen: list[int], blocks: nn.ModuleList, inputs: BlockInputs, x: torch.Tensor,
-             device: torch.device) -> torch.Tensor:
-    out = torch.empty_like(x)
+def _advance(frozen: list[int], blocks: nn.ModuleList, inputs: BlockInputs, x: Stream,
+             device: torch.device) -> Stream:
+    out = x.empty_like()
     for c_idx, (s, e) in enumerate(inputs.batches):
         h = x[s:e].to(device)
         for b in frozen:
@@ -278,11 +297,17 @@ def _prepare_block(b: int, live: nn.Module, state: _BlockState, names: dict[str,
         if config.use_cfp:
             truncation, n_out = weight_truncation(lin.weight, config.cfp_lambda1, config.cfp_lambda2)
             cfp_report["truncation_outlier_weights"] += n_out
-        sim = QuantLinearSim(
-            lin, fmt.spec, fmt.act_bits, lora_rank=config.lora_rank, use_lora_rounding=config.use_lora_rounding,
-            learn_weight_scales=config.learn_weight_scales, learn_act_clipping=config.learn_act_clipping,
-            input_scale=None if s is None else s.to(device), channel_weight=ms.to(device),
-            truncation=truncation, generator=gen).to(device)
+        if isinstance(fmt, LOBCQFormat):  # LO-BCQ: learned array scales and codeword choice (lobcq_sim)
+            sim = LOBCQLinearSim(
+                lin, fmt, lora_rank=config.lora_rank, use_lora_rounding=config.use_lora_rounding,
+                learn_weight_scales=config.learn_weight_scales, input_scale=None if s is None else s.to(device),
+                channel_weight=ms, generator=gen).to(device)
+        else:
+            sim = QuantLinearSim(
+                lin, fmt.spec, fmt.act_bits, lora_rank=config.lora_rank, use_lora_rounding=config.use_lora_rounding,
+                learn_weight_scales=config.learn_weight_scales, learn_act_clipping=config.learn_act_clipping,
+                input_scale=None if s is None else s.to(device), channel_weight=ms.to(device),
+                truncation=truncation, generator=gen).to(device)
         state.sims[rel] = sim
         set_module(live, rel, sim)
 
@@ -300,7 +325,7 @@ def _forward_window(win: Window, blocks: nn.ModuleList, inputs: BlockInputs, c_i
 
 
 def _train_window(win: Window, n_windows: int, blocks: nn.ModuleList, states: dict[int, _BlockState],
-                  inputs: BlockInputs, x_q: torch.Tensor, t_acc: torch.Tensor, t_hom: torch.Tensor | None, config,
+                  inputs: BlockInputs, x_q: Stream, t_acc: Stream, t_hom: Stream | None, config,
                   device: torch.device, gen: torch.Generator) -> dict[str, Any]:
     sims = _window_sims(win, states)
     kl = config.kl_weight if config.use_kl else 0.0
@@ -389,14 +414,18 @@ def _freeze_block(live: nn.Module, state: _BlockState, names: dict[str, str], fm
     """Replace every `QuantLinearSim` of the block by its packed `CBQLinear` (hard rounding)."""
     with_scale = _has_input_scale(config)
     for rel, sim in state.sims.items():
-        codes, scales, zeros, clip = sim.freeze()
-        if not torch.isfinite(scales).all():
-            raise RuntimeError(f"cbq_hf: non-finite step sizes in {names[rel]} at freeze time")
+        if isinstance(sim, LOBCQLinearSim):
+            packed = sim.freeze()  # packed LO-BCQ buffers (checks its scales)
+        else:
+            codes, scales, zeros, clip = sim.freeze()
+            if not torch.isfinite(scales).all():
+                raise RuntimeError(f"cbq_hf: non-finite step sizes in {names[rel]} at freeze time")
+            packed = fmt.pack(codes, scales, zeros, clip)
         q = empty_cbq_linear(sim, fmt, with_scale, device=device, name=names[rel])
         input_scale = None
         if with_scale:
             input_scale = sim.input_scale if sim.input_scale is not None else torch.ones(sim.in_features)
-        q.load_packed({k: v.to(device) for k, v in fmt.pack(codes, scales, zeros, clip).items()},
+        q.load_packed({k: v.to(device) for k, v in packed.items()},
                       bias=sim.bias, input_scale=None if input_scale is None else input_scale.to(device))
         set_module(live, rel, q)
     state.sims.clear()

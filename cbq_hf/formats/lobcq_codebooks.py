@@ -90,7 +90,9 @@ def encode_blocks(y: torch.Tensor, codebooks: torch.Tensor, cmax: int, valid: to
         y: float32 [B, L] scaled values (B blocks of L values).
         codebooks: [nc, 16] integer entries, each row sorted ascending.
         cmax: largest entry magnitude (sets the table range).
-        valid: optional bool [B, L]; False marks padding that neither counts in the error nor matters.
+        valid: optional bool [B, L]; False marks padding that neither counts in the error nor matters. A float
+            [B, L] tensor of non-negative weights is also accepted: the codebook choice then minimises the weighted
+            squared error (the nearest entry of each value does not depend on it).
         lut: a prebuilt table of `codebooks` (built when None).
 
     Returns:
@@ -233,8 +235,9 @@ def design_codebooks(y: torch.Tensor, num_codebooks: int, cmax: int, iters: int 
     for it in range(iters):
         new_cb = cb.clone()
         reseeded = _reseed_empty(y, valid, sel, err, new_cb, cmax, lloyd_steps)
-        for c in range(cb.shape[0]):
-            members = (sel == c).nonzero().squeeze(1)
+        # Members of every cluster from one stable sort of the selectors (not one scan per codebook).
+        clusters = sel.argsort(stable=True).split(torch.bincount(sel, minlength=cb.shape[0]).tolist())
+        for c, members in enumerate(clusters):
             if members.numel() == 0:
                 continue
             yc = y[members]

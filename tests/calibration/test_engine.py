@@ -138,9 +138,6 @@ def test_no_cfp_leaves_norms_and_scales_alone(calib_ids):
 def test_errors():
     with pytest.raises(NoDecoderBlocksError):
         calibrate(torch.nn.Sequential(torch.nn.Linear(4, 4)), _cfg(), torch.zeros(1, 4, dtype=torch.long))
-    with pytest.raises(NotImplementedError, match="uniform"):
-        calibrate(torch.nn.Sequential(torch.nn.Linear(4, 4)), CBQConfig(method="cbq", format="lobcq", bits=4),
-                  torch.zeros(1, 4, dtype=torch.long))
 
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40
