@@ -1,8 +1,10 @@
 """LO-BCQ quality on the demo model (SmolLM2-135M) beside uniform RTN: WikiText-2 test perplexity, 40 x 512 tokens.
 
 Rows (select with --rows, comma separated): fp32, uniform-w4a4-g128, uniform-w4a8-g128, lobcq-w4a16-universal,
-lobcq-w4a4-universal, lobcq-w4a4-per_layer. Results accumulate in benchmarks/results/lobcq_quality.json (a row
-already there is skipped unless --redo) and are rendered to lobcq_quality.md.
+lobcq-w4a4-universal, lobcq-w4a4-per_layer, and with CBQ calibration (on WikiText-2 validation text)
+uniform-w4a4-g128-cbq, lobcq-w4a4-universal-cbq, lobcq-w4a4-per_layer-cbq, lobcq-w4a16-universal-cbq.
+Results accumulate in benchmarks/results/lobcq_quality.json (a row already there is skipped unless --redo) and are
+rendered to lobcq_quality.md.
 
     .venv/bin/python benchmarks/lobcq_quality.py
 """
@@ -21,6 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 TEST = ROOT.parent / "shared" / "data" / "wikitext-2" / "wiki.test.raw"
 RESULTS = ROOT / "benchmarks" / "results"
 
+#: Calibration of the "-cbq" rows: WikiText-2 *validation* text (never the test split), 4 x 128 tokens, 2 epochs of
+#: 2 batches (smaller than quality.py's 8 x 128: LO-BCQ calibration on the shared, saturated 2-core CPU took over
+#: 2 min per window at 8 x 128).
+VALID = ROOT.parent / "shared" / "data" / "wikitext-2" / "wiki.valid.tokens"
+CBQ_BUDGET = dict(nsamples=4, seqlen=128, epochs=2, batch_size=2, lr=1e-2, lr_scale=1e-3)
+
 ROWS: dict[str, dict | None] = {
     "fp32": None,
     "uniform-w4a4-g128": dict(method="rtn", bits=4, group_size=128, act_bits=4),
@@ -28,6 +36,14 @@ ROWS: dict[str, dict | None] = {
     "lobcq-w4a16-universal": dict(method="rtn", format="lobcq", act_bits=None, lobcq_codebooks="universal"),
     "lobcq-w4a4-universal": dict(method="rtn", format="lobcq", act_bits=4, lobcq_codebooks="universal"),
     "lobcq-w4a4-per_layer": dict(method="rtn", format="lobcq", act_bits=4, lobcq_codebooks="per_layer"),
+    # CBQ calibration (CBQ_BUDGET)
+    "uniform-w4a4-g128-cbq": dict(method="cbq", bits=4, group_size=128, act_bits=4, **CBQ_BUDGET),
+    "lobcq-w4a4-universal-cbq": dict(method="cbq", format="lobcq", act_bits=4, lobcq_codebooks="universal",
+                                     **CBQ_BUDGET),
+    "lobcq-w4a4-per_layer-cbq": dict(method="cbq", format="lobcq", act_bits=4, lobcq_codebooks="per_layer",
+                                     **CBQ_BUDGET),
+    "lobcq-w4a16-universal-cbq": dict(method="cbq", format="lobcq", act_bits=None, lobcq_codebooks="universal",
+                                      **CBQ_BUDGET),
 }
 
 
@@ -43,7 +59,10 @@ def run_row(name: str, path: str, text: str, windows: int) -> dict:
     if kwargs is None:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     else:
-        cfg = cbq_hf.CBQConfig(**{"group_size": -1, **kwargs})
+        extra = {}
+        if kwargs.get("method") == "cbq":
+            extra = dict(dataset=[VALID.read_text(encoding="utf-8")], tokenizer=tok)
+        cfg = cbq_hf.CBQConfig(**{"group_size": -1, **kwargs, **extra})
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=cfg)
     quant_s = time.perf_counter() - t
     model.eval()
@@ -53,7 +72,8 @@ def run_row(name: str, path: str, text: str, windows: int) -> dict:
     info = getattr(getattr(model.config, "quantization_config", None), "run_info", {}) or {}
     return {"row": name, "config": kwargs, "ppl": round(ppl, 3), "bits_per_weight": info.get("bits_per_weight"),
             "quantize_s": round(quant_s, 1), "eval_s": round(eval_s, 1), "windows": windows,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "cbq": info.get("cbq_calibration"),
+            "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
 def render(results: dict[str, dict]) -> str:

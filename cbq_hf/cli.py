@@ -50,11 +50,21 @@ def _add_quantize(sub) -> None:
     g.add_argument("--epochs", type=int, default=None, help="passes over the samples per window")
     g.add_argument("--device", default="auto", help="calibration device: auto, cpu, cuda, cuda:N")
     g.add_argument("--checkpoint-dir", default=None, help="folder to resume an interrupted calibration from")
+    g = p.add_argument_group("placement (models larger than one device, docs/scale_out.md)")
+    g.add_argument("--device-map", default=None,
+                   help="transformers/accelerate device_map for loading: auto, balanced, sequential, cpu, ... "
+                        "(default: none, the whole model in memory on the CPU)")
+    g.add_argument("--max-memory", action="append", default=[], metavar="DEVICE=SIZE",
+                   help="memory budget per device for --device-map, e.g. --max-memory 0=8GiB --max-memory cpu=60GiB")
+    g.add_argument("--offload-folder", default=None,
+                   help="folder for weights that do not fit the --max-memory budgets (offloaded to disk)")
     g.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="any other CBQConfig field, e.g. --set lora_rank=8 (JSON values)")
     g = p.add_argument_group("output")
     g.add_argument("--eval-text", default=None, help="also report perplexity on this text file after quantizing")
     g.add_argument("--push-to-hub", default=None, metavar="REPO", help="also push the checkpoint to this Hub repo")
+    g.add_argument("--loss-plot", default=None, metavar="PNG",
+                   help="write a plot of the reconstruction loss per window (method cbq; needs matplotlib)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype to load the model in (default float32)")
 
@@ -165,6 +175,8 @@ def cmd_quantize(args) -> dict:
             fields[key] = json.loads(value)
         except json.JSONDecodeError:
             fields[key] = value
+    if args.loss_plot:
+        _check_loss_plot(args)
     tok = _tokenizer(args.model)
     try:
         cfg = CBQConfig(tokenizer=tok, **fields)
@@ -172,17 +184,20 @@ def cmd_quantize(args) -> dict:
         raise CLIError(str(e), EXIT_USAGE) from e
     start = time.perf_counter()
     try:
-        model = _load(args.model, args.dtype, quantization_config=cfg)
+        model = _load(args.model, args.dtype, quantization_config=cfg, **_placement(args))
     except ValueError as e:
         raise CLIError(str(e), EXIT_USAGE) from e
     seconds = time.perf_counter() - start
-    result: dict[str, Any] = {"model": args.model, "output": args.output, "quantize_seconds": round(seconds, 1)}
+    result: dict[str, Any] = {"model": args.model, "output": args.output, "quantize_seconds": round(seconds, 1),
+                              "method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym,
+                              "act_bits": cfg.act_bits, "format": cfg.format}
     result.update(model.config.quantization_config.run_info)
     if args.eval_text:
         from .evaluation import perplexity
 
         ppl = perplexity(model, tok, _read_text(args.eval_text))
         result["perplexity"] = round(ppl, 4)
+        result["eval_text"] = args.eval_text
         model.config.quantization_config.run_info["perplexity"] = result["perplexity"]
         model.config.quantization_config.run_info["perplexity_text"] = os.path.basename(args.eval_text)
     try:
@@ -190,8 +205,15 @@ def cmd_quantize(args) -> dict:
         tok.save_pretrained(args.output)
     except OSError as e:
         raise CLIError(f"cannot write {args.output!r}: {e}", EXIT_WRITE) from e
-    result["size_mb"] = round(sum(os.path.getsize(os.path.join(args.output, f)) for f in os.listdir(args.output)
-                                  if f.endswith(".safetensors")) / 2**20, 2)
+    result["size_mb"] = round(_safetensors_bytes(args.output) / 2**20, 2)
+    if os.path.isdir(args.model):
+        result["base_size_mb"] = round(_safetensors_bytes(args.model) / 2**20, 2)
+    report = getattr(getattr(model, "hf_quantizer", None), "calibration_report", None)
+    if report and report.get("windows"):
+        result["window_loss_start"] = [w["loss_start"] for w in report["windows"]]
+        result["window_loss_end"] = [w["loss_end"] for w in report["windows"]]
+    if args.loss_plot:
+        result["loss_plot"] = _write_loss_plot(report, args.loss_plot)
     if args.push_to_hub:
         try:
             model.push_to_hub(args.push_to_hub)
@@ -225,8 +247,111 @@ def cmd_eval(args) -> dict:
     return result
 
 
-def _summary_table(result: dict) -> str:
-    rows = [(k, v) for k, v in result.items() if not isinstance(v, (dict, list))]
+def _placement(args) -> dict[str, Any]:
+    """from_pretrained keyword arguments of --device-map / --max-memory / --offload-folder."""
+    if not args.device_map:
+        if args.max_memory or args.offload_folder:
+            raise CLIError("--max-memory and --offload-folder need --device-map (e.g. --device-map auto).", EXIT_USAGE)
+        return {}
+    kwargs: dict[str, Any] = {"device_map": args.device_map}
+    if args.max_memory:
+        budget: dict[Any, str] = {}
+        for item in args.max_memory:
+            dev, sep, size = item.partition("=")
+            if not sep or not dev or not size:
+                raise CLIError(f"--max-memory expects DEVICE=SIZE (e.g. 0=8GiB or cpu=60GiB), got {item!r}",
+                               EXIT_USAGE)
+            budget[int(dev) if dev.isdigit() else dev] = size
+        kwargs["max_memory"] = budget
+    if args.offload_folder:
+        kwargs["offload_folder"] = args.offload_folder
+    return kwargs
+
+
+def _safetensors_bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors"))
+
+
+def _check_loss_plot(args) -> None:
+    """Fail before calibrating when --loss-plot cannot be honoured."""
+    if args.method != "cbq":
+        raise CLIError("--loss-plot needs --method cbq (RTN has no reconstruction loss).", EXIT_USAGE)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        raise CLIError("--loss-plot needs matplotlib, which is not installed (`pip install matplotlib`), or drop "
+                       "--loss-plot; the losses are also in the JSON output (window_loss_start/_end).",
+                       EXIT_USAGE) from e
+
+
+def _write_loss_plot(report: dict | None, path: str) -> str:
+    """Plot the reconstruction loss of every window before and after training (log scale) to `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    windows = (report or {}).get("windows") or []
+    xs = list(range(1, len(windows) + 1))
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(xs, [w["loss_start"] for w in windows], "o-", label="start (initial grid)")
+    ax.plot(xs, [w["loss_end"] for w in windows], "o-", label="end (trained)")
+    ax.set_yscale("log")
+    ax.set_xlabel("window")
+    ax.set_ylabel("reconstruction loss")
+    ax.legend()
+    fig.tight_layout()
+    try:
+        fig.savefig(path)
+    except OSError as e:
+        raise CLIError(f"cannot write the loss plot {path!r}: {e}", EXIT_WRITE) from e
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _fmt_mb(mb: float) -> str:
+    return f"{mb / 1024:.2f} GiB" if mb >= 1024 else f"{mb:.1f} MiB"
+
+
+def _quantize_rows(r: dict) -> list[tuple[str, str]]:
+    """The human-readable rows of the `cbq-hf quantize` summary (what a user checks after a run)."""
+    fmt = f"W{r.get('bits')}" + (f"A{r['act_bits']}" if r.get("act_bits") else "A16")
+    group = r.get("group_size")
+    fmt += f" g{group}" if group and group > 0 else " per-row"
+    fmt += " sym" if r.get("sym") else " asym"
+    if r.get("format") not in (None, "uniform"):
+        fmt += f" ({r['format']})"
+    rows = [("model", str(r.get("model"))), ("output", str(r.get("output"))),
+            ("method", f"{r.get('method')}  {fmt}")]
+    if r.get("bits_per_weight") is not None:
+        rows.append(("bits per weight", f"{r['bits_per_weight']:.3f}  ({r.get('quantized_linears')} linears)"))
+    if r.get("size_mb") is not None:
+        size = _fmt_mb(r["size_mb"])
+        if r.get("base_size_mb"):
+            size += f"  (full precision {_fmt_mb(r['base_size_mb'])}, {r['base_size_mb'] / r['size_mb']:.1f}x smaller)"
+        rows.append(("size on disk", size))
+    cal = r.get("cbq_calibration") or {}
+    if cal:
+        rows.append(("windows", f"{cal.get('windows')}  ({cal.get('windows_reverted', 0)} reverted, "
+                                f"{cal.get('windows_nan_fallback', 0)} NaN fallback) on {cal.get('device')}"))
+    losses_s, losses_e = r.get("window_loss_start") or [], r.get("window_loss_end") or []
+    if losses_s:
+        mean_drop = sum((s - e) / s for s, e in zip(losses_s, losses_e) if s > 0) / len(losses_s)
+        rows.append(("window loss", f"mean {100 * mean_drop:.1f}% below its starting point"))
+    if r.get("calibration_seconds") is not None:
+        rows.append(("calibration time", f"{r['calibration_seconds']:.1f} s"))
+    rows.append(("total time", f"{r.get('quantize_seconds')} s (load + calibrate)"))
+    if r.get("perplexity") is not None:
+        rows.append(("perplexity", f"{r['perplexity']:.3f}  ({os.path.basename(str(r.get('eval_text')))})"))
+    if r.get("loss_plot"):
+        rows.append(("loss plot", str(r["loss_plot"])))
+    if r.get("pushed_to"):
+        rows.append(("pushed to", str(r["pushed_to"])))
+    return rows
+
+
+def _summary_table(rows: list[tuple[str, str]]) -> str:
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
 
@@ -238,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "quantize":
             result = cmd_quantize(args)
-            print("cbq-hf quantize: done\n" + _summary_table(result), file=sys.stderr)
+            print("cbq-hf quantize: done\n" + _summary_table(_quantize_rows(result)), file=sys.stderr)
             print(json.dumps(result))
         elif args.command == "eval":
             print(json.dumps(cmd_eval(args)))

@@ -32,8 +32,15 @@ def test_quantize_then_eval(model_with_tokenizer, tmp_path, capsys):
     rc = main(["quantize", model, str(out), "--method", "rtn", "--bits", "4", "--group-size", "32",
                "--eval-text", text])
     assert rc == 0
-    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    captured = capsys.readouterr()
+    res = json.loads(captured.out.strip().splitlines()[-1])
     assert res["bits_per_weight"] > 4 and res["perplexity"] > 1
+    # the human-readable summary on stderr: the numbers a user checks, with units
+    summary = captured.err[captured.err.index("cbq-hf quantize: done"):]
+    assert "W4A16 g32 asym" in summary
+    assert f"bits per weight   {res['bits_per_weight']:.3f}" in summary
+    assert "size on disk" in summary and "x smaller" in summary
+    assert f"perplexity        {res['perplexity']:.3f}  (text.txt)" in summary
     assert (out / "README.md").exists() and (out / "tokenizer.json").exists()
     rc = main(["eval", str(out), "--text", text, "--seqlen", "64", "--windows", "5", "--json", str(tmp_path / "e.json")])
     assert rc == 0
@@ -70,3 +77,52 @@ def test_help_lists_commands(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "quantize" in out and "eval" in out
+
+
+def test_loss_plot_without_matplotlib_fails_before_calibrating(model_with_tokenizer, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    model, _ = model_with_tokenizer
+    rc = main(["quantize", model, str(tmp_path / "q"), "--group-size", "32", "--loss-plot", str(tmp_path / "l.png")])
+    assert rc == EXIT_USAGE
+    assert "needs matplotlib" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
+
+
+def test_loss_plot_with_rtn_is_usage_error(model_with_tokenizer, tmp_path, capsys):
+    model, _ = model_with_tokenizer
+    rc = main(["quantize", model, str(tmp_path / "q"), "--method", "rtn", "--loss-plot", str(tmp_path / "l.png")])
+    assert rc == EXIT_USAGE
+    assert "--method cbq" in capsys.readouterr().err
+
+
+def test_quantize_with_disk_offload_matches_in_memory(model_with_tokenizer, tmp_path, capsys, caplog):
+    """--device-map/--max-memory/--offload-folder reach from_pretrained; the budget forces blocks onto disk."""
+    import logging
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import cbq_hf  # noqa: F401
+
+    model, _ = model_with_tokenizer
+    common = ["--method", "rtn", "--group-size", "32"]
+    assert main(["quantize", model, str(tmp_path / "mem"), *common]) == 0
+    with caplog.at_level(logging.INFO, logger="cbq_hf.calibration.offload"):
+        rc = main(["quantize", model, str(tmp_path / "off"), *common, "--device-map", "auto",
+                   "--max-memory", "cpu=200KB", "--offload-folder", str(tmp_path / "spill")])
+    assert rc == 0
+    assert "decoder blocks offloaded" in caplog.text and "0 of 2 decoder blocks" not in caplog.text
+    x = torch.randint(0, 120, (1, 10))
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(tmp_path / "mem")(x).logits
+        b = AutoModelForCausalLM.from_pretrained(tmp_path / "off")(x).logits
+    assert torch.equal(a, b)
+
+
+def test_max_memory_without_device_map_is_usage_error(model_with_tokenizer, tmp_path, capsys):
+    model, _ = model_with_tokenizer
+    rc = main(["quantize", model, str(tmp_path / "q"), "--method", "rtn", "--max-memory", "cpu=1GiB"])
+    assert rc == EXIT_USAGE
+    assert "need --device-map" in capsys.readouterr().err
