@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import shlex
 import sys
 import time
@@ -131,6 +132,7 @@ def render(rows: list[dict]) -> str:
                              and f["variant"] == "full" and f["budget"] == r["budget"]), None)
                 delta = f"{r['ppl'] / full['ppl']:.3f}x" if full else "–"
                 lines.append(f"| {r['setting']} | {r['variant']} | {r['budget']} | {fmt_ppl(r, fp)} | {delta} |")
+        lines.append("")
     if proxy:
         lines += ["", "## Ablation proxy (first K blocks only)", "",
                   "Relative MSE of the final hidden states of a model cut after its first K decoder blocks, on 8 "
@@ -201,9 +203,27 @@ def _rows_or_empty(path: Path) -> list[dict]:
     return rows if ok else []
 
 
+def _gptq_rows() -> list[dict]:
+    """Rows of `benchmarks/gptq_baseline.py` results (one JSON object per setting, full 40-window protocol)."""
+    rows = []
+    for f in sorted(RESULTS.glob("gptq_*.json")):
+        try:
+            g = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        m = re.fullmatch(r"(w\d+a\d+)(g-?\d+)", str(g.get("setting", "")))
+        if not (isinstance(g, dict) and m and "perplexity" in g):
+            continue
+        rows.append(dict(setting=f"{m.group(1)}_{m.group(2)}", method="gptq", variant="full",
+                         budget=f"n{g['nsamples']}x{g['seqlen']}", ppl=g["perplexity"],
+                         seconds=g.get("calibration_seconds"), eval_windows=40,
+                         command="python benchmarks/gptq_baseline.py --settings " + g["setting"]))
+    return rows
+
+
 def write_doc() -> None:
-    """docs/benchmarks_quality.md from every results file in benchmarks/results/."""
-    every = [r for f in sorted(RESULTS.glob("*.json")) for r in _rows_or_empty(f)]
+    """docs/benchmarks_quality.md from every results file in benchmarks/results/ (GPTQ baseline files included)."""
+    every = [r for f in sorted(RESULTS.glob("*.json")) for r in _rows_or_empty(f)] + _gptq_rows()
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text(render(every))
 
