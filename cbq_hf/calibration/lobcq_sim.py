@@ -49,7 +49,7 @@ from ..formats.lobcq import (
     encode,
     fake_quantize_activations,
 )
-from .rounding import inverse_rectified_sigmoid, rectified_sigmoid, rounding_regularizer
+from .rounding import TrainableQuantizer, inverse_rectified_sigmoid, rectified_sigmoid, rounding_regularizer
 
 #: Smallest positive E4M3 value (subnormal 2^-9): learned array scales never reach zero.
 E4M3_MIN = 2.0 ** -9
@@ -62,7 +62,7 @@ def _ste(value: torch.Tensor, through: torch.Tensor) -> torch.Tensor:
     return value.detach() + (through - through.detach())
 
 
-class LOBCQLinearSim(nn.Module):
+class LOBCQLinearSim(TrainableQuantizer):
     """Calibration-time stand-in for an `nn.Linear` in LO-BCQ: y = Q_act(x / input_scale) @ Q(W).T + b.
 
     Args:
@@ -231,12 +231,3 @@ class LOBCQLinearSim(nn.Module):
         """Packed `CBQLinear` buffers (CPU) of the hard-rounded weight: `LOBCQFormat.pack` of `codes()`."""
         LOBCQLinearSim._act_memo = None  # drop the memoised activation (and the input it holds)
         return self.fmt.pack(self.codes(), self.codebooks.cpu(), self.act_codebooks)
-
-    @torch.no_grad()
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.named_parameters()}
-
-    @torch.no_grad()
-    def restore(self, snap: dict[str, torch.Tensor]) -> None:
-        for k, p in self.named_parameters():
-            p.copy_(snap[k])

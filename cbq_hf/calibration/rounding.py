@@ -129,7 +129,23 @@ def fake_quantize_activations_ste(x: torch.Tensor, act_bits: int, clip: torch.Te
     return torch.clamp(round_ste(x / step), -qmax - 1, qmax) * step
 
 
-class QuantLinearSim(nn.Module):
+class TrainableQuantizer(nn.Module):
+    """Base of the calibration stand-ins (`QuantLinearSim`, `lobcq_sim.LOBCQLinearSim`): a window's starting point
+    is a snapshot of their trainable parameters, restored when the window falls back."""
+
+    @torch.no_grad()
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """Copies of every trainable parameter, by name."""
+        return {k: v.detach().clone() for k, v in self.named_parameters()}
+
+    @torch.no_grad()
+    def restore(self, snap: dict[str, torch.Tensor]) -> None:
+        """Put back the parameters of a `snapshot`, in place."""
+        for k, p in self.named_parameters():
+            p.copy_(snap[k])
+
+
+class QuantLinearSim(TrainableQuantizer):
     """Calibration-time stand-in for an `nn.Linear`: y = Q_act(x / input_scale) @ Q(W).T + b.
 
     Args:
@@ -244,12 +260,3 @@ class QuantLinearSim(nn.Module):
         self.hard = hard
         clip = float(self.clip_ratio()) if self.act_bits is not None else None
         return codes.cpu(), scale.cpu(), self.zero.cpu(), clip
-
-    @torch.no_grad()
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.named_parameters()}
-
-    @torch.no_grad()
-    def restore(self, snap: dict[str, torch.Tensor]) -> None:
-        for k, p in self.named_parameters():
-            p.copy_(snap[k])
