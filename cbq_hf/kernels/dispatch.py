@@ -80,10 +80,32 @@ def _select(module, x: torch.Tensor) -> tuple[str, Callable]:
     return "reference", reference.linear
 
 
+#: Distinct (forced, dtype, device, rows) selections remembered per module; prefill with many prompt lengths would
+#: otherwise grow the memo without bound.
+_MEMO_SIZE = 32
+
+
 def linear(module, x: torch.Tensor) -> torch.Tensor:
-    """Forward of a `CBQLinear` through the selected kernel path."""
-    name, fn = _select(module, x)
-    module.last_kernel = name
+    """Forward of a `CBQLinear` through the selected kernel path.
+
+    The choice depends only on the forced name, x's dtype, device and row count, and on the module's format and
+    buffers; it is remembered per module in ``module._kernel_cache`` (cleared whenever the buffers are replaced or
+    moved), because asking every path's `supports`/`prefer` costs more than a small decode GEMV (~20 us per call).
+    """
+    forced = _forced or os.environ.get("CBQ_KERNEL") or None
+    key = (forced, x.dtype, x.device, x.numel() // max(x.shape[-1], 1))
+    cache = module._kernel_cache
+    memo = cache.get("dispatch")
+    if memo is None:
+        memo = cache["dispatch"] = {}
+    hit = memo.get(key)
+    if hit is None:
+        if len(memo) >= _MEMO_SIZE:
+            memo.clear()
+        hit = memo[key] = _select(module, x)
+    name, fn = hit
+    # plain attribute write: nn.Module.__setattr__ costs more than the check it would do here
+    module.__dict__["last_kernel"] = name
     return fn(module, x)
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..formats.registry import QuantFormat
+from ..kernels import dispatch
 
 
 class CBQLinear(nn.Module):
@@ -79,14 +80,16 @@ class CBQLinear(nn.Module):
         self._kernel_cache = {}
         return super()._apply(fn, recurse)
 
+    def _load_from_state_dict(self, *args, **kwargs):  # load_state_dict copies in place: drop repacked state too
+        self._kernel_cache.clear()
+        return super()._load_from_state_dict(*args, **kwargs)
+
     def dequantized_weight(self) -> torch.Tensor:
         """Float32 [out_features, in_features] weight exactly as the packed buffers encode it."""
         return self.fmt.dequantize(self.packed_buffers(), self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ..kernels.dispatch import linear
-
-        return linear(self, x)
+        return dispatch.linear(self, x)
 
     def extra_repr(self) -> str:
         act = f", act_bits={self.fmt.act_bits}" if self.fmt.act_bits else ""

@@ -67,3 +67,28 @@ def test_import_does_not_build_or_import_a_compiler():
             "assert 'torch.utils.cpp_extension' not in sys.modules, 'cpp_extension imported'; "
             "assert build._state == {}, 'built at import'; assert 'cpu_packed' in d.available_kernels()")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "CBQ_KERNEL": ""})
+
+
+@needs_kernels
+def test_remembered_choice_follows_rows_forcing_and_reloaded_weights(monkeypatch):
+    """The per-module memo of the selection must not outlive what it depends on: the row count, a forced kernel,
+    and the weights (load_state_dict copies in place, which must also drop the repacked panels)."""
+    lin = make_linear(8, 64, 4, 32)
+    x = torch.randn(1, 64)
+    lin(x)
+    assert lin.last_kernel == "cpu_packed"
+    lin(torch.randn(paths.DEQUANT_MIN_M, 64))
+    assert lin.last_kernel == "cpu_dequant"
+    with dispatch.force_kernel("reference"):
+        lin(x)
+    assert lin.last_kernel == "reference"
+    monkeypatch.setenv("CBQ_KERNEL", "reference")
+    lin(x)
+    assert lin.last_kernel == "reference"
+    monkeypatch.delenv("CBQ_KERNEL")
+    lin(x)
+    assert lin.last_kernel == "cpu_packed"
+
+    other = make_linear(8, 64, 4, 32)
+    lin.load_state_dict(other.state_dict())
+    torch.testing.assert_close(lin(x), other(x), rtol=0, atol=0)
