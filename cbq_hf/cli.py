@@ -38,6 +38,8 @@ def _add_quantize(sub) -> None:
     g.add_argument("--sym", action="store_true", help="symmetric weight grid (default asymmetric)")
     g.add_argument("--act-bits", type=int, default=None, help="activation bits: 8 or 4 (default: weight-only)")
     g.add_argument("--format", default="uniform", choices=["uniform", "lobcq"], help="storage format")
+    g.add_argument("--lm-head-bits", type=int, default=None,
+                   help="also quantize the output head (8 or 4 bits, weight-only RTN; default: keep it float)")
     g = p.add_argument_group("calibration")
     g.add_argument("--method", default="cbq", choices=["cbq", "rtn"], help="calibration method (default cbq)")
     g.add_argument("--dataset", default="wikitext2",
@@ -160,6 +162,7 @@ def cmd_quantize(args) -> dict:
                        EXIT_WRITE)
     fields: dict[str, Any] = {
         "bits": args.bits, "group_size": args.group_size, "sym": args.sym, "act_bits": args.act_bits,
+        "lm_head_bits": args.lm_head_bits,
         "format": args.format, "method": args.method, "dataset": args.dataset, "seed": args.seed,
         "calibration_device": args.device, "checkpoint_dir": args.checkpoint_dir,
     }

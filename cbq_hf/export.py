@@ -145,6 +145,12 @@ def _config_dtype(config: dict[str, Any]) -> torch.dtype:
 
 def _check_settings(qconfig: Any, to: str) -> None:
     """Refuse settings that `to` cannot carry (before any tensor is read)."""
+    if getattr(qconfig, "lm_head_bits", None) is not None:
+        raise UnsupportedExportError(
+            f"lm_head_bits={qconfig.lm_head_bits} cannot be exported to {to}: the exporter writes the decoder "
+            f"linears only and keeps the output head in full precision, but this checkpoint no longer has a float "
+            f"head. Re-quantize with lm_head_bits=None to export, or load this checkpoint with `import cbq_hf`."
+        )
     if qconfig.format != "uniform":
         raise UnsupportedExportError(
             f"format={qconfig.format!r} cannot be exported to {to}: LO-BCQ stores codebook indices with per-block "

@@ -20,6 +20,7 @@ from transformers.quantizers.base import HfQuantizer
 from .config import FORMAT_VERSION, CBQConfig
 from .formats import get_format
 from .hub import install_save_hooks
+from .lm_head import empty_lm_head, quantize_lm_head
 from .modeling import empty_cbq_linear, find_decoder_blocks, quantizable_linears, set_module
 from .nn.linear import CBQLinear
 
@@ -68,6 +69,8 @@ class CBQHfQuantizer(HfQuantizer):
             set_module(model, name, q)
             for buf, (shape, _) in fmt.buffer_specs(q.out_features, q.in_features).items():
                 expected[f"{name}.{buf}"] = shape
+        if cfg.lm_head_bits is not None:
+            expected.update(empty_lm_head(model, cfg.lm_head_bits))
         from .serialization import verify_checkpoint
 
         verify_checkpoint(checkpoint_files or [], expected, cfg.loading_signature())
@@ -79,6 +82,8 @@ class CBQHfQuantizer(HfQuantizer):
         if not self.pre_quantized:
             start = time.perf_counter()
             self._calibrate(model)
+            if cfg.lm_head_bits is not None:
+                quantize_lm_head(model, cfg.lm_head_bits)
             cfg.run_info.update(self._summary(model))
             cfg.run_info["calibration_seconds"] = round(time.perf_counter() - start, 2)
             cfg.run_info.setdefault("base_model", getattr(model.config, "_name_or_path", None) or
