@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/generate.py [--new-tokens 128] [--batches 1 8] [--threads 1]
 
-Greedy `generate()`; tokens/s = batch * new tokens / wall time (prefill included). For W4A16 the greedy output is
-compared with the reference path (CBQ_KERNEL=reference). Reports checkpoint size on disk and resident memory.
+Greedy `generate()`; tokens/s = batch * new tokens / wall time (prefill included). For the W4A16 configs the greedy
+output is compared with the reference path (CBQ_KERNEL=reference). "+ int8 head" also quantizes the output head
+(`CBQConfig(lm_head_bits=8)`; the other configs keep it fp32, as the quality tables do). Reports checkpoint size on disk and resident memory.
 Every config runs in its own process (clean resident-memory numbers); a quantized config is first quantized (RTN)
 and saved by a separate process, then the timed process loads the saved checkpoint, as a deployment would.
 RSS load = resident memory added by `from_pretrained`; RSS run = added by the end of the runs (includes the kernels'
@@ -36,6 +37,7 @@ CONFIGS = {
     "fp32": None,
     "bf16": None,
     "W4A16 g128": dict(bits=4, group_size=128, act_bits=None),
+    "W4A16 g128 + int8 head": dict(bits=4, group_size=128, act_bits=None, lm_head_bits=8),
     "W2A16 g64": dict(bits=2, group_size=64, act_bits=None),
     "W4A8 g128": dict(bits=4, group_size=128, act_bits=8),
 }
@@ -101,7 +103,7 @@ def worker(name: str, path: str, batches: list[int], new_tokens: int, threads: i
             tps, out = run(model, tok, b, new_tokens)
             row[f"tok_s_b{b}"] = tps
             kernels |= {m.last_kernel for m in model.modules() if isinstance(m, cbq_hf.CBQLinear) and m.last_kernel}
-            if name == "W4A16 g128" and b == 1:
+            if name.startswith("W4A16") and b == 1:
                 # the reference path is ~30x slower than the kernels: compare the first `ref_tokens` greedy tokens
                 with force_kernel("reference"):
                     _, ref = run(model, tok, b, ref_tokens)

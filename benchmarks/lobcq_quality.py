@@ -2,7 +2,8 @@
 
 Rows (select with --rows, comma separated): fp32, uniform-w4a4-g128, uniform-w4a8-g128, lobcq-w4a16-universal,
 lobcq-w4a4-universal, lobcq-w4a4-per_layer, and with CBQ calibration (on WikiText-2 validation text)
-uniform-w4a4-g128-cbq, lobcq-w4a4-universal-cbq, lobcq-w4a4-per_layer-cbq, lobcq-w4a16-universal-cbq.
+uniform-w4a4-g128-cbq, lobcq-w4a4-universal-cbq, lobcq-w4a4-per_layer-cbq, lobcq-w4a16-universal-cbq, and
+lobcq-w4a4-universal-cbq-n8x256 (the main quality table's calibration budget instead of 4 x 128).
 Results accumulate in benchmarks/results/lobcq_quality.json (a row already there is skipped unless --redo) and are
 rendered to lobcq_quality.md.
 
@@ -28,6 +29,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 #: 2 min per window at 8 x 128).
 VALID = ROOT.parent / "shared" / "data" / "wikitext-2" / "wiki.valid.tokens"
 CBQ_BUDGET = dict(nsamples=4, seqlen=128, epochs=2, batch_size=2, lr=1e-2, lr_scale=1e-3)
+#: The budget of the main quality table (benchmarks/quality.py rows "n8x256 e2").
+CBQ_BUDGET_MAIN = dict(nsamples=8, seqlen=256, epochs=2, batch_size=2, lr=1e-2, lr_scale=1e-3)
 
 ROWS: dict[str, dict | None] = {
     "fp32": None,
@@ -44,6 +47,8 @@ ROWS: dict[str, dict | None] = {
                                      **CBQ_BUDGET),
     "lobcq-w4a16-universal-cbq": dict(method="cbq", format="lobcq", act_bits=None, lobcq_codebooks="universal",
                                       **CBQ_BUDGET),
+    "lobcq-w4a4-universal-cbq-n8x256": dict(method="cbq", format="lobcq", act_bits=4, lobcq_codebooks="universal",
+                                            **CBQ_BUDGET_MAIN),
 }
 
 

@@ -32,6 +32,7 @@ from cbq_hf.calibration.engine import calibrate  # noqa: E402
 from cbq_hf.calibration.rtn import quantize_rtn  # noqa: E402
 from cbq_hf.config import CBQConfig  # noqa: E402
 from cbq_hf.formats import get_format  # noqa: E402
+from cbq_hf.lm_head import quantize_lm_head  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -43,6 +44,8 @@ SETTINGS = {
     "w2a16_g64": dict(bits=2, group_size=64, act_bits=None),
     "w4a8_g128": dict(bits=4, group_size=128, act_bits=8),
     "w4a4_g128": dict(bits=4, group_size=128, act_bits=4),
+    # the same W4A16 with the output head quantized too (int8 RTN, CBQConfig(lm_head_bits=8)): what it costs
+    "w4a16_g128_head8": dict(bits=4, group_size=128, act_bits=None, lm_head_bits=8),
 }
 ABLATIONS = {
     "window_size=1": dict(window_size=1, window_overlap=0),
@@ -189,6 +192,8 @@ def run_proxy(args, path, tok, settings, methods, ablations, budget, record) -> 
                             batch_size=args.batch_size, **SETTINGS[s], **extra)
             model = _truncated(path, args.proxy_blocks)
             rep = calibrate(model, cfg, ids, progress=False)
+            if cfg.lm_head_bits is not None:
+                quantize_lm_head(model, cfg.lm_head_bits)
             record(dict(setting=s, method=f"cbq-{tag}", variant=v, budget=budget, rel_mse=rel(model),
                         seconds=rep["seconds"]))
 
@@ -304,6 +309,8 @@ def main(argv: list[str] | None = None) -> None:
             cfg = CBQConfig(method="rtn", **SETTINGS[s])
             t0 = time.perf_counter()
             quantize_rtn(model, get_format(cfg), progress=False)
+            if cfg.lm_head_bits is not None:
+                quantize_lm_head(model, cfg.lm_head_bits)
             record(dict(setting=s, method="rtn", variant="full", budget="-", ppl=evaluate(model, tok,
                    args.eval_windows), seconds=round(time.perf_counter() - t0, 1)))
         variants = (["full"] if "cbq" in methods else []) + ablations
@@ -317,6 +324,8 @@ def main(argv: list[str] | None = None) -> None:
                             batch_size=args.batch_size, **SETTINGS[s], **extra)
             model = load_model(path)
             rep = calibrate(model, cfg, ids, progress=False)
+            if cfg.lm_head_bits is not None:
+                quantize_lm_head(model, cfg.lm_head_bits)
             statuses = [w["status"] for w in rep["windows"]]
             record(dict(setting=s, method="cbq", variant=v, budget=budget + (
                 f" lr{args.lr}" if args.lr is not None else "") + (
