@@ -31,6 +31,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -171,26 +172,42 @@ inline void chunk_float(const uint8_t* w, const float* xc, __m256 p[8]) {
   }
 }
 
-// One panel (8 rows) against one arranged token: out = sum_g s_g * (sum q x - z_g * xsum_g).
-template <int SLOT, int MODE>
-__m256 panel_float(const uint8_t* w, const at::Half* sc, const uint8_t* zp, const float* xa, const float* xsum,
-                   const Geometry& g) {
+// The loop both panel kernels share: for every group g, the 8 rows' partial sums p[8] (float or int32 lanes) are
+// accumulated chunk by chunk with chunk(w, chunk index, p), then out += s_g * group_dot(g, p), where group_dot
+// applies the zero-point correction and reduces the lanes. The weight stream is prefetched one step ahead.
+template <int SLOT, typename Lane, typename ChunkFn, typename GroupDotFn>
+inline __m256 panel_groups(const uint8_t* w, const at::Half* sc, const Geometry& g, ChunkFn chunk,
+                           GroupDotFn group_dot) {
   constexpr int CB = 64 * SLOT / 8;
   const int64_t cpg = g.chunks_per_group();
   __m256 acc = _mm256_setzero_ps();
   for (int64_t gi = 0; gi < g.G; ++gi) {
-    __m256 p[8];
-    for (auto& v : p) v = _mm256_setzero_ps();
+    Lane p[8];
+    for (auto& v : p) {
+      if constexpr (std::is_same_v<Lane, __m256>) v = _mm256_setzero_ps();
+      else v = _mm256_setzero_si256();
+    }
     for (int64_t ch = 0; ch < cpg; ++ch) {
       prefetch_ahead(w, kRows * CB);
-      chunk_float<SLOT, MODE>(w, xa + (gi * cpg + ch) * kChunk, p);
+      chunk(w, gi * cpg + ch, p);
       w += kRows * CB;
     }
-    const __m256 z = _mm256_cvtepi32_ps(load_zeros(zp + gi * kRows));
-    const __m256 dot = _mm256_fnmadd_ps(z, _mm256_set1_ps(xsum[gi]), reduce_rows(p));
-    acc = _mm256_fmadd_ps(load_scales(sc + gi * kRows), dot, acc);
+    acc = _mm256_fmadd_ps(load_scales(sc + gi * kRows), group_dot(gi, p), acc);
   }
   return acc;
+}
+
+// One panel (8 rows) against one arranged token: out = sum_g s_g * (sum q x - z_g * xsum_g).
+template <int SLOT, int MODE>
+__m256 panel_float(const uint8_t* w, const at::Half* sc, const uint8_t* zp, const float* xa, const float* xsum,
+                   const Geometry& g) {
+  return panel_groups<SLOT, __m256>(
+      w, sc, g,
+      [xa](const uint8_t* wc, int64_t c, __m256* p) { chunk_float<SLOT, MODE>(wc, xa + c * kChunk, p); },
+      [zp, xsum](int64_t gi, const __m256* p) {
+        const __m256 z = _mm256_cvtepi32_ps(load_zeros(zp + gi * kRows));
+        return _mm256_fnmadd_ps(z, _mm256_set1_ps(xsum[gi]), reduce_rows(p));
+      });
 }
 
 // Arrange one token for the float path (see float_code / x_exponent) with zeros in the group padding; xsum = per-group
@@ -255,29 +272,23 @@ template <int SLOT>
 __m256 panel_int(const uint8_t* w, const at::Half* sc, const uint8_t* zp, const int8_t* xc, const int32_t* csum,
                  const Geometry& g) {
   constexpr int CB = 64 * SLOT / 8;
-  const int64_t cpg = g.chunks_per_group();
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t gi = 0; gi < g.G; ++gi) {
-    __m256i p[8];
-    for (auto& v : p) v = _mm256_setzero_si256();
-    for (int64_t ch = 0; ch < cpg; ++ch) {
-      const int8_t* x = xc + (gi * cpg + ch) * kChunk;
-      const __m256i xlo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
-      const __m256i xhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32));
-      prefetch_ahead(w, kRows * CB);
+  return panel_groups<SLOT, __m256i>(
+      w, sc, g,
+      [xc](const uint8_t* wc, int64_t c, __m256i* p) {
+        const int8_t* x = xc + c * kChunk;
+        const __m256i xlo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+        const __m256i xhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32));
 #pragma GCC unroll 8
-      for (int r = 0; r < 8; ++r) {
-        __m256i lo, hi;
-        split_chunk<SLOT>(w + r * CB, lo, hi);
-        p[r] = dot_u8s8(dot_u8s8(p[r], lo, xlo), hi, xhi);
-      }
-      w += kRows * CB;
-    }
-    const __m256i corr = _mm256_mullo_epi32(load_zeros(zp + gi * kRows), _mm256_set1_epi32(csum[gi]));
-    const __m256 dot = _mm256_cvtepi32_ps(_mm256_sub_epi32(reduce_rows(p), corr));
-    acc = _mm256_fmadd_ps(load_scales(sc + gi * kRows), dot, acc);
-  }
-  return acc;
+        for (int r = 0; r < 8; ++r) {
+          __m256i lo, hi;
+          split_chunk<SLOT>(wc + r * CB, lo, hi);
+          p[r] = dot_u8s8(dot_u8s8(p[r], lo, xlo), hi, xhi);
+        }
+      },
+      [zp, csum](int64_t gi, const __m256i* p) {
+        const __m256i corr = _mm256_mullo_epi32(load_zeros(zp + gi * kRows), _mm256_set1_epi32(csum[gi]));
+        return _mm256_cvtepi32_ps(_mm256_sub_epi32(reduce_rows(p), corr));
+      });
 }
 
 // Pad one token's int8 codes per group (zeros in the padding) and sum them per group.
