@@ -112,14 +112,22 @@ def test_float_modes_convert_and_denormal_agree_with_reference(bits):
         assert_close(y, ref, magnitude(lin, x), torch.float32)
 
 
-def test_huge_activations_take_the_convert_mode():
+@pytest.fixture
+def float_mode_auto(monkeypatch):
+    """The denormal-capable automatic mode, whatever this CPU's timing chose (Intel cores pick "convert")."""
+    monkeypatch.setitem(build._state, "float_mode", build.FLOAT_MODES["auto"])
+
+
+def test_huge_activations_take_the_convert_mode(float_mode_auto):
     lin = make_linear(16, 128, 4, 64, input_scale=False)
     x = torch.randn(2, 128)
     x[1, 3] = 1e20  # beyond the denormal mode's range: the automatic choice must convert
     assert_close(_run(lin, x, "cpu_packed"), reference.linear(lin, x), magnitude(lin, x), torch.float32)
 
 
-def test_flush_denormal_mode_does_not_break_the_float_kernel():
+@pytest.mark.parametrize("mode", ["auto", "convert"])
+def test_flush_denormal_mode_does_not_break_the_float_kernel(mode, monkeypatch):
+    monkeypatch.setitem(build._state, "float_mode", build.FLOAT_MODES[mode])
     lin = make_linear(16, 128, 2, 64)
     x = torch.randn(3, 128)
     old = torch.set_flush_denormal(True)
@@ -129,3 +137,25 @@ def test_flush_denormal_mode_does_not_break_the_float_kernel():
         torch.set_flush_denormal(False)
     assert old
     assert_close(y, reference.linear(lin, x), magnitude(lin, x), torch.float32)
+
+
+def test_float_mode_is_timed_once_and_can_be_forced(monkeypatch):
+    saved = build._state.pop("float_mode", None)
+    try:
+        monkeypatch.delenv(build.FLOAT_MODE_ENV, raising=False)
+        chosen = build.float_mode()
+        assert chosen in build.FLOAT_MODES.values()
+        monkeypatch.setenv(build.FLOAT_MODE_ENV, "convert")
+        assert build.float_mode() == chosen  # measured once per process, not per call
+        for name, mode in build.FLOAT_MODES.items():
+            build._state.pop("float_mode")
+            monkeypatch.setenv(build.FLOAT_MODE_ENV, name.upper())
+            assert build.float_mode() == mode
+        build._state.pop("float_mode")
+        monkeypatch.setenv(build.FLOAT_MODE_ENV, "denormals")
+        with pytest.raises(ValueError, match="CBQ_HF_CPU_FLOAT_MODE='denormals' is not one of"):
+            build.float_mode()
+    finally:
+        build._state.pop("float_mode", None)
+        if saved is not None:
+            build._state["float_mode"] = saved
