@@ -61,10 +61,6 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def floor_ste(x: torch.Tensor) -> torch.Tensor:
-    return x + (torch.floor(x) - x).detach()
-
-
 def _group_sum(t: torch.Tensor, spec: UniformSpec) -> torch.Tensor:
     """Sum of t [N, K] over each group -> [N, G]."""
     n, k = t.shape
@@ -222,14 +218,18 @@ class QuantLinearSim(TrainableQuantizer):
         k = self.in_features
         s = expand_groups(scale, k, self.spec)
         z = expand_groups(self.zero, k, self.spec)
-        x = self.weight / s
         if self.use_lora_rounding:
             h = self.offsets()
             if self.hard:
                 h = h + ((h >= 0.5).to(h.dtype) - h).detach()
-            q = floor_ste(x) + h
+            # The rounding offsets choose between the floor and the ceiling of W on the *initial* grid; the learned
+            # step then only rescales those codes. Flooring on the moving grid instead (floor(W / s) + h) lets a
+            # 0.1% step change push every weight near a grid point over it while its learned h stays put, a
+            # whole-step error: that made learned steps worse than fixed ones (2-block proxy, W4A16, 32 steps:
+            # relative MSE 0.0089 vs 0.0065).
+            q = torch.floor(self.weight / expand_groups(self.scale0, k, self.spec)) + h
         else:
-            q = round_ste(x)
+            q = round_ste(self.weight / s)
         return torch.clamp(q + z, 0, self.spec.qmax)
 
     def quantized_weight(self) -> torch.Tensor:

@@ -136,3 +136,19 @@ def test_few_steps_lower_reconstruction_error():
     with torch.no_grad():
         end = float((sim(x) - target).pow(2).mean())
     assert end < 0.7 * start
+
+
+@pytest.mark.parametrize("spec", SPECS[:3], ids=SPEC_IDS[:3])
+def test_step_change_keeps_the_learned_rounding_choice(spec):
+    """With LoRA-Rounding the codes are floor(W / s0) + h: a small change of the learned step rescales them but must
+    not move any weight to another code (flooring on the moving grid did, a whole-step error per crossing weight)."""
+    sim = QuantLinearSim(_linear(), spec)
+    codes0, _, zero, _ = sim.freeze()
+    with torch.no_grad():
+        sim.log_delta.uniform_(-0.03, 0.03)
+    codes1, scale1, _, _ = sim.freeze()
+    assert torch.equal(codes0, codes1)
+    # and the weight follows the new step exactly: (q - z) * s
+    expected = (codes1.float() - expand_groups(zero, sim.in_features, spec)) * expand_groups(scale1, sim.in_features,
+                                                                                              spec)
+    assert torch.allclose(sim.quantized_weight().detach(), expected)
