@@ -15,6 +15,11 @@ Choices (and why):
   that h(V0) equals the rounding residual W/s0 - floor(W/s0): at the start the rounding is round-to-nearest, so
   an untrained (or zero-epoch) calibration is never worse than the initial grid. With V = A1 @ A2 alone every
   offset would start at h = 0.5 and the first hard rounding would round every weight up.
+- Codes with LoRA-Rounding are floor(W / s0) + h(V): the offsets choose floor or ceiling on the *initial* grid and
+  the learned step s only rescales the codes, W_q = s * (q - z). The paper's floor(W / s) + h(V) on the moving grid
+  couples the two badly: each small step update carries the weights next to a grid point across it while their
+  learned h stays put, a whole-step error. Measured (2-block proxy, W4A16 g128, 16 x 256 tokens, 32 steps,
+  relative MSE of the output): moving grid 0.0089, fixed steps 0.0065, initial-grid floor 0.0058.
 - The forward uses hard rounding (h >= 0.5) with the gradient of the soft h (straight-through). AdaRound's soft
   forward needs thousands of steps for the regulariser to push h to 0/1; with the few steps per window that fit
   on a CPU the soft model is close to the float one and the loss would not see the quantization. The annealed
