@@ -53,11 +53,28 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+VARIANT_ENV = "CBQ_HF_CPU_VARIANT"
+
+
 def select_variant(flags: set[str] | None = None) -> str | None:
-    """The best build variant this CPU runs, or None (not x86-64 or no AVX2/FMA)."""
+    """The best build variant this CPU runs, or None (not x86-64 or no AVX2/FMA).
+
+    ``CBQ_HF_CPU_VARIANT=avx2|avxvnni|avx512vnni`` picks a lower variant instead (to compare them, or to step around
+    a misbehaving wider build); one this CPU cannot run is refused with a ValueError.
+    """
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None
     flags = cpu_flags() if flags is None else flags
+    forced = os.environ.get(VARIANT_ENV, "").strip().lower()
+    if forced:
+        if forced not in _REQUIRED_FLAGS:
+            raise ValueError(f"{VARIANT_ENV}={forced!r} is not one of {sorted(_REQUIRED_FLAGS)}; unset it to let "
+                             "cbq_hf pick the best variant for this CPU.")
+        missing = _REQUIRED_FLAGS[forced] - flags
+        if missing:
+            raise ValueError(f"{VARIANT_ENV}={forced!r} needs CPU flags this CPU lacks ({', '.join(sorted(missing))}); "
+                             "choose a lower variant or unset it.")
+        return forced
     for name, needed in _REQUIRED_FLAGS.items():
         if needed <= flags:
             return name
