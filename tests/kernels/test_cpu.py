@@ -159,3 +159,17 @@ def test_float_mode_is_timed_once_and_can_be_forced(monkeypatch):
         build._state.pop("float_mode", None)
         if saved is not None:
             build._state["float_mode"] = saved
+
+
+@pytest.mark.parametrize("group", [64, 37, 100, -1], ids=lambda g: f"g{g}")
+@pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"w{b}")
+def test_dequantize_into_equals_the_reference_weight(bits, group):
+    """Exact in float32 (vector steps inside groups, scalar steps at odd group starts such as 37 for 2/4-bit
+    codes), and the same values rounded to nearest-even in bfloat16."""
+    lin = make_linear(19, 203, bits, group, input_scale=False)
+    ref = lin.dequantized_weight()
+    spec = lin.fmt.spec
+    for dtype in (torch.float32, torch.bfloat16):
+        out = torch.full((19, 203), float("nan"), dtype=dtype)
+        build.load().dequantize_into(lin.qweight, lin.scales, lin.zeros, spec.slot_bits, spec.group_len(203), out)
+        assert torch.equal(out, ref.to(dtype))

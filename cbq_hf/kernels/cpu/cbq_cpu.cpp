@@ -630,40 +630,95 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> repack(const at::Tensor& qweight,
 }
 
 // W_hat = (q - z) * s in float32 for rows [n0, n1) from the on-disk layout (SLOT a constant so the unpack vectorises).
+// float -> bfloat16, round to nearest even (the values here are finite: codes times fp16 scales).
+inline uint16_t to_bf16(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return static_cast<uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+
+inline void store8(float* o, __m256 v) { _mm256_storeu_ps(o, v); }
+
+inline void store8(at::BFloat16* o, __m256 v) {
+  const __m256i b = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7FFF)), odd), 16);
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(o), packed);
+}
+
+inline void store1(float* o, float v) { *o = v; }
+inline void store1(at::BFloat16* o, float v) {
+  const uint16_t h = to_bf16(v);
+  std::memcpy(o, &h, 2);
+}
+
+// Codes k .. k + 7 of a row (k a multiple of 8 / SLOT codes per byte) as 8 int32 lanes, on-disk order: code k at
+// byte k * SLOT / 8, bits (k % (8 / SLOT)) * SLOT.
 template <int SLOT>
+inline __m256i codes8(const uint8_t* qr, int64_t k) {
+  if constexpr (SLOT == 8) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qr + k)));
+  } else {
+    uint32_t u = 0;
+    std::memcpy(&u, qr + k * SLOT / 8, SLOT);  // 8 codes = SLOT bytes
+    const __m256i shifts = SLOT == 4 ? _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)
+                                     : _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(u)), shifts),
+                            _mm256_set1_epi32((1 << SLOT) - 1));
+  }
+}
+
+// W_hat rows n0..n1 of the on-disk layout into o [N, K] (float32 or bfloat16): (q - z) * s, computed as q s - z s,
+// both products exact in float32 (codes < 2^8 times fp16 scales), so the value is the reference's exactly before
+// the optional rounding to bfloat16. Eight codes per step inside a group, scalar at ragged group edges.
+template <int SLOT, typename OutT>
 void dequantize_rows(const uint8_t* q, int64_t rb, const at::Half* s, const uint8_t* z, int64_t K, int64_t G,
-                     int64_t glen, int64_t n0, int64_t n1, float* o) {
+                     int64_t glen, int64_t n0, int64_t n1, OutT* o) {
   constexpr int per_byte = 8 / SLOT, mask = (1 << SLOT) - 1;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* qr = q + n * rb;
-    float* orow = o + n * K;
+    OutT* orow = o + n * K;
     for (int64_t gi = 0; gi < G; ++gi) {
       const float sc = static_cast<float>(s[n * G + gi]);
       const float zs = static_cast<float>(z[n * G + gi]) * sc;
-      const int64_t k1 = std::min(K, (gi + 1) * glen);
-      for (int64_t k = gi * glen; k < k1; ++k) {
+      const int64_t k0 = gi * glen, k1 = std::min(K, k0 + glen);
+      int64_t k = k0;
+      if (k0 % per_byte == 0) {
+        const __m256 vs = _mm256_set1_ps(sc), vz = _mm256_set1_ps(zs);
+        for (; k + 8 <= k1; k += 8)
+          store8(orow + k, _mm256_sub_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(codes8<SLOT>(qr, k)), vs), vz));
+      }
+      for (; k < k1; ++k) {
         const int code = (qr[k / per_byte] >> ((k % per_byte) * SLOT)) & mask;
-        orow[k] = static_cast<float>(code) * sc - zs;
+        store1(orow + k, static_cast<float>(code) * sc - zs);
       }
     }
   }
 }
 
-// W_hat into `out` [N, K] (a reused workspace).
+// W_hat into `out` [N, K] (a reused workspace, float32 or bfloat16).
 void dequantize_into(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros, int64_t slot,
                      int64_t glen, at::Tensor out) {
   check_cpu(qweight, "qweight");
   check_cpu(scales, "scales");
   check_cpu(zeros, "zeros");
   check_cpu(out, "out");
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2, "out must be float32 [N, K]");
+  TORCH_CHECK((out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16) && out.dim() == 2,
+              "out must be float32 or bfloat16 [N, K]");
   TORCH_CHECK(scales.scalar_type() == at::kHalf && zeros.scalar_type() == at::kByte, "scales fp16, zeros uint8");
   TORCH_CHECK(slot == 2 || slot == 4 || slot == 8, "slot must be 2, 4 or 8");
   const int64_t N = out.size(0), K = out.size(1), G = scales.size(1), rb = qweight.size(1);
+  const bool bf16 = out.scalar_type() == at::kBFloat16;
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     with_slot(static_cast<int>(slot), [&](auto sl) {
-      dequantize_rows<decltype(sl)::value>(qweight.data_ptr<uint8_t>(), rb, scales.data_ptr<at::Half>(),
-                                           zeros.data_ptr<uint8_t>(), K, G, glen, n0, n1, out.data_ptr<float>());
+      constexpr int S = decltype(sl)::value;
+      if (bf16)
+        dequantize_rows<S>(qweight.data_ptr<uint8_t>(), rb, scales.data_ptr<at::Half>(), zeros.data_ptr<uint8_t>(),
+                           K, G, glen, n0, n1, out.data_ptr<at::BFloat16>());
+      else
+        dequantize_rows<S>(qweight.data_ptr<uint8_t>(), rb, scales.data_ptr<at::Half>(), zeros.data_ptr<uint8_t>(),
+                           K, G, glen, n0, n1, out.data_ptr<float>());
     });
   });
 }

@@ -2,8 +2,9 @@
 
 Paths (automatic choice in this order; each can be forced by name):
 
-- ``cpu_dequant``: prefill. Dequantize into a reused float32 workspace and call the dense float32 GEMM; the numbers
-  are the reference's (same weight, same GEMM). Chosen from `DEQUANT_MIN_M` rows on.
+- ``cpu_dequant``: prefill. Dequantize into a reused workspace and call one dense GEMM: float32 (the reference's
+  numbers: same weight, same GEMM) for float32/float16 inputs, bfloat16 for bfloat16 inputs (the CPU's bf16 matrix
+  units; weights rounded to bf16). Chosen from `DEQUANT_MIN_M` rows on.
 - ``cpu_int``: ``act_bits`` set and 2/3/4-bit weights. Activations are quantized per token in C++ (codes identical to
   the reference's), then int8 x uint8 dot products (AVX2 ``maddubs``, VNNI ``dpbusd`` when built for it) with exact
   int32 sums per group.
@@ -105,13 +106,13 @@ def _kernel_input(x2: torch.Tensor) -> torch.Tensor:
     return x2.contiguous()
 
 
-def workspace(numel: int) -> torch.Tensor:
-    """A float32 buffer of at least `numel` elements shared by all layers (one layer runs at a time); reusing it
+def workspace(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A buffer of at least `numel` elements of `dtype` shared by all layers (one layer runs at a time); reusing it
     avoids a fresh allocation, and its page faults, per call."""
-    buf = _workspace.get("f32")
+    buf = _workspace.get(str(dtype))
     if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=torch.float32)
-        _workspace["f32"] = buf
+        buf = torch.empty(numel, dtype=dtype)
+        _workspace[str(dtype)] = buf
     return buf[:numel]
 
 
@@ -141,14 +142,19 @@ def linear_int(module, x: torch.Tensor) -> torch.Tensor:
 
 
 def linear_dequant(module, x: torch.Tensor) -> torch.Tensor:
+    """Dequantize, then one dense GEMM: in float32 (the reference's numbers) for float32/float16 inputs; for bfloat16
+    inputs the weight is dequantized straight to bfloat16 and the GEMM runs in bfloat16 (fp32 accumulation), so
+    prefill gets the CPU's bf16 matrix units (AMX / AVX512-BF16) like a dense bf16 model; the only extra rounding
+    is that of each weight to bf16, the precision a bf16 model has anyway."""
     ops = build.load()
     n, k = module.out_features, module.in_features
-    w = workspace(n * k).view(n, k)
+    wdtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+    w = workspace(n * k, wdtype).view(n, k)
     ops.dequantize_into(module.qweight, module.scales, module.zeros, module.fmt.spec.slot_bits,
                         module.fmt.spec.group_len(k), w)
     xq = reference.prepare_input(module, x)
-    bias = module.bias.float() if module.bias is not None else None
-    return F.linear(xq.float(), w, bias).to(x.dtype)
+    bias = module.bias.to(wdtype) if module.bias is not None else None
+    return F.linear(xq.to(wdtype), w, bias).to(x.dtype)
 
 
 def register() -> None:
