@@ -78,8 +78,19 @@ def evaluate(model, tok, n_windows: int) -> float:
         torch.set_num_threads(_THREADS["calib"])
 
 
+#: Rows measured before LoRA-Rounding floored the codes on the initial grid (rounding.py) carry
+#: ``"rounding": "moving-grid"``; they are kept, marked with a dagger, and compared only with each other.
+MOVING_GRID_NOTE = ("† measured before the 2026-12-01 LoRA-Rounding fix: codes were floor(W / s) + h on the moving "
+                    "grid, which made learned step sizes hurt; rows without † use floor(W / s0) + h.")
+
+
 def row_key(r: dict) -> str:
-    return "|".join(str(r.get(k)) for k in ("setting", "method", "variant", "budget", "eval_windows", "proxy"))
+    return "|".join(str(r.get(k)) for k in ("setting", "method", "variant", "budget", "eval_windows", "proxy",
+                                            "rounding"))
+
+
+def _budget(r: dict) -> str:
+    return r["budget"] + (" †" if r.get("rounding") == "moving-grid" else "")
 
 
 def load_rows(path: Path) -> list[dict]:
@@ -125,16 +136,19 @@ def render(rows: list[dict]) -> str:
                 cbqs = [None]
             for c in cbqs:
                 lines.append(f"| {s} | {fmt_ppl(rtn, fp)} | {fmt_ppl(gptq, fp)} | {fmt_ppl(c, fp)} | "
-                             f"{c['budget'] if c else '–'} |")
+                             f"{_budget(c) if c else '–'} |")
         abl = [r for r in rs if r["method"] == "cbq" and r["variant"] != "full"]
         if abl:
             lines += ["", f"## Ablations (eval windows: {ev})", "",
                       "| setting | variant | budget | perplexity | vs full CBQ |", "|---|---|---|---|---|"]
             for r in sorted(abl, key=lambda r: (SETTING_ORDER.index(r["setting"]), r["variant"])):
                 full = next((f for f in rs if f["setting"] == r["setting"] and f["method"] == "cbq"
-                             and f["variant"] == "full" and f["budget"] == r["budget"]), None)
+                             and f["variant"] == "full" and f["budget"] == r["budget"]
+                             and f.get("rounding") == r.get("rounding")), None)
                 delta = f"{r['ppl'] / full['ppl']:.3f}x" if full else "–"
-                lines.append(f"| {r['setting']} | {r['variant']} | {r['budget']} | {fmt_ppl(r, fp)} | {delta} |")
+                lines.append(f"| {r['setting']} | {r['variant']} | {_budget(r)} | {fmt_ppl(r, fp)} | {delta} |")
+        if any(r.get("rounding") == "moving-grid" for r in rs):
+            lines += ["", MOVING_GRID_NOTE]
         lines.append("")
     if proxy:
         lines += ["", "## Ablation proxy (first K blocks only)", "",
@@ -143,8 +157,10 @@ def render(rows: list[dict]) -> str:
                   "perplexity where full-model runs do not fit the CPU budget.", "",
                   "| setting | method | variant | budget | rel. MSE | seconds |", "|---|---|---|---|---|---|"]
         for r in sorted(proxy, key=lambda r: (SETTING_ORDER.index(r["setting"]), r["method"], r["variant"])):
-            lines.append(f"| {r['setting']} | {r['method']} | {r['variant']} | {r['budget']} | {r['rel_mse']:.4g} "
+            lines.append(f"| {r['setting']} | {r['method']} | {r['variant']} | {_budget(r)} | {r['rel_mse']:.4g} "
                          f"| {r.get('seconds', '–')} |")
+        if any(r.get("rounding") == "moving-grid" for r in proxy):
+            lines += ["", MOVING_GRID_NOTE]
     cmds = sorted({r["command"] for r in rows + proxy if r.get("command")})
     lines += ["", "## Commands", ""] + [f"    {c}" for c in cmds] + [""]
     notes = RESULTS / "quality_notes.md"  # hand-written reading of the numbers, kept beside them
