@@ -25,6 +25,24 @@ def test_automatic_choice_by_rows(act_bits, m, expected):
     assert lin.last_kernel == expected
 
 
+@needs_kernels
+@pytest.mark.parametrize("native", [True, False], ids=["bf16-matrix-units", "emulated-bf16"])
+def test_bf16_inputs_switch_earlier_only_with_native_bf16_gemm(native, monkeypatch):
+    """bf16 prefill moves to dequantize + bf16 GEMM from DEQUANT_MIN_M_BF16 rows where the CPU has bf16 matrix
+    units; elsewhere bf16 inputs keep the float32 limits (and the fp32 GEMM)."""
+    monkeypatch.setitem(paths._workspace_flags, "bf16_native", native)
+    lin = make_linear(8, 64, 4, 32)
+    m = paths.DEQUANT_MIN_M_BF16
+    assert m < paths.DEQUANT_MIN_M
+    lin(torch.randn(m, 64, dtype=torch.bfloat16))
+    assert lin.last_kernel == ("cpu_dequant" if native else "cpu_packed")
+    lin(torch.randn(m, 64))  # fp32 input: float32 limit either way
+    assert lin.last_kernel == "cpu_packed"
+    lin8 = make_linear(8, 64, 4, 32, act_bits=8)
+    lin8(torch.randn(paths.DEQUANT_MIN_M_INT_BF16, 64, dtype=torch.bfloat16))
+    assert lin8.last_kernel == ("cpu_dequant" if native else "cpu_int")
+
+
 @pytest.mark.parametrize("name", ["reference", "cpu_packed"])
 def test_forcing_a_kernel_by_context_and_env(name, monkeypatch):
     if name != "reference" and build.select_variant() is None:

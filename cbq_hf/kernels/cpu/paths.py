@@ -3,8 +3,8 @@
 Paths (automatic choice in this order; each can be forced by name):
 
 - ``cpu_dequant``: prefill. Dequantize into a reused workspace and call one dense GEMM: float32 (the reference's
-  numbers: same weight, same GEMM) for float32/float16 inputs, bfloat16 for bfloat16 inputs (the CPU's bf16 matrix
-  units; weights rounded to bf16). Chosen from `DEQUANT_MIN_M` rows on.
+  numbers: same weight, same GEMM) for float32/float16 inputs, bfloat16 for bfloat16 inputs where the CPU has bf16
+  matrix units (weights rounded to bf16). Chosen from `dequant_min_rows` rows on.
 - ``cpu_int``: ``act_bits`` set and 2/3/4-bit weights. Activations are quantized per token in C++ (codes identical to
   the reference's), then int8 x uint8 dot products (AVX2 ``maddubs``, VNNI ``dpbusd`` when built for it) with exact
   int32 sums per group.
@@ -21,18 +21,26 @@ from .. import reference
 from . import build
 from .layout import Panels, repack
 
-#: Rows (tokens) from which `cpu_dequant` (dequantize + dense fp32 GEMM) is chosen over the packed kernels.
-#: Measured with `benchmarks/kernels.py --shapes 4096x4096 --ms 8 16 32 64 128 256 --paths cpu_packed cpu_int
-#: cpu_dequant` (benchmarks/results/kernels_crossover.md, 2-core AMD EPYC Zen 3, AVX2, 1 thread, load average ~9):
-#: the float packed kernel costs ~2 ms per token (W4A16: 127 ms at M=64, 229 ms at M=128) while dequantize (~24 ms)
-#: + dense fp32 GEMM costs 155 + 24 ms at M=64 and 192 + 24 ms at M=128, so the float crossover is ~100-128 rows.
-#: The integer kernel (~0.85 ms per token: 212 ms at M=256 vs 339 ms for dequantize + GEMM) was faster at every M
-#: measured, up to 512 in the full table, so its crossover is set above that.
-DEQUANT_MIN_M = 128
-DEQUANT_MIN_M_INT = 1024
+#: Rows (tokens) from which `cpu_dequant` (dequantize + one dense GEMM) is chosen over the packed kernels, measured
+#: with `benchmarks/kernels.py --shapes 4096x4096 --ms 4 8 16 32 64 128 512 --paths cpu_packed cpu_int cpu_dequant
+#: --reps 3 --min-time 0 --threads 1 --out kernels_crossover_spr` on a quiet Sapphire Rapids core (AVX-512, AMX;
+#: benchmarks/results/kernels_crossover_spr.md), dequantization taking ~9 ms (fp32) / ~6 ms (bf16) per 4096x4096:
+#:   * float activations: packed 15 / 36 / 76 ms at M = 16 / 32 / 64, dequantize + fp32 GEMM 30 / 38 / 47 ms;
+#:   * bf16 activations on a CPU with bf16 matrix units: packed 7.1 / 14.8 ms at M = 8 / 16, dequantize to bf16 +
+#:     bf16 GEMM 10.7 / 14.5 ms;
+#:   * integer path (W4A8): 19 / 55 / 177 ms at M = 64 / 128 / 512 against 48 / 61 / 171 ms (fp32 GEMM), and
+#:     against 21.5 / 18.7 ms at M = 64 / 128 with the bf16 GEMM.
+#: On the AVX2 Zen 3 machine of earlier sessions (emulated bf16 GEMM, so the bf16 rows do not apply there) the float
+#: crossover was ~100-128 rows with a 4x slower dequantization than today's; not re-measured since.
+DEQUANT_MIN_M = 48
+DEQUANT_MIN_M_BF16 = 16
+DEQUANT_MIN_M_INT = 512
+DEQUANT_MIN_M_INT_BF16 = 96
+_BF16_MATRIX_FLAGS = {"amx_bf16", "avx512_bf16"}
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _workspace: dict[str, torch.Tensor] = {}
+_workspace_flags: dict[str, bool] = {}
 
 
 def _rows(x: torch.Tensor) -> int:
@@ -59,17 +67,36 @@ def supports_int(module, x: torch.Tensor) -> bool:
     return _supports_common(module, x) and act is not None and 2 <= act <= 8 and module.fmt.spec.slot_bits in (2, 4)
 
 
+def bf16_gemm_is_native() -> bool:
+    """Whether this CPU has bf16 matrix instructions (AMX or AVX512-BF16); without them torch emulates the bf16
+    GEMM (7x slower than fp32 on the AVX2 Zen 3 machine), so `cpu_dequant` keeps fp32 for bf16 inputs."""
+    if "bf16_native" not in _workspace_flags:
+        _workspace_flags["bf16_native"] = bool(_BF16_MATRIX_FLAGS & build.cpu_flags())
+    return _workspace_flags["bf16_native"]
+
+
+def _bf16_gemm(x: torch.Tensor) -> bool:
+    return x.dtype == torch.bfloat16 and bf16_gemm_is_native()
+
+
+def dequant_min_rows(module, x: torch.Tensor) -> int:
+    """Rows from which `cpu_dequant` beats the packed kernels for this module and input (see DEQUANT_MIN_M)."""
+    bf16 = _bf16_gemm(x)
+    if module.fmt.act_bits is not None:
+        return DEQUANT_MIN_M_INT_BF16 if bf16 else DEQUANT_MIN_M_INT
+    return DEQUANT_MIN_M_BF16 if bf16 else DEQUANT_MIN_M
+
+
 def prefer_packed(module, x: torch.Tensor) -> bool:
-    return _rows(x) < DEQUANT_MIN_M
+    return _rows(x) < dequant_min_rows(module, x)
 
 
 def prefer_int(module, x: torch.Tensor) -> bool:
-    return _rows(x) < DEQUANT_MIN_M_INT
+    return _rows(x) < dequant_min_rows(module, x)
 
 
 def prefer_dequant(module, x: torch.Tensor) -> bool:
-    limit = DEQUANT_MIN_M_INT if module.fmt.act_bits is not None else DEQUANT_MIN_M
-    return _rows(x) >= limit
+    return _rows(x) >= dequant_min_rows(module, x)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -143,12 +170,12 @@ def linear_int(module, x: torch.Tensor) -> torch.Tensor:
 
 def linear_dequant(module, x: torch.Tensor) -> torch.Tensor:
     """Dequantize, then one dense GEMM: in float32 (the reference's numbers) for float32/float16 inputs; for bfloat16
-    inputs the weight is dequantized straight to bfloat16 and the GEMM runs in bfloat16 (fp32 accumulation), so
-    prefill gets the CPU's bf16 matrix units (AMX / AVX512-BF16) like a dense bf16 model; the only extra rounding
-    is that of each weight to bf16, the precision a bf16 model has anyway."""
+    inputs on a CPU with bf16 matrix units (AMX / AVX512-BF16) the weight is dequantized straight to bfloat16 and
+    the GEMM runs in bfloat16 (fp32 accumulation), like a dense bf16 model; the only extra rounding is that of each
+    weight to bf16, the precision a bf16 model has anyway."""
     ops = build.load()
     n, k = module.out_features, module.in_features
-    wdtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+    wdtype = torch.bfloat16 if _bf16_gemm(x) else torch.float32
     w = workspace(n * k, wdtype).view(n, k)
     ops.dequantize_into(module.qweight, module.scales, module.zeros, module.fmt.spec.slot_bits,
                         module.fmt.spec.group_len(k), w)
