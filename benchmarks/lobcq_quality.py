@@ -3,7 +3,8 @@
 Rows (select with --rows, comma separated): fp32, uniform-w4a4-g128, uniform-w4a8-g128, lobcq-w4a16-universal,
 lobcq-w4a4-universal, lobcq-w4a4-per_layer, and with CBQ calibration (on WikiText-2 validation text)
 uniform-w4a4-g128-cbq, lobcq-w4a4-universal-cbq, lobcq-w4a4-per_layer-cbq, lobcq-w4a16-universal-cbq, and
-lobcq-w4a4-universal-cbq-n8x256 (the main quality table's calibration budget instead of 4 x 128).
+lobcq-w4a4-universal-cbq-n8x256 (the main quality table's calibration budget instead of 4 x 128) and
+lobcq-w4a4-universal-cbq-n16x256 (twice that many calibration samples).
 Results accumulate in benchmarks/results/lobcq_quality.json (a row already there is skipped unless --redo) and are
 rendered to lobcq_quality.md.
 
@@ -49,6 +50,8 @@ ROWS: dict[str, dict | None] = {
                                       **CBQ_BUDGET),
     "lobcq-w4a4-universal-cbq-n8x256": dict(method="cbq", format="lobcq", act_bits=4, lobcq_codebooks="universal",
                                             **CBQ_BUDGET_MAIN),
+    "lobcq-w4a4-universal-cbq-n16x256": dict(method="cbq", format="lobcq", act_bits=4, lobcq_codebooks="universal",
+                                             **{**CBQ_BUDGET_MAIN, "nsamples": 16}),
 }
 
 

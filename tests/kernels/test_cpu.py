@@ -100,22 +100,59 @@ def test_ops_trace_under_torch_compile():
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"w{b}")
-def test_float_modes_convert_and_denormal_agree_with_reference(bits):
-    """Both unpack modes of the float kernel (vcvtdq2ps, and denormal reinterpretation) against the reference."""
+def test_float_modes_agree_with_reference(bits):
+    """Every mode of the float kernel (vcvtdq2ps, denormal reinterpretation, fixed point) against the reference,
+    over activations from 1e-4 to 1e4 (mode 2 runs as convert where the build has no fixed-point path)."""
     ops = build.load()
     lin = make_linear(37, 200, bits, 72, input_scale=False, bias=False)
     pan = paths.panels(lin)
     x = torch.randn(5, 200) * torch.logspace(-4, 4, 5).unsqueeze(1)
     ref = reference.linear(lin, x)
-    for mode in (0, 1):
+    for mode in (0, 1, 2):
         y = ops.gemm_float(x, pan.wpack, pan.scales, pan.zeros, None, pan.slot, 37, pan.glen, mode)
         assert_close(y, ref, magnitude(lin, x), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits", [2, 4], ids=lambda b: f"w{b}")
+def test_fixed_mode_with_outliers_tiny_groups_and_zeros(bits, dtype):
+    """Fixed point scales every group by its own largest |x| and cancels the zero point exactly: a 1000x outlier
+    inside a group, a token of 1e-30 values, an all-zero group and an all-zero token stay within fp32 rounding of
+    the reference (the convert and denormal modes do not with the outliers: their sum q x - z sum x cancels in fp32,
+    ~1e-5 of the magnitude here)."""
+    ops = build.load()
+    lin = make_linear(29, 300, bits, 64, input_scale=False)
+    pan = paths.panels(lin)
+    x = torch.randn(4, 300)
+    x[0, 5], x[0, 250] = 1000.0, -3000.0
+    x[1] *= 1e-30
+    x[2, 64:128] = 0.0
+    x[3] = 0.0
+    x = x.to(DTYPES[dtype])
+    y = ops.gemm_float(x, pan.wpack, pan.scales, pan.zeros, pan.bias, pan.slot, 29, pan.glen, 2)
+    if build.loaded_variant() not in build.FIXED_VARIANTS:  # no fixed point in this build: mode 2 is convert
+        convert = ops.gemm_float(x, pan.wpack, pan.scales, pan.zeros, pan.bias, pan.slot, 29, pan.glen, 0)
+        assert torch.equal(y, convert)
+        return
+    assert_close(y.to(x.dtype), reference.linear(lin, x), magnitude(lin, x), DTYPES[dtype])
+
+
+def test_fixed_mode_non_finite_activations_run_as_convert():
+    ops = build.load()
+    lin = make_linear(16, 128, 4, 64, input_scale=False)
+    pan = paths.panels(lin)
+    x = torch.randn(3, 128)
+    x[0, 7], x[2, 100] = float("inf"), float("nan")
+    fixed = ops.gemm_float(x, pan.wpack, pan.scales, pan.zeros, pan.bias, pan.slot, 16, pan.glen, 2)
+    convert = ops.gemm_float(x, pan.wpack, pan.scales, pan.zeros, pan.bias, pan.slot, 16, pan.glen, 0)
+    torch.testing.assert_close(fixed, convert, rtol=0, atol=0, equal_nan=True)
+    assert not torch.isfinite(fixed).all()
 
 
 @pytest.fixture
 def float_mode_auto(monkeypatch):
     """The denormal-capable automatic mode, whatever this CPU's timing chose (Intel cores pick "convert")."""
-    monkeypatch.setitem(build._state, "float_mode", build.FLOAT_MODES["auto"])
+    monkeypatch.setitem(build._state, "float_mode", dict.fromkeys((2, 4, 8), build.FLOAT_MODES["auto"]))
 
 
 def test_huge_activations_take_the_convert_mode(float_mode_auto):
@@ -125,9 +162,9 @@ def test_huge_activations_take_the_convert_mode(float_mode_auto):
     assert_close(_run(lin, x, "cpu_packed"), reference.linear(lin, x), magnitude(lin, x), torch.float32)
 
 
-@pytest.mark.parametrize("mode", ["auto", "convert"])
+@pytest.mark.parametrize("mode", ["auto", "convert", "fixed"])
 def test_flush_denormal_mode_does_not_break_the_float_kernel(mode, monkeypatch):
-    monkeypatch.setitem(build._state, "float_mode", build.FLOAT_MODES[mode])
+    monkeypatch.setitem(build._state, "float_mode", dict.fromkeys((2, 4, 8), build.FLOAT_MODES[mode]))
     lin = make_linear(16, 128, 2, 64)
     x = torch.randn(3, 128)
     old = torch.set_flush_denormal(True)
@@ -139,18 +176,20 @@ def test_flush_denormal_mode_does_not_break_the_float_kernel(mode, monkeypatch):
     assert_close(y, reference.linear(lin, x), magnitude(lin, x), torch.float32)
 
 
-def test_float_mode_is_timed_once_and_can_be_forced(monkeypatch):
+def test_float_mode_is_timed_once_per_slot_and_can_be_forced(monkeypatch):
     saved = build._state.pop("float_mode", None)
     try:
         monkeypatch.delenv(build.FLOAT_MODE_ENV, raising=False)
-        chosen = build.float_mode()
-        assert chosen in build.FLOAT_MODES.values()
+        chosen = {slot: build.float_mode(slot) for slot in (2, 4, 8)}
+        assert set(chosen.values()) <= set(build.FLOAT_MODES.values())
+        if build.loaded_variant() not in build.FIXED_VARIANTS:
+            assert build.FLOAT_MODES["fixed"] not in chosen.values()
         monkeypatch.setenv(build.FLOAT_MODE_ENV, "convert")
-        assert build.float_mode() == chosen  # measured once per process, not per call
+        assert {slot: build.float_mode(slot) for slot in (2, 4, 8)} == chosen  # measured once, not per call
         for name, mode in build.FLOAT_MODES.items():
             build._state.pop("float_mode")
             monkeypatch.setenv(build.FLOAT_MODE_ENV, name.upper())
-            assert build.float_mode() == mode
+            assert build.float_mode(2) == build.float_mode(4) == mode
         build._state.pop("float_mode")
         monkeypatch.setenv(build.FLOAT_MODE_ENV, "denormals")
         with pytest.raises(ValueError, match="CBQ_HF_CPU_FLOAT_MODE='denormals' is not one of"):

@@ -163,54 +163,71 @@ def load():
 
 
 #: ``mode`` argument of ``gemm_float``: 0 = convert the codes (vcvtdq2ps), -1 = reinterpret them as denormal floats
-#: when the activations' range allows it (else convert).
-FLOAT_MODES = {"convert": 0, "auto": -1}
+#: when the activations' range allows it (else convert), 2 = fixed point: activations as 24-bit integers per group
+#: on the integer dot-product units (AVX-512 VNNI builds only; see the kFixed note in cbq_cpu.cpp).
+FLOAT_MODES = {"convert": 0, "auto": -1, "fixed": 2}
+#: Variants whose build has the fixed-point mode (elsewhere mode 2 runs as convert).
+FIXED_VARIANTS = {"avx512vnni"}
+#: Code widths for which those variants take the fixed-point mode without timing. It wins on weights streamed from
+#: memory, which a small timed call cannot show (it fits in L2, where both modes are equally fast): 4096 x 4096, one
+#: Sapphire Rapids core, 4-bit codes g128 cold 1.07 ms (fixed) vs 1.27 ms (convert), in L3 0.90 vs 0.99 ms; 2-bit
+#: codes g64 cold 1.45 vs 1.35 ms (slower: unpacking 2-bit codes and the per-group work of 64-code groups dominate).
+FIXED_SLOTS = {4}
 FLOAT_MODE_ENV = "CBQ_HF_CPU_FLOAT_MODE"
 
 
-def _time_float_mode(ops, mode: int, reps: int = 5) -> float:
-    """Best-of-`reps` seconds of one W4 g128 1 x 2048 x 512 ``gemm_float`` call in `mode`."""
+def _time_float_mode(ops, mode: int, slot: int, reps: int = 5) -> float:
+    """Best-of-`reps` seconds of one 1 x 2048 x 512 ``gemm_float`` call in `mode` on `slot`-bit codes (groups of
+    128 codes for 4 and 8 bits, 64 for 2, as our presets use)."""
     gen = torch.Generator().manual_seed(0)
-    n, k, glen = 512, 2048, 128
-    qweight = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
+    n, k, glen = 512, 2048, 64 if slot == 2 else 128
+    qweight = torch.randint(0, 256, (n, k * slot // 8), dtype=torch.uint8, generator=gen)
     scales = torch.rand(n, k // glen, generator=gen).add_(0.5).half()
-    zeros = torch.full((n, k // glen), 8, dtype=torch.uint8)
-    wpack, s, z = ops.repack(qweight, scales, zeros, 4, k, glen)
+    zeros = torch.full((n, k // glen), 1 << (slot - 1), dtype=torch.uint8)
+    wpack, s, z = ops.repack(qweight, scales, zeros, slot, k, glen)
     x = torch.randn(1, k, generator=gen)
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
-        ops.gemm_float(x, wpack, s, z, None, 4, n, glen, mode)
+        ops.gemm_float(x, wpack, s, z, None, slot, n, glen, mode)
         best = min(best, time.perf_counter() - t0)
     return best
 
 
-def float_mode() -> int:
-    """The ``mode`` to pass to ``gemm_float`` on this CPU, measured once per process.
+def float_mode(slot: int = 4) -> int:
+    """The ``mode`` to pass to ``gemm_float`` for `slot`-bit codes on this CPU, measured once per process and slot.
 
-    The denormal trick saves one conversion per code and is ~1.3x faster where denormal operands run at full speed
-    (AMD Zen), but Intel cores take a microcode assist per denormal operand (measured 140 ms instead of ~1.5 ms per
-    4096 x 4096 call on a Sapphire Rapids core). Both modes give the same sums, so the faster one is picked by timing
-    a small call in each (~2 ms); ``CBQ_HF_CPU_FLOAT_MODE=convert|auto`` fixes the choice instead.
+    Three ways to multiply packed codes by float activations: convert every code (vcvtdq2ps + FMA), reinterpret it
+    as a denormal float (no conversion: ~1.3x faster where denormal operands run at full speed, on AMD Zen, but Intel
+    cores take a microcode assist per denormal operand: 140 ms instead of ~1.5 ms per 4096 x 4096 call on a Sapphire
+    Rapids core), or (AVX-512 VNNI builds) fixed point on the integer dot-product units, which is taken for the code
+    widths in FIXED_SLOTS (see there). Between the first two the faster is picked by timing a small call in each (a
+    few ms, once per slot). All give the reference's sums within fp32 rounding. ``CBQ_HF_CPU_FLOAT_MODE=
+    convert|auto|fixed`` fixes the choice instead (fixed runs as convert where it is unavailable).
     """
-    if "float_mode" in _state:
-        return _state["float_mode"]  # type: ignore[return-value]
+    modes: dict[int, int] = _state.setdefault("float_mode", {})  # type: ignore[assignment]
+    if slot in modes:
+        return modes[slot]
     ops = load()
     forced = os.environ.get(FLOAT_MODE_ENV, "").strip().lower()
     if forced:
         if forced not in FLOAT_MODES:
             raise ValueError(f"{FLOAT_MODE_ENV}={forced!r} is not one of {sorted(FLOAT_MODES)}; unset it to let "
-                             "cbq_hf time both modes.")
+                             "cbq_hf time the modes.")
         mode = FLOAT_MODES[forced]
     elif ops is None:
         mode = FLOAT_MODES["convert"]
     else:
-        _time_float_mode(ops, 0, reps=1)  # warm-up: first touch of the scratch buffers
-        t_convert, t_denormal = _time_float_mode(ops, 0), _time_float_mode(ops, 1)
-        mode = FLOAT_MODES["auto"] if t_denormal < t_convert else FLOAT_MODES["convert"]
-        logger.info("cbq_hf: float kernel mode %s (convert %.3f ms, denormal %.3f ms)",
-                    "auto" if mode < 0 else "convert", 1e3 * t_convert, 1e3 * t_denormal)
-    _state["float_mode"] = mode
+        if loaded_variant() in FIXED_VARIANTS and slot in FIXED_SLOTS:
+            best, times = "fixed", {}
+        else:
+            _time_float_mode(ops, 0, slot, reps=1)  # warm-up: first touch of the scratch buffers
+            times = {name: _time_float_mode(ops, FLOAT_MODES[name], slot) for name in ("convert", "auto")}
+            best = min(times, key=times.get)
+        mode = FLOAT_MODES[best]
+        logger.info("cbq_hf: float kernel mode for %d-bit codes: %s (%s)", slot, best,
+                    ", ".join(f"{n} {1e3 * t:.3f} ms" for n, t in times.items()) or "measured offline")
+    modes[slot] = mode
     return mode
 
 

@@ -84,7 +84,7 @@ inline void code_position(int slot, int c, int& byte, int& shift) {
 //     AVX2 (one vcvtdq2ps per 8 products); it needs DAZ off (run_panels clears it) and activations within range.
 // The activations are arranged and pre-scaled by 2^(xexp(mode) - s) to match, so every FMA product is
 // q_k * x_k * 2^(xexp - (mode == kDenormal ? 149 : 0)) exactly, and the result is rescaled once at the end.
-enum FloatMode { kConvert = 0, kDenormal = 1 };
+enum FloatMode { kConvert = 0, kDenormal = 1, kFixed = 2 };
 constexpr int kDenormalXExp = 90;  // products q x 2^-59: x up to 2^37 before overflow, down to ~2^-67 without underflow
 constexpr float kDenormalMaxAbsX = 1.3e11f;  // < 2^37: larger activations take the kConvert path
 
@@ -426,6 +426,117 @@ void panel_int(const PanelSet<NP>& ps, const int8_t* xc, const int32_t* csum, co
       out);
 }
 
+// ------------------------------------------------------------------------------------------ fixed-point float path
+// kFixed (AVX-512 VNNI builds, 2- and 4-bit codes): float activations as fixed point, so the products run on the
+// integer dot-product units (64 per instruction) instead of one conversion + one FMA per 16 codes. Per token and
+// group g: step_g = max|x| / kFixedMax (a float), v_k = round(x_k / step_g), |v_k| <= kFixedMax < 2^31 (an error of
+// at most max|x| * 2^-32 per activation), written as kLimbs signed base-256 digits d_l in [-128, 127]. Per row and
+// group, each digit plane's sum_k q_k d_l is an exact int32 (dpbusd), and
+//   T = sum_l 256^l sum_k q_k d_l - z_g sum_k v_k = sum_k (q_k - z_g) v_k
+// is exact in double (|T| <= 15 * 2^31 * group length < 2^53): the zero point cancels exactly, which the float
+// kernels' sum q x - z sum x does not (with a 1000x outlier in a group their error grows to ~1e-5 of the output's
+// magnitude; this path's stays at fp32 rounding). out = sum_g s_g step_g T in double, rounded to float once.
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+constexpr bool kHasFixed = true;
+constexpr int kLimbs = 4;
+constexpr double kFixedMax = 127.0 * (1.0 + 256.0 + 65536.0 + 16777216.0);  // the largest kLimbs-digit value
+// Longest group (codes) whose per-lane digit sums S stay within int32 after 256 * S_hi + S_lo: each lane adds 8
+// products |q d| <= 15 * 128 per 64 codes, so 257 * 15 * 128 * 8 * (Gp / 64) < 2^31 needs Gp <= 34752.
+constexpr int64_t kFixedMaxGroup = 32768;
+
+struct FixedAcc {
+  IntAcc p[kLimbs];  // digit plane l: registers j = rows 2j, 2j + 1 (see IntAcc)
+};
+
+// a += the 8 rows' chunks at wc times the chunk's kLimbs digit planes at x (kLimbs x 64 int8).
+template <int SLOT>
+inline void chunk_fixed(const uint8_t* wc, const int8_t* x, FixedAcc& a) {
+  constexpr int CB = 64 * SLOT / 8;
+  __m512i xlo[kLimbs], xhi[kLimbs];
+  for (int l = 0; l < kLimbs; ++l) {
+    xlo[l] = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64 * l)));
+    xhi[l] = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64 * l + 32)));
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    __m512i lo, hi;
+    split_pair<SLOT>(wc + 2 * j * CB, lo, hi);
+    for (int l = 0; l < kLimbs; ++l)
+      a.p[l].p[j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(a.p[l].p[j], lo, xlo[l]), hi, xhi[l]);
+  }
+}
+
+// NP panels against one arranged token (xa: [Kp / 64][kLimbs][64] digits; gstep[g] = step_g; gv[g] = sum_k v_k):
+// out[i] = sum_g s_g step_g sum_k (q_k - z_g) v_k.
+template <int SLOT, int NP>
+void panel_fixed(const PanelSet<NP>& ps, const int8_t* xa, const float* gstep, const double* gv, const Geometry& g,
+                 __m256* out) {
+  constexpr int CB = 64 * SLOT / 8;
+  const int64_t cpg = g.chunks_per_group();
+  const uint8_t* w[NP];
+  __m512d acc[NP];
+  for (int i = 0; i < NP; ++i) {
+    w[i] = ps.w[i];
+    acc[i] = _mm512_setzero_pd();
+  }
+  const __m512d base = _mm512_set1_pd(65536.0);
+  for (int64_t gi = 0; gi < g.G; ++gi) {
+#pragma GCC unroll 4
+    for (int i = 0; i < NP; ++i) {
+      FixedAcc a{};
+      for (int64_t ch = 0; ch < cpg; ++ch) {
+        prefetch_ahead(w[i], kRows * CB);
+        chunk_fixed<SLOT>(w[i], xa + (gi * cpg + ch) * kLimbs * kChunk, a);
+        w[i] += kRows * CB;
+      }
+      // Digit planes in pairs, per lane in int32: 256 * S_{2p+1} + S_{2p} (exact while the group has at most
+      // kFixedMaxGroup codes), so two lane reductions instead of four.
+      IntAcc pair[2];
+      for (int p = 0; p < 2; ++p)
+        for (int j = 0; j < 4; ++j)
+          pair[p].p[j] = _mm512_add_epi32(_mm512_slli_epi32(a.p[2 * p + 1].p[j], 8), a.p[2 * p].p[j]);
+      __m512d t = _mm512_fmadd_pd(_mm512_cvtepi32_pd(pair[1].rows()), base, _mm512_cvtepi32_pd(pair[0].rows()));
+      t = _mm512_fnmadd_pd(_mm512_cvtepi32_pd(load_zeros(ps.zp[i] + gi * kRows)), _mm512_set1_pd(gv[gi]), t);
+      const __m512d ss = _mm512_mul_pd(_mm512_cvtps_pd(load_scales(ps.sc[i] + gi * kRows)),
+                                       _mm512_set1_pd(static_cast<double>(gstep[gi])));
+      acc[i] = _mm512_fmadd_pd(t, ss, acc[i]);
+    }
+  }
+  for (int i = 0; i < NP; ++i) out[i] = _mm512_cvtpd_ps(acc[i]);
+}
+
+// Arrange one token for panel_fixed: digit planes per chunk (zeros in the group padding), steps and sum v.
+template <typename T>
+void arrange_fixed(const T* x, const Geometry& g, int8_t* xa, float* gstep, double* gv) {
+  std::memset(xa, 0, g.Kp * kLimbs);
+  for (int64_t gi = 0; gi < g.G; ++gi) {
+    const int64_t k0 = gi * g.glen;
+    const int64_t len = std::min(g.glen, g.K - k0);
+    float amax = 0.f;
+    for (int64_t k = 0; k < len; ++k) amax = std::max(amax, std::fabs(static_cast<float>(x[k0 + k])));
+    const float step = amax > 0.f ? static_cast<float>(amax / kFixedMax) : 1.f;
+    int64_t vsum = 0;
+    int8_t* dst = xa + gi * g.Gp * kLimbs;
+    for (int64_t k = 0; k < len; ++k) {
+      const double q = std::nearbyint(static_cast<double>(static_cast<float>(x[k0 + k])) / step);
+      int32_t v = static_cast<int32_t>(std::min(std::max(q, -kFixedMax), kFixedMax));
+      vsum += v;
+      int8_t* c = dst + (k / kChunk) * kLimbs * kChunk + k % kChunk;
+      for (int l = 0; l < kLimbs; ++l) {
+        const int8_t d = static_cast<int8_t>(static_cast<uint8_t>(v & 0xFF));
+        c[l * kChunk] = d;
+        v = (v - d) / 256;
+      }
+    }
+    gstep[gi] = step;
+    gv[gi] = static_cast<double>(vsum);
+  }
+}
+#else
+constexpr bool kHasFixed = false;
+constexpr int64_t kFixedMaxGroup = 0;
+#endif
+
 // Pad one token's int8 codes per group (zeros in the padding) and sum them per group.
 void arrange_int(const int8_t* c, const Geometry& g, int8_t* xa, int32_t* csum) {
   std::memset(xa, 0, g.Kp);
@@ -627,7 +738,41 @@ at::Tensor gemm_float(const at::Tensor& x, const at::Tensor& wpack, const at::Te
         is_f32 ? max_abs(x.data_ptr<float>(), x.numel()) : max_abs(x.data_ptr<at::BFloat16>(), x.numel());
     mode = amax < kDenormalMaxAbsX ? kDenormal : kConvert;
   }
-  TORCH_CHECK(mode == kConvert || mode == kDenormal, "mode must be -1, 0 or 1");
+  TORCH_CHECK(mode == kConvert || mode == kDenormal || mode == kFixed, "mode must be -1, 0, 1 or 2");
+  if (mode == kFixed) {
+    // Not built (AVX2 builds), 8-bit codes, groups over kFixedMaxGroup codes, or non-finite activations (no step
+    // to scale them by): kConvert.
+    const float amax =
+        is_f32 ? max_abs(x.data_ptr<float>(), x.numel()) : max_abs(x.data_ptr<at::BFloat16>(), x.numel());
+    if (!kHasFixed || g.slot == 8 || g.Gp > kFixedMaxGroup || !std::isfinite(amax)) mode = kConvert;
+  }
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  if (mode == kFixed) {
+    int8_t* xf = scratch<int8_t>(M * g.Kp * kLimbs, 0);
+    float* gstep = scratch<float>(M * g.G, 0);
+    double* gv = scratch<double>(M * g.G, 0);
+    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        int8_t* xm = xf + m * g.Kp * kLimbs;
+        if (is_f32) arrange_fixed(x.data_ptr<float>() + m * g.K, g, xm, gstep + m * g.G, gv + m * g.G);
+        else arrange_fixed(x.data_ptr<at::BFloat16>() + m * g.K, g, xm, gstep + m * g.G, gv + m * g.G);
+      }
+    });
+    auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
+    with_slot(g.slot, [&](auto s) {
+      constexpr int S = decltype(s)::value;
+      if constexpr (S != 8) {
+        run_panels(
+            g, pw.w, pw.sc, pw.zp, M, pw.bias, y.data_ptr<float>(),
+            [&](const auto& set, int64_t m, __m256* out) {
+              panel_fixed<S>(set, xf + m * g.Kp * kLimbs, gstep + m * g.G, gv + m * g.G, g, out);
+            },
+            [&](int64_t) { return 1.f; });
+      }
+    });
+    return y;
+  }
+#endif
   const int md = static_cast<int>(mode);
   float* xa = scratch<float>(M * g.Kp, 0);
   float* xsum = scratch<float>(M * g.G, 1);

@@ -151,7 +151,7 @@ def linear_packed(module, x: torch.Tensor) -> torch.Tensor:
     if module.fmt.act_bits is not None:
         x2 = module.fmt.quantize_activations(x2, module.packed_buffers())
     y = ops.gemm_float(_kernel_input(x2), pan.wpack, pan.scales, pan.zeros, pan.bias, pan.slot,
-                       module.out_features, pan.glen, build.float_mode())
+                       module.out_features, pan.glen, build.float_mode(pan.slot))
     return y.to(x.dtype).view(*x.shape[:-1], module.out_features)
 
 
