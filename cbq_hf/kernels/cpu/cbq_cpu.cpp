@@ -109,6 +109,15 @@ inline int x_exponent(int slot, int v, int mode) {
 // Factor that turns the kernel's sums into sum q x.
 inline float output_scale(int mode) { return mode == kDenormal ? std::ldexp(1.f, 149 - kDenormalXExp) : 1.f; }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// 16 activations (count n <= 16, the rest read as zero) as float32 lanes.
+inline __m512 load16(const float* x, int n) { return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), x); }
+inline __m512 load16(const at::BFloat16* x, int n) {
+  const __m256i h = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), x);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#endif
+
 // ------------------------------------------------------------------------------------------ reductions
 // out lane r = sum of the 8 lanes of p[r].
 inline __m256 reduce_rows(const __m256 p[8]) {
@@ -491,11 +500,15 @@ void panel_fixed(const PanelSet<NP>& ps, const int8_t* xa, const float* gstep, c
       }
       // Digit planes in pairs, per lane in int32: 256 * S_{2p+1} + S_{2p} (exact while the group has at most
       // kFixedMaxGroup codes), so two lane reductions instead of four.
-      IntAcc pair[2];
-      for (int p = 0; p < 2; ++p)
+      constexpr int kPairs = (kLimbs + 1) / 2;
+      IntAcc pair[kPairs];
+      for (int p = 0; p < kPairs; ++p)
         for (int j = 0; j < 4; ++j)
-          pair[p].p[j] = _mm512_add_epi32(_mm512_slli_epi32(a.p[2 * p + 1].p[j], 8), a.p[2 * p].p[j]);
-      __m512d t = _mm512_fmadd_pd(_mm512_cvtepi32_pd(pair[1].rows()), base, _mm512_cvtepi32_pd(pair[0].rows()));
+          pair[p].p[j] = 2 * p + 1 < kLimbs
+                             ? _mm512_add_epi32(_mm512_slli_epi32(a.p[2 * p + 1].p[j], 8), a.p[2 * p].p[j])
+                             : a.p[2 * p].p[j];
+      __m512d t = _mm512_cvtepi32_pd(pair[kPairs - 1].rows());
+      for (int p = kPairs - 2; p >= 0; --p) t = _mm512_fmadd_pd(t, base, _mm512_cvtepi32_pd(pair[p].rows()));
       t = _mm512_fnmadd_pd(_mm512_cvtepi32_pd(load_zeros(ps.zp[i] + gi * kRows)), _mm512_set1_pd(gv[gi]), t);
       const __m512d ss = _mm512_mul_pd(_mm512_cvtps_pd(load_scales(ps.sc[i] + gi * kRows)),
                                        _mm512_set1_pd(static_cast<double>(gstep[gi])));
@@ -505,31 +518,44 @@ void panel_fixed(const PanelSet<NP>& ps, const int8_t* xa, const float* gstep, c
   for (int i = 0; i < NP; ++i) out[i] = _mm512_cvtpd_ps(acc[i]);
 }
 
-// Arrange one token for panel_fixed: digit planes per chunk (zeros in the group padding), steps and sum v.
+// Arrange one token for panel_fixed: digit planes per chunk (zeros in the group padding), steps and sum v; 16
+// activations per step.
 template <typename T>
 void arrange_fixed(const T* x, const Geometry& g, int8_t* xa, float* gstep, double* gv) {
   std::memset(xa, 0, g.Kp * kLimbs);
+  const __m512i vmax = _mm512_set1_epi32(static_cast<int32_t>(kFixedMax));
+  const __m512i vmin = _mm512_set1_epi32(-static_cast<int32_t>(kFixedMax));
   for (int64_t gi = 0; gi < g.G; ++gi) {
-    const int64_t k0 = gi * g.glen;
-    const int64_t len = std::min(g.glen, g.K - k0);
-    float amax = 0.f;
-    for (int64_t k = 0; k < len; ++k) amax = std::max(amax, std::fabs(static_cast<float>(x[k0 + k])));
+    const T* xg = x + gi * g.glen;
+    const int64_t len = std::min(g.glen, g.K - gi * g.glen);
+    __m512 m = _mm512_setzero_ps();
+    for (int64_t k = 0; k < len; k += 16)
+      m = _mm512_max_ps(m, _mm512_abs_ps(load16(xg + k, static_cast<int>(std::min<int64_t>(16, len - k)))));
+    const float amax = _mm512_reduce_max_ps(m);
     const float step = amax > 0.f ? static_cast<float>(amax / kFixedMax) : 1.f;
-    int64_t vsum = 0;
+    const __m512d inv = _mm512_set1_pd(1.0 / static_cast<double>(step));
+    __m512d vsum = _mm512_setzero_pd();
     int8_t* dst = xa + gi * g.Gp * kLimbs;
-    for (int64_t k = 0; k < len; ++k) {
-      const double q = std::nearbyint(static_cast<double>(static_cast<float>(x[k0 + k])) / step);
-      int32_t v = static_cast<int32_t>(std::min(std::max(q, -kFixedMax), kFixedMax));
-      vsum += v;
-      int8_t* c = dst + (k / kChunk) * kLimbs * kChunk + k % kChunk;
+    for (int64_t k = 0; k < len; k += 16) {
+      const int n = static_cast<int>(std::min<int64_t>(16, len - k));
+      const __m512 xf = load16(xg + k, n);
+      // round(x / step) in double (nearest-even), clamped to the kLimbs-digit range
+      const __m256i vl = _mm512_cvtpd_epi32(_mm512_mul_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(xf)), inv));
+      const __m256i vh = _mm512_cvtpd_epi32(
+          _mm512_mul_pd(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(xf), 1))), inv));
+      __m512i v = _mm512_min_epi32(_mm512_max_epi32(_mm512_inserti64x4(_mm512_castsi256_si512(vl), vh, 1), vmin), vmax);
+      vsum = _mm512_add_pd(vsum, _mm512_add_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(v)),
+                                               _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(v, 1))));
+      int8_t* c = dst + (k / kChunk) * kLimbs * kChunk + k % kChunk;  // 16 codes never straddle a chunk
       for (int l = 0; l < kLimbs; ++l) {
-        const int8_t d = static_cast<int8_t>(static_cast<uint8_t>(v & 0xFF));
-        c[l * kChunk] = d;
-        v = (v - d) / 256;
+        // digit = the low byte as a signed value; v = (v - digit) / 256 exactly
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(c + l * kChunk), _mm512_cvtepi32_epi8(v));
+        const __m512i d = _mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24);
+        v = _mm512_srai_epi32(_mm512_sub_epi32(v, d), 8);
       }
     }
     gstep[gi] = step;
-    gv[gi] = static_cast<double>(vsum);
+    gv[gi] = _mm512_reduce_add_pd(vsum);  // exact: integers below 2^53
   }
 }
 #else
@@ -631,23 +657,45 @@ void quantize_rows(const T* x, int64_t M, int64_t K, float clip, int act_bits, i
   const float qmax = static_cast<float>((1 << (act_bits - 1)) - 1);
   const float qmin = -qmax - 1.f;
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+#if !(defined(__AVX512F__) && defined(__AVX512BW__))
     std::vector<float> row(K);
+#endif
     for (int64_t m = m0; m < m1; ++m) {
       const T* xr = x + m * K;
+      int8_t* c = codes + m * K;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+      // The same operations 16 lanes at a time: vdivps and round-to-nearest-even are exact IEEE operations, so the
+      // codes are the scalar loop's (NaNs are skipped by the max, as std::max(amax, NaN) skips them).
+      __m512 mv = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K; k += 16)
+        mv = _mm512_max_ps(_mm512_abs_ps(load16(xr + k, static_cast<int>(std::min<int64_t>(16, K - k)))), mv);
+      const float amax = _mm512_reduce_max_ps(mv);
+#else
       float amax = 0.f;
       for (int64_t k = 0; k < K; ++k) {
         row[k] = static_cast<float>(xr[k]);
         amax = std::max(amax, std::fabs(row[k]));
       }
+#endif
       float step = amax * clip;
       step = step / qmax;
       step = std::max(step, 1e-8f);
       steps[m] = step;
-      int8_t* c = codes + m * K;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+      const __m512 vs = _mm512_set1_ps(step), lo = _mm512_set1_ps(qmin), hi = _mm512_set1_ps(qmax);
+      for (int64_t k = 0; k < K; k += 16) {
+        const int n = static_cast<int>(std::min<int64_t>(16, K - k));
+        const __m512 q = _mm512_roundscale_ps(_mm512_div_ps(load16(xr + k, n), vs),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_mask_storeu_epi8(c + k, static_cast<__mmask16>((1u << n) - 1),
+                             _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(q, lo), hi))));
+      }
+#else
       for (int64_t k = 0; k < K; ++k) {
         const float q = std::nearbyint(row[k] / step);
         c[k] = static_cast<int8_t>(std::min(std::max(q, qmin), qmax));
       }
+#endif
     }
   });
 }
