@@ -971,6 +971,35 @@ inline __m256i codes8(const uint8_t* qr, int64_t k) {
   }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// The same, sixteen codes at a time (AVX-512 builds).
+template <int SLOT>
+inline __m512i codes16(const uint8_t* qr, int64_t k) {
+  if constexpr (SLOT == 8) {
+    return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qr + k)));
+  } else {
+    uint32_t u[2] = {0, 0};
+    std::memcpy(u, qr + k * SLOT / 8, 2 * SLOT);  // 16 codes = 2 * SLOT bytes
+    const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(static_cast<int>(u[0]))),
+                                            _mm256_set1_epi32(static_cast<int>(u[1])), 1);
+    const __m512i shifts = SLOT == 4
+        ? _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28)
+        : _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i src = SLOT == 4 ? both : _mm512_set1_epi32(static_cast<int>(u[0]));  // 16 2-bit codes: 4 bytes
+    return _mm512_and_si512(_mm512_srlv_epi32(src, shifts), _mm512_set1_epi32((1 << SLOT) - 1));
+  }
+}
+
+inline void store16(float* o, __m512 v) { _mm512_storeu_ps(o, v); }
+
+inline void store16(at::BFloat16* o, __m512 v) {
+  const __m512i b = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), odd), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm512_cvtepi32_epi16(r));
+}
+#endif
+
 // W_hat rows n0..n1 of the on-disk layout into o [N, K] (float32 or bfloat16): (q - z) * s, computed as q s - z s,
 // both products exact in float32 (codes < 2^8 times fp16 scales), so the value is the reference's exactly before
 // the optional rounding to bfloat16. Eight codes per step inside a group, scalar at ragged group edges.
@@ -987,6 +1016,11 @@ void dequantize_rows(const uint8_t* q, int64_t rb, const at::Half* s, const uint
       const int64_t k0 = gi * glen, k1 = std::min(K, k0 + glen);
       int64_t k = k0;
       if (k0 % per_byte == 0) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+        const __m512 ws = _mm512_set1_ps(sc), wz = _mm512_set1_ps(zs);
+        for (; k + 16 <= k1; k += 16)
+          store16(orow + k, _mm512_sub_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(codes16<SLOT>(qr, k)), ws), wz));
+#endif
         const __m256 vs = _mm256_set1_ps(sc), vz = _mm256_set1_ps(zs);
         for (; k + 8 <= k1; k += 8)
           store8(orow + k, _mm256_sub_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(codes8<SLOT>(qr, k)), vs), vz));
