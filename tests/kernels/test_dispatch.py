@@ -15,12 +15,14 @@ needs_kernels = pytest.mark.skipif(build.select_variant() is None, reason="CPU w
 
 
 @needs_kernels
-@pytest.mark.parametrize(("act_bits", "m", "expected"), [
-    (None, 1, "cpu_packed"), (None, paths.DEQUANT_MIN_M, "cpu_dequant"),
-    (8, 1, "cpu_int"), (8, paths.DEQUANT_MIN_M_INT, "cpu_dequant"),
+@pytest.mark.parametrize(("bits", "act_bits", "m", "expected"), [
+    (4, None, 1, "cpu_packed"), (4, None, paths.DEQUANT_MIN_M, "cpu_dequant"),
+    (4, 8, 1, "cpu_int"), (4, 8, paths.DEQUANT_MIN_M_INT[4] - 1, "cpu_int"),
+    (4, 8, paths.DEQUANT_MIN_M_INT[4], "cpu_dequant"),
+    (2, 8, paths.DEQUANT_MIN_M_INT[2] - 1, "cpu_int"), (2, 8, paths.DEQUANT_MIN_M_INT[2], "cpu_dequant"),
 ])
-def test_automatic_choice_by_rows(act_bits, m, expected):
-    lin = make_linear(8, 64, 4, 32, act_bits=act_bits)
+def test_automatic_choice_by_rows(bits, act_bits, m, expected):
+    lin = make_linear(8, 64, bits, 32, act_bits=act_bits)
     lin(torch.randn(m, 64))
     assert lin.last_kernel == expected
 

@@ -32,9 +32,14 @@ from .layout import Panels, repack
 #:     against 21.5 / 18.7 ms at M = 64 / 128 with the bf16 GEMM.
 #: On the AVX2 Zen 3 machine of earlier sessions (emulated bf16 GEMM, so the bf16 rows do not apply there) the float
 #: crossover was ~100-128 rows with a 4x slower dequantization than today's; not re-measured since.
+#: With the 512-bit VNNI integer kernel (2026-12-02, `benchmarks/kernels.py --shapes 4096x4096 --ms 256 512 1024
+#: --paths cpu_int cpu_dequant --reps 3 --min-time 0 --threads 1 --out kernels_int_crossover_spr_s5`) the integer
+#: path with 4-bit slots beats dequantize + fp32 GEMM at every M measured: 66 / 145 / 313 ms at M = 256 / 512 / 1024
+#: against 99 / 192 / 398 ms (and the 3-shape table agrees at M = 512); with 2-bit slots it is even at 256-512
+#: (100 / 201 ms) and slower at 1024 (493 ms). Above 1024 rows nothing was measured: dequantize from 2048 on.
 DEQUANT_MIN_M = 48
 DEQUANT_MIN_M_BF16 = 16
-DEQUANT_MIN_M_INT = 512
+DEQUANT_MIN_M_INT = {4: 2048, 2: 512}
 DEQUANT_MIN_M_INT_BF16 = 96
 _BF16_MATRIX_FLAGS = {"amx_bf16", "avx512_bf16"}
 
@@ -83,7 +88,10 @@ def dequant_min_rows(module, x: torch.Tensor) -> int:
     """Rows from which `cpu_dequant` beats the packed kernels for this module and input (see DEQUANT_MIN_M)."""
     bf16 = _bf16_gemm(x)
     if module.fmt.act_bits is not None:
-        return DEQUANT_MIN_M_INT_BF16 if bf16 else DEQUANT_MIN_M_INT
+        if bf16:
+            return DEQUANT_MIN_M_INT_BF16
+        slot = getattr(getattr(module.fmt, "spec", None), "slot_bits", None)  # LO-BCQ formats have no slots
+        return DEQUANT_MIN_M_INT.get(slot, 512)
     return DEQUANT_MIN_M_BF16 if bf16 else DEQUANT_MIN_M
 
 
