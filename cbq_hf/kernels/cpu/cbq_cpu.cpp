@@ -251,15 +251,14 @@ inline void chunk_float(const uint8_t* w, const float* xc, FloatAcc& a) {
 // reduces the lanes. The panels are far apart in memory (see run_panels), so the weights arrive as NP concurrent
 // streams: one sequential stream is bounded by the hardware prefetcher's depth (~9 GB/s on one Sapphire Rapids core),
 // four reach ~12-13 GB/s.
-template <int SLOT, int NP, typename Acc, typename ChunkFn, typename GroupDotFn>
-inline void panel_groups(const uint8_t* const* w0, const at::Half* const* sc, const Geometry& g, ChunkFn chunk,
-                         GroupDotFn group_dot, __m256* out) {
+template <int SLOT, int NP, typename Acc, typename Out, typename ChunkFn, typename GroupEndFn>
+inline void panel_loop(const uint8_t* const* w0, const Geometry& g, ChunkFn chunk, GroupEndFn group_end, Out* out) {
   constexpr int CB = 64 * SLOT / 8;
   const int64_t cpg = g.chunks_per_group();
   const uint8_t* w[NP];
   for (int i = 0; i < NP; ++i) {
     w[i] = w0[i];
-    out[i] = _mm256_setzero_ps();
+    out[i] = Out{};
   }
   for (int64_t gi = 0; gi < g.G; ++gi) {
 #pragma GCC unroll 4
@@ -270,9 +269,21 @@ inline void panel_groups(const uint8_t* const* w0, const at::Half* const* sc, co
         chunk(w[i], gi * cpg + ch, acc);
         w[i] += kRows * CB;
       }
-      out[i] = _mm256_fmadd_ps(load_scales(sc[i] + gi * kRows), group_dot(i, gi, acc), out[i]);
+      group_end(i, gi, acc, out[i]);
     }
   }
+}
+
+// panel_loop with out[i] += s_g * group_dot(i, g, acc) in 8 float lanes (the float and integer kernels).
+template <int SLOT, int NP, typename Acc, typename ChunkFn, typename GroupDotFn>
+inline void panel_groups(const uint8_t* const* w0, const at::Half* const* sc, const Geometry& g, ChunkFn chunk,
+                         GroupDotFn group_dot, __m256* out) {
+  panel_loop<SLOT, NP, Acc>(
+      w0, g, chunk,
+      [&](int i, int64_t gi, const Acc& acc, __m256& o) {
+        o = _mm256_fmadd_ps(load_scales(sc[i] + gi * kRows), group_dot(i, gi, acc), o);
+      },
+      out);
 }
 
 // The weights of NP panels (pointers into wpack, scales and zeros).
@@ -447,7 +458,7 @@ void panel_int(const PanelSet<NP>& ps, const int8_t* xc, const int32_t* csum, co
 // magnitude; this path's stays at fp32 rounding). out = sum_g s_g step_g T in double, rounded to float once.
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 constexpr bool kHasFixed = true;
-constexpr int kLimbs = 4;
+constexpr int kLimbs = 4;  // panel_fixed pairs the planes (0, 1) and (2, 3)
 constexpr double kFixedMax = 127.0 * (1.0 + 256.0 + 65536.0 + 16777216.0);  // the largest kLimbs-digit value
 // Longest group (codes) whose per-lane digit sums S stay within int32 after 256 * S_hi + S_lo: each lane adds 8
 // products |q d| <= 15 * 128 per 64 codes, so 257 * 15 * 128 * 8 * (Gp / 64) < 2^31 needs Gp <= 34752.
@@ -480,41 +491,25 @@ inline void chunk_fixed(const uint8_t* wc, const int8_t* x, FixedAcc& a) {
 template <int SLOT, int NP>
 void panel_fixed(const PanelSet<NP>& ps, const int8_t* xa, const float* gstep, const double* gv, const Geometry& g,
                  __m256* out) {
-  constexpr int CB = 64 * SLOT / 8;
-  const int64_t cpg = g.chunks_per_group();
-  const uint8_t* w[NP];
-  __m512d acc[NP];
-  for (int i = 0; i < NP; ++i) {
-    w[i] = ps.w[i];
-    acc[i] = _mm512_setzero_pd();
-  }
   const __m512d base = _mm512_set1_pd(65536.0);
-  for (int64_t gi = 0; gi < g.G; ++gi) {
-#pragma GCC unroll 4
-    for (int i = 0; i < NP; ++i) {
-      FixedAcc a{};
-      for (int64_t ch = 0; ch < cpg; ++ch) {
-        prefetch_ahead(w[i], kRows * CB);
-        chunk_fixed<SLOT>(w[i], xa + (gi * cpg + ch) * kLimbs * kChunk, a);
-        w[i] += kRows * CB;
-      }
-      // Digit planes in pairs, per lane in int32: 256 * S_{2p+1} + S_{2p} (exact while the group has at most
-      // kFixedMaxGroup codes), so two lane reductions instead of four.
-      constexpr int kPairs = (kLimbs + 1) / 2;
-      IntAcc pair[kPairs];
-      for (int p = 0; p < kPairs; ++p)
-        for (int j = 0; j < 4; ++j)
-          pair[p].p[j] = 2 * p + 1 < kLimbs
-                             ? _mm512_add_epi32(_mm512_slli_epi32(a.p[2 * p + 1].p[j], 8), a.p[2 * p].p[j])
-                             : a.p[2 * p].p[j];
-      __m512d t = _mm512_cvtepi32_pd(pair[kPairs - 1].rows());
-      for (int p = kPairs - 2; p >= 0; --p) t = _mm512_fmadd_pd(t, base, _mm512_cvtepi32_pd(pair[p].rows()));
-      t = _mm512_fnmadd_pd(_mm512_cvtepi32_pd(load_zeros(ps.zp[i] + gi * kRows)), _mm512_set1_pd(gv[gi]), t);
-      const __m512d ss = _mm512_mul_pd(_mm512_cvtps_pd(load_scales(ps.sc[i] + gi * kRows)),
-                                       _mm512_set1_pd(static_cast<double>(gstep[gi])));
-      acc[i] = _mm512_fmadd_pd(t, ss, acc[i]);
-    }
-  }
+  __m512d acc[NP];
+  panel_loop<SLOT, NP, FixedAcc>(
+      ps.w, g,
+      [xa](const uint8_t* wc, int64_t c, FixedAcc& a) { chunk_fixed<SLOT>(wc, xa + c * kLimbs * kChunk, a); },
+      [&](int i, int64_t gi, const FixedAcc& a, __m512d& o) {
+        // Digit planes in pairs, per lane in int32: 256 * S_{2p+1} + S_{2p} (exact while the group has at most
+        // kFixedMaxGroup codes), so two lane reductions instead of four.
+        IntAcc pair[2];
+        for (int p = 0; p < 2; ++p)
+          for (int j = 0; j < 4; ++j)
+            pair[p].p[j] = _mm512_add_epi32(_mm512_slli_epi32(a.p[2 * p + 1].p[j], 8), a.p[2 * p].p[j]);
+        __m512d t = _mm512_fmadd_pd(_mm512_cvtepi32_pd(pair[1].rows()), base, _mm512_cvtepi32_pd(pair[0].rows()));
+        t = _mm512_fnmadd_pd(_mm512_cvtepi32_pd(load_zeros(ps.zp[i] + gi * kRows)), _mm512_set1_pd(gv[gi]), t);
+        const __m512d ss = _mm512_mul_pd(_mm512_cvtps_pd(load_scales(ps.sc[i] + gi * kRows)),
+                                         _mm512_set1_pd(static_cast<double>(gstep[gi])));
+        o = _mm512_fmadd_pd(t, ss, o);
+      },
+      acc);
   for (int i = 0; i < NP; ++i) out[i] = _mm512_cvtpd_ps(acc[i]);
 }
 
@@ -760,6 +755,17 @@ void with_slot(int slot, Fn fn) {
   else fn(std::integral_constant<int, 8>{});
 }
 
+// run_panels for the kernels that take 2- and 4-bit slots only: panel(slot constant, panel set, token, out).
+template <typename PanelForSlot, typename TokenScale>
+void run_sub8(const PanelWeights& pw, int64_t M, float* y, PanelForSlot panel, TokenScale token_scale) {
+  with_slot(pw.g.slot, [&](auto s) {
+    if constexpr (decltype(s)::value != 8)
+      run_panels(
+          pw.g, pw.w, pw.sc, pw.zp, M, pw.bias, y,
+          [&](const auto& set, int64_t m, __m256* out) { panel(s, set, m, out); }, token_scale);
+  });
+}
+
 template <typename T>
 float max_abs(const T* x, int64_t n) {
   float m = 0.f;
@@ -807,17 +813,12 @@ at::Tensor gemm_float(const at::Tensor& x, const at::Tensor& wpack, const at::Te
       }
     });
     auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
-    with_slot(g.slot, [&](auto s) {
-      constexpr int S = decltype(s)::value;
-      if constexpr (S != 8) {
-        run_panels(
-            g, pw.w, pw.sc, pw.zp, M, pw.bias, y.data_ptr<float>(),
-            [&](const auto& set, int64_t m, __m256* out) {
-              panel_fixed<S>(set, xf + m * g.Kp * kLimbs, gstep + m * g.G, gv + m * g.G, g, out);
-            },
-            [&](int64_t) { return 1.f; });
-      }
-    });
+    run_sub8(
+        pw, M, y.data_ptr<float>(),
+        [&](auto s, const auto& set, int64_t m, __m256* out) {
+          panel_fixed<decltype(s)::value>(set, xf + m * g.Kp * kLimbs, gstep + m * g.G, gv + m * g.G, g, out);
+        },
+        [&](int64_t) { return 1.f; });
     return y;
   }
 #endif
@@ -869,17 +870,12 @@ at::Tensor gemm_int(const at::Tensor& codes, const at::Tensor& steps, const at::
   });
   auto y = at::empty({M, N}, codes.options().dtype(at::kFloat));
   const float* st = steps.data_ptr<float>();
-  with_slot(g.slot, [&](auto s) {
-    constexpr int S = decltype(s)::value;
-    if constexpr (S != 8) {
-      run_panels(
-          g, pw.w, pw.sc, pw.zp, M, pw.bias, y.data_ptr<float>(),
-          [&](const auto& set, int64_t m, __m256* out) {
-            panel_int<S>(set, xa + m * g.Kp, csum + m * g.G, g, out);
-          },
-          [&](int64_t m) { return st[m]; });
-    }
-  });
+  run_sub8(
+      pw, M, y.data_ptr<float>(),
+      [&](auto s, const auto& set, int64_t m, __m256* out) {
+        panel_int<decltype(s)::value>(set, xa + m * g.Kp, csum + m * g.G, g, out);
+      },
+      [&](int64_t m) { return st[m]; });
   return y;
 }
 
