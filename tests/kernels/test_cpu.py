@@ -117,17 +117,18 @@ def test_float_modes_agree_with_reference(bits):
 @pytest.mark.parametrize("bits", [2, 4], ids=lambda b: f"w{b}")
 def test_fixed_mode_with_outliers_tiny_groups_and_zeros(bits, dtype):
     """Fixed point scales every group by its own largest |x| and cancels the zero point exactly: a 1000x outlier
-    inside a group, a token of 1e-30 values, an all-zero group and an all-zero token stay within fp32 rounding of
-    the reference (the convert and denormal modes do not with the outliers: their sum q x - z sum x cancels in fp32,
-    ~1e-5 of the magnitude here)."""
+    inside a group, tokens of 1e-30 and 1e-37 values, an all-zero group and an all-zero token stay within fp32
+    rounding of the reference (the convert and denormal modes do not with the outliers: their sum q x - z sum x
+    cancels in fp32, ~1e-5 of the magnitude here)."""
     ops = build.load()
-    lin = make_linear(29, 300, bits, 64, input_scale=False)
+    lin = make_linear(29, 300, bits, 64, input_scale=False, bias=False)
     pan = paths.panels(lin)
-    x = torch.randn(4, 300)
+    x = torch.randn(5, 300)
     x[0, 5], x[0, 250] = 1000.0, -3000.0
     x[1] *= 1e-30
     x[2, 64:128] = 0.0
     x[3] = 0.0
+    x[4] *= 1e-37  # a step of max|x| / 2^31 is below float's range here
     x = x.to(DTYPES[dtype])
     y = ops.gemm_float(x, pan.wpack, pan.scales, pan.zeros, pan.bias, pan.slot, 29, pan.glen, 2)
     if build.loaded_variant() not in build.FIXED_VARIANTS:  # no fixed point in this build: mode 2 is convert

@@ -449,7 +449,7 @@ void panel_int(const PanelSet<NP>& ps, const int8_t* xc, const int32_t* csum, co
 // ------------------------------------------------------------------------------------------ fixed-point float path
 // kFixed (AVX-512 VNNI builds, 2- and 4-bit codes): float activations as fixed point, so the products run on the
 // integer dot-product units (64 per instruction) instead of one conversion + one FMA per 16 codes. Per token and
-// group g: step_g = max|x| / kFixedMax (a float), v_k = round(x_k / step_g), |v_k| <= kFixedMax < 2^31 (an error of
+// group g: step_g = max|x| / kFixedMax (a double), v_k = round(x_k / step_g), |v_k| <= kFixedMax < 2^31 (an error of
 // at most max|x| * 2^-32 per activation), written as kLimbs signed base-256 digits d_l in [-128, 127]. Per row and
 // group, each digit plane's sum_k q_k d_l is an exact int32 (dpbusd), and
 //   T = sum_l 256^l sum_k q_k d_l - z_g sum_k v_k = sum_k (q_k - z_g) v_k
@@ -489,7 +489,7 @@ inline void chunk_fixed(const uint8_t* wc, const int8_t* x, FixedAcc& a) {
 // NP panels against one arranged token (xa: [Kp / 64][kLimbs][64] digits; gstep[g] = step_g; gv[g] = sum_k v_k):
 // out[i] = sum_g s_g step_g sum_k (q_k - z_g) v_k.
 template <int SLOT, int NP>
-void panel_fixed(const PanelSet<NP>& ps, const int8_t* xa, const float* gstep, const double* gv, const Geometry& g,
+void panel_fixed(const PanelSet<NP>& ps, const int8_t* xa, const double* gstep, const double* gv, const Geometry& g,
                  __m256* out) {
   const __m512d base = _mm512_set1_pd(65536.0);
   __m512d acc[NP];
@@ -506,7 +506,7 @@ void panel_fixed(const PanelSet<NP>& ps, const int8_t* xa, const float* gstep, c
         __m512d t = _mm512_fmadd_pd(_mm512_cvtepi32_pd(pair[1].rows()), base, _mm512_cvtepi32_pd(pair[0].rows()));
         t = _mm512_fnmadd_pd(_mm512_cvtepi32_pd(load_zeros(ps.zp[i] + gi * kRows)), _mm512_set1_pd(gv[gi]), t);
         const __m512d ss = _mm512_mul_pd(_mm512_cvtps_pd(load_scales(ps.sc[i] + gi * kRows)),
-                                         _mm512_set1_pd(static_cast<double>(gstep[gi])));
+                                         _mm512_set1_pd(gstep[gi]));
         o = _mm512_fmadd_pd(t, ss, o);
       },
       acc);
@@ -516,7 +516,7 @@ void panel_fixed(const PanelSet<NP>& ps, const int8_t* xa, const float* gstep, c
 // Arrange one token for panel_fixed: digit planes per chunk (zeros in the group padding), steps and sum v; 16
 // activations per step.
 template <typename T>
-void arrange_fixed(const T* x, const Geometry& g, int8_t* xa, float* gstep, double* gv) {
+void arrange_fixed(const T* x, const Geometry& g, int8_t* xa, double* gstep, double* gv) {
   std::memset(xa, 0, g.Kp * kLimbs);
   const __m512i vmax = _mm512_set1_epi32(static_cast<int32_t>(kFixedMax));
   const __m512i vmin = _mm512_set1_epi32(-static_cast<int32_t>(kFixedMax));
@@ -527,8 +527,9 @@ void arrange_fixed(const T* x, const Geometry& g, int8_t* xa, float* gstep, doub
     for (int64_t k = 0; k < len; k += 16)
       m = _mm512_max_ps(m, _mm512_abs_ps(load16(xg + k, static_cast<int>(std::min<int64_t>(16, len - k)))));
     const float amax = _mm512_reduce_max_ps(m);
-    const float step = amax > 0.f ? static_cast<float>(amax / kFixedMax) : 1.f;
-    const __m512d inv = _mm512_set1_pd(1.0 / static_cast<double>(step));
+    // In double: a float step would underflow to zero for groups whose largest |x| is below ~3e-36.
+    const double step = amax > 0.f ? static_cast<double>(amax) / kFixedMax : 1.0;
+    const __m512d inv = _mm512_set1_pd(1.0 / step);
     __m512d vsum = _mm512_setzero_pd();
     int8_t* dst = xa + gi * g.Gp * kLimbs;
     for (int64_t k = 0; k < len; k += 16) {
@@ -803,7 +804,7 @@ at::Tensor gemm_float(const at::Tensor& x, const at::Tensor& wpack, const at::Te
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   if (mode == kFixed) {
     int8_t* xf = scratch<int8_t>(M * g.Kp * kLimbs, 0);
-    float* gstep = scratch<float>(M * g.G, 0);
+    double* gstep = scratch<double>(M * g.G, 1);
     double* gv = scratch<double>(M * g.G, 0);
     at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) {
