@@ -113,9 +113,9 @@ def _register_fakes() -> None:
     def _(x, wpack, scales, zeros, bias, slot, N, glen, mode=-1):
         return x.new_empty((x.shape[0], N), dtype=torch.float32)
 
-    @torch.library.register_fake(lib + "gemm_int")
-    def _(codes, steps, wpack, scales, zeros, bias, slot, N, glen):
-        return codes.new_empty((codes.shape[0], N), dtype=torch.float32)
+    @torch.library.register_fake(lib + "gemm_int_act")
+    def _(x, clip, act_bits, wpack, scales, zeros, bias, slot, N, glen):
+        return x.new_empty((x.shape[0], N), dtype=torch.float32)
 
     @torch.library.register_fake(lib + "repack")
     def _(qweight, scales, zeros, slot, K, glen):

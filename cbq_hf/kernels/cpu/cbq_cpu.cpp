@@ -702,22 +702,28 @@ void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_act(const at::Tensor& x, double clip, int64_t act_bits) {
+// quantize_rows of x [M, K] (float32 or bfloat16, checked here) into codes [M, K] and steps [M].
+void quantize_into(const at::Tensor& x, double clip, int64_t act_bits, int8_t* codes, float* steps) {
   check_cpu(x, "x");
   TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
   TORCH_CHECK(act_bits >= 2 && act_bits <= 8, "act_bits must be in [2, 8]");
   const int64_t M = x.size(0), K = x.size(1);
+  if (x.scalar_type() == at::kFloat)
+    quantize_rows(x.data_ptr<float>(), M, K, static_cast<float>(clip), static_cast<int>(act_bits), codes, steps);
+  else if (x.scalar_type() == at::kBFloat16)
+    quantize_rows(x.data_ptr<at::BFloat16>(), M, K, static_cast<float>(clip), static_cast<int>(act_bits), codes,
+                  steps);
+  else
+    TORCH_CHECK(false, "quantize_act: x must be float32 or bfloat16");
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_act(const at::Tensor& x, double clip, int64_t act_bits) {
+  check_cpu(x, "x");
+  TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
+  const int64_t M = x.size(0), K = x.size(1);
   auto codes = at::empty({M, K}, x.options().dtype(at::kChar));
   auto steps = at::empty({M}, x.options().dtype(at::kFloat));
-  if (x.scalar_type() == at::kFloat) {
-    quantize_rows(x.data_ptr<float>(), M, K, static_cast<float>(clip), act_bits, codes.data_ptr<int8_t>(),
-                  steps.data_ptr<float>());
-  } else if (x.scalar_type() == at::kBFloat16) {
-    quantize_rows(x.data_ptr<at::BFloat16>(), M, K, static_cast<float>(clip), act_bits, codes.data_ptr<int8_t>(),
-                  steps.data_ptr<float>());
-  } else {
-    TORCH_CHECK(false, "quantize_act: x must be float32 or bfloat16");
-  }
+  quantize_into(x, clip, act_bits, codes.data_ptr<int8_t>(), steps.data_ptr<float>());
   return {codes, steps};
 }
 
@@ -852,25 +858,19 @@ at::Tensor gemm_float(const at::Tensor& x, const at::Tensor& wpack, const at::Te
   return y;
 }
 
-at::Tensor gemm_int(const at::Tensor& codes, const at::Tensor& steps, const at::Tensor& wpack,
-                    const at::Tensor& scales, const at::Tensor& zeros, const std::optional<at::Tensor>& bias,
-                    int64_t slot, int64_t N, int64_t glen) {
-  check_cpu(codes, "codes");
-  check_cpu(steps, "steps");
-  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar, "codes must be int8 [M, K]");
+// The integer GEMM on raw codes [M, K] and steps [M].
+at::Tensor gemm_int_raw(const int8_t* c, const float* st, int64_t M, int64_t K, const at::Tensor& wpack,
+                        const at::Tensor& scales, const at::Tensor& zeros, const std::optional<at::Tensor>& bias,
+                        int64_t slot, int64_t N, int64_t glen, const at::TensorOptions& opts) {
   TORCH_CHECK(slot == 2 || slot == 4, "the integer kernel takes 2- or 4-bit slots");
-  const PanelWeights pw = panel_weights(codes.size(1), wpack, scales, zeros, bias, slot, N, glen);
+  const PanelWeights pw = panel_weights(K, wpack, scales, zeros, bias, slot, N, glen);
   const Geometry& g = pw.g;
-  const int64_t M = codes.size(0);
-  TORCH_CHECK(steps.scalar_type() == at::kFloat && steps.numel() == M, "steps must be float [M]");
   int8_t* xa = scratch<int8_t>(M * g.Kp, 0);
   int32_t* csum = scratch<int32_t>(M * g.G, 1);
-  const int8_t* c = codes.data_ptr<int8_t>();
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) arrange_int(c + m * g.K, g, xa + m * g.Kp, csum + m * g.G);
   });
-  auto y = at::empty({M, N}, codes.options().dtype(at::kFloat));
-  const float* st = steps.data_ptr<float>();
+  auto y = at::empty({M, N}, opts.dtype(at::kFloat));
   run_sub8(
       pw, M, y.data_ptr<float>(),
       [&](auto s, const auto& set, int64_t m, __m256* out) {
@@ -878,6 +878,19 @@ at::Tensor gemm_int(const at::Tensor& codes, const at::Tensor& steps, const at::
       },
       [&](int64_t m) { return st[m]; });
   return y;
+}
+
+// The integer path: activations quantized per token exactly as `quantize_act` does (into reused scratch: one op
+// dispatch and no code/step tensors per linear), then the integer GEMM.
+at::Tensor gemm_int_act(const at::Tensor& x, double clip, int64_t act_bits, const at::Tensor& wpack,
+                        const at::Tensor& scales, const at::Tensor& zeros, const std::optional<at::Tensor>& bias,
+                        int64_t slot, int64_t N, int64_t glen) {
+  TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
+  const int64_t M = x.size(0), K = x.size(1);
+  int8_t* codes = scratch<int8_t>(M * K, 1);
+  float* steps = scratch<float>(M, 0);
+  quantize_into(x, clip, act_bits, codes, steps);
+  return gemm_int_raw(codes, steps, M, K, wpack, scales, zeros, bias, slot, N, glen, x.options());
 }
 
 // The panel layout (wpack, scales, zeros) from the on-disk layout: qweight uint8 [N, ceil(K * slot / 8)] (code k of a
@@ -1062,8 +1075,8 @@ TORCH_LIBRARY(cbq_hf_cpu, m) {
   m.def("quantize_act(Tensor x, float clip, int act_bits) -> (Tensor, Tensor)");
   m.def("gemm_float(Tensor x, Tensor wpack, Tensor scales, Tensor zeros, Tensor? bias, int slot, int N, int glen, "
         "int mode=-1) -> Tensor");
-  m.def("gemm_int(Tensor codes, Tensor steps, Tensor wpack, Tensor scales, Tensor zeros, Tensor? bias, int slot, "
-        "int N, int glen) -> Tensor");
+  m.def("gemm_int_act(Tensor x, float clip, int act_bits, Tensor wpack, Tensor scales, Tensor zeros, Tensor? bias, "
+        "int slot, int N, int glen) -> Tensor");
   m.def("repack(Tensor qweight, Tensor scales, Tensor zeros, int slot, int K, int glen) -> (Tensor, Tensor, Tensor)");
   m.def("dequantize_into(Tensor qweight, Tensor scales, Tensor zeros, int slot, int glen, Tensor(a!) out) -> ()");
 }
@@ -1071,7 +1084,7 @@ TORCH_LIBRARY(cbq_hf_cpu, m) {
 TORCH_LIBRARY_IMPL(cbq_hf_cpu, CPU, m) {
   m.impl("quantize_act", &quantize_act);
   m.impl("gemm_float", &gemm_float);
-  m.impl("gemm_int", &gemm_int);
+  m.impl("gemm_int_act", &gemm_int_act);
   m.impl("repack", &repack);
   m.impl("dequantize_into", &dequantize_into);
 }

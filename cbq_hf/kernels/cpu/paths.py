@@ -171,8 +171,8 @@ def quantize_activations(module, x2: torch.Tensor) -> tuple[torch.Tensor, torch.
 def linear_int(module, x: torch.Tensor) -> torch.Tensor:
     ops = build.load()
     pan = panels(module)
-    codes, steps = quantize_activations(module, _scaled_2d(module, x))
-    y = ops.gemm_int(codes, steps, pan.wpack, pan.scales, pan.zeros, pan.bias, pan.slot, module.out_features, pan.glen)
+    y = ops.gemm_int_act(_kernel_input(_scaled_2d(module, x)), _act_clip(module), module.fmt.act_bits, pan.wpack,
+                         pan.scales, pan.zeros, pan.bias, pan.slot, module.out_features, pan.glen)
     return y.to(x.dtype).view(*x.shape[:-1], module.out_features)
 
 
