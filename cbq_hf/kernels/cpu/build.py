@@ -163,7 +163,7 @@ def load():
 
 
 #: ``mode`` argument of ``gemm_float``: 0 = convert the codes (vcvtdq2ps), -1 = reinterpret them as denormal floats
-#: when the activations' range allows it (else convert), 2 = fixed point: activations as 24-bit integers per group
+#: when the activations' range allows it (else convert), 2 = fixed point: activations as 32-bit integers per group
 #: on the integer dot-product units (AVX-512 VNNI builds only; see the kFixed note in cbq_cpu.cpp).
 FLOAT_MODES = {"convert": 0, "auto": -1, "fixed": 2}
 #: Variants whose build has the fixed-point mode (elsewhere mode 2 runs as convert).

@@ -718,8 +718,7 @@ void quantize_into(const at::Tensor& x, double clip, int64_t act_bits, int8_t* c
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_act(const at::Tensor& x, double clip, int64_t act_bits) {
-  check_cpu(x, "x");
-  TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
+  TORCH_CHECK(x.dim() == 2, "x must be [M, K]");  // before the sizes; quantize_into checks the rest
   const int64_t M = x.size(0), K = x.size(1);
   auto codes = at::empty({M, K}, x.options().dtype(at::kChar));
   auto steps = at::empty({M}, x.options().dtype(at::kFloat));
@@ -885,7 +884,7 @@ at::Tensor gemm_int_raw(const int8_t* c, const float* st, int64_t M, int64_t K, 
 at::Tensor gemm_int_act(const at::Tensor& x, double clip, int64_t act_bits, const at::Tensor& wpack,
                         const at::Tensor& scales, const at::Tensor& zeros, const std::optional<at::Tensor>& bias,
                         int64_t slot, int64_t N, int64_t glen) {
-  TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
+  TORCH_CHECK(x.dim() == 2, "x must be [M, K]");  // before the sizes; quantize_into checks the rest
   const int64_t M = x.size(0), K = x.size(1);
   int8_t* codes = scratch<int8_t>(M * K, 1);
   float* steps = scratch<float>(M, 0);
