@@ -5,8 +5,10 @@ lobcq-w4a4-universal, lobcq-w4a4-per_layer, and with CBQ calibration (on WikiTex
 uniform-w4a4-g128-cbq, lobcq-w4a4-universal-cbq, lobcq-w4a4-per_layer-cbq, lobcq-w4a16-universal-cbq, and
 lobcq-w4a4-universal-cbq-n8x256 (the main quality table's calibration budget instead of 4 x 128) and
 lobcq-w4a4-universal-cbq-n16x256 (twice that many calibration samples).
-Results accumulate in benchmarks/results/lobcq_quality.json (a row already there is skipped unless --redo) and are
-rendered to lobcq_quality.md.
+Results accumulate in benchmarks/results/<--results>.json (default lobcq_quality; a row already there with the same
+number of windows is skipped unless --redo) and are rendered to <--results>.md; keep runs with different --windows
+in different files, since the table compares every row with the fp32 row of the same file. --save DIR keeps each
+quantized model (save_pretrained) in DIR/<row> for later evaluation or generation.
 
     .venv/bin/python benchmarks/lobcq_quality.py
 """
@@ -55,7 +57,7 @@ ROWS: dict[str, dict | None] = {
 }
 
 
-def run_row(name: str, path: str, text: str, windows: int) -> dict:
+def run_row(name: str, path: str, text: str, windows: int, save: Path | None = None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import cbq_hf
@@ -73,6 +75,9 @@ def run_row(name: str, path: str, text: str, windows: int) -> dict:
         cfg = cbq_hf.CBQConfig(**{"group_size": -1, **kwargs, **extra})
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=cfg)
     quant_s = time.perf_counter() - t
+    if save is not None and kwargs is not None:
+        model.save_pretrained(save / name)
+        tok.save_pretrained(save / name)
     model.eval()
     t = time.perf_counter()
     ppl = perplexity(model, tok, text, n_windows=windows, progress=False)
@@ -105,6 +110,8 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--redo", action="store_true")
+    ap.add_argument("--results", default="lobcq_quality", help="results file stem under benchmarks/results")
+    ap.add_argument("--save", type=Path, default=None, help="directory to save each quantized model in")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from cbq_hf.demo import demo_model_path
@@ -112,19 +119,19 @@ def main() -> None:
     path = demo_model_path()
     text = TEST.read_text(encoding="utf-8")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "lobcq_quality.json"
+    out = RESULTS / f"{args.results}.json"
     results = json.loads(out.read_text()) if out.is_file() else {}
     for name in args.rows.split(","):
         if name not in ROWS:
             raise SystemExit(f"unknown row {name!r}; rows: {list(ROWS)}")
         if name in results and not args.redo and results[name]["windows"] == args.windows:
             continue
-        r = run_row(name, path, text, args.windows)
+        r = run_row(name, path, text, args.windows, args.save)
         logging.info("%s", r)
         results = json.loads(out.read_text()) if out.is_file() else {}  # other runs may have added rows
         results[name] = r
         out.write_text(json.dumps(results, indent=1) + "\n")
-        (RESULTS / "lobcq_quality.md").write_text(render(results))
+        (RESULTS / f"{args.results}.md").write_text(render(results))
     print(render(results))
 
 

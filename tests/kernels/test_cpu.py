@@ -11,7 +11,8 @@ from kernel_helpers import assert_close, magnitude, make_linear
 
 pytestmark = pytest.mark.skipif(build.select_variant() is None, reason="CPU without AVX2/FMA")
 
-SHAPES = [(130, 200, 64), (3, 72, -1), (1, 576, 128), (64, 576, 48), (130, 576, 100)]
+# (24, 1100, 32): 35 groups, so five meta blocks in every panel (see layout.META_GROUPS), the last one partial
+SHAPES = [(130, 200, 64), (3, 72, -1), (1, 576, 128), (64, 576, 48), (130, 576, 100), (24, 1100, 32)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -90,6 +91,18 @@ def test_repack_is_cached_and_cleared_on_load():
                  magnitude(lin, torch.ones(1, 64)), torch.float32)
 
 
+@pytest.mark.parametrize("n,k,glen,slot", [(8, 64, 32, 4), (9, 1100, 32, 2), (17, 576, 48, 4), (3, 72, 72, 8),
+                                           (40, 4096, 128, 4)])
+def test_repack_size_matches_the_layout_formula(n, k, glen, slot):
+    """layout.panel_bytes (also the shape function under torch.compile) is the size the C++ repack writes."""
+    from cbq_hf.kernels.cpu.layout import panel_bytes
+
+    g = -(-k // glen)
+    wpack = build.load().repack(torch.randint(0, 256, (n, -(-k * slot // 8)), dtype=torch.uint8),
+                                torch.rand(n, g).half(), torch.zeros(n, g, dtype=torch.uint8), slot, k, glen)
+    assert wpack.numel() == -(-n // 8) * panel_bytes(k, glen, slot)
+
+
 def test_ops_trace_under_torch_compile():
     lin = make_linear(16, 128, 4, 64, input_scale=False)
     x = torch.randn(2, 128)
@@ -109,7 +122,7 @@ def test_float_modes_agree_with_reference(bits):
     x = torch.randn(5, 200) * torch.logspace(-4, 4, 5).unsqueeze(1)
     ref = reference.linear(lin, x)
     for mode in (0, 1, 2):
-        y = ops.gemm_float(x, pan.wpack, pan.scales, pan.zeros, None, pan.slot, 37, pan.glen, mode)
+        y = ops.gemm_float(x, pan.wpack, None, pan.slot, 37, pan.glen, mode)
         assert_close(y, ref, magnitude(lin, x), torch.float32)
 
 
@@ -130,9 +143,9 @@ def test_fixed_mode_with_outliers_tiny_groups_and_zeros(bits, dtype):
     x[3] = 0.0
     x[4] *= 1e-37  # a step of max|x| / 2^31 is below float's range here
     x = x.to(DTYPES[dtype])
-    y = ops.gemm_float(x, pan.wpack, pan.scales, pan.zeros, pan.bias, pan.slot, 29, pan.glen, 2)
+    y = ops.gemm_float(x, pan.wpack, pan.bias, pan.slot, 29, pan.glen, 2)
     if build.loaded_variant() not in build.FIXED_VARIANTS:  # no fixed point in this build: mode 2 is convert
-        convert = ops.gemm_float(x, pan.wpack, pan.scales, pan.zeros, pan.bias, pan.slot, 29, pan.glen, 0)
+        convert = ops.gemm_float(x, pan.wpack, pan.bias, pan.slot, 29, pan.glen, 0)
         assert torch.equal(y, convert)
         return
     assert_close(y.to(x.dtype), reference.linear(lin, x), magnitude(lin, x), DTYPES[dtype])
@@ -144,8 +157,8 @@ def test_fixed_mode_non_finite_activations_run_as_convert():
     pan = paths.panels(lin)
     x = torch.randn(3, 128)
     x[0, 7], x[2, 100] = float("inf"), float("nan")
-    fixed = ops.gemm_float(x, pan.wpack, pan.scales, pan.zeros, pan.bias, pan.slot, 16, pan.glen, 2)
-    convert = ops.gemm_float(x, pan.wpack, pan.scales, pan.zeros, pan.bias, pan.slot, 16, pan.glen, 0)
+    fixed = ops.gemm_float(x, pan.wpack, pan.bias, pan.slot, 16, pan.glen, 2)
+    convert = ops.gemm_float(x, pan.wpack, pan.bias, pan.slot, 16, pan.glen, 0)
     torch.testing.assert_close(fixed, convert, rtol=0, atol=0, equal_nan=True)
     assert not torch.isfinite(fixed).all()
 

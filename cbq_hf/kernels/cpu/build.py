@@ -110,19 +110,18 @@ def _register_fakes() -> None:
     lib = "cbq_hf_cpu::"
 
     @torch.library.register_fake(lib + "gemm_float")
-    def _(x, wpack, scales, zeros, bias, slot, N, glen, mode=-1):
+    def _(x, wpack, bias, slot, N, glen, mode=-1):
         return x.new_empty((x.shape[0], N), dtype=torch.float32)
 
     @torch.library.register_fake(lib + "gemm_int_act")
-    def _(x, clip, act_bits, wpack, scales, zeros, bias, slot, N, glen):
+    def _(x, clip, act_bits, wpack, bias, slot, N, glen):
         return x.new_empty((x.shape[0], N), dtype=torch.float32)
 
     @torch.library.register_fake(lib + "repack")
     def _(qweight, scales, zeros, slot, K, glen):
-        panels, groups = -(-qweight.shape[0] // 8), -(-K // glen)
-        kp = groups * (-(-glen // 64) * 64)
-        return (qweight.new_empty((panels * kp * slot,)), scales.new_empty((panels, groups, 8)),
-                zeros.new_empty((panels, groups, 8)))
+        from .layout import panel_bytes
+
+        return qweight.new_empty((-(-qweight.shape[0] // 8) * panel_bytes(K, glen, slot),))
 
     @torch.library.register_fake(lib + "quantize_act")
     def _(x, clip, act_bits):
@@ -184,12 +183,12 @@ def _time_float_mode(ops, mode: int, slot: int, reps: int = 5) -> float:
     qweight = torch.randint(0, 256, (n, k * slot // 8), dtype=torch.uint8, generator=gen)
     scales = torch.rand(n, k // glen, generator=gen).add_(0.5).half()
     zeros = torch.full((n, k // glen), 1 << (slot - 1), dtype=torch.uint8)
-    wpack, s, z = ops.repack(qweight, scales, zeros, slot, k, glen)
+    wpack = ops.repack(qweight, scales, zeros, slot, k, glen)
     x = torch.randn(1, k, generator=gen)
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
-        ops.gemm_float(x, wpack, s, z, None, slot, n, glen, mode)
+        ops.gemm_float(x, wpack, None, slot, n, glen, mode)
         best = min(best, time.perf_counter() - t0)
     return best
 

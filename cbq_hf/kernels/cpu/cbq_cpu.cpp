@@ -7,9 +7,11 @@
 //   * a chunk takes CB = 64 * slot / 8 bytes: int4 (slot 4, also 3-bit codes): code c in byte c % 32, nibble c / 32;
 //     int2: code c in byte c % 16, bits 2 * (c / 16); int8: code c in byte c. So the low nibbles of a 32-byte int4
 //     chunk are codes 0..31 in order and the high nibbles codes 32..63 (the llama.cpp q4 order);
-//   * the chunks of 8 consecutive rows are interleaved: wpack = [Np / 8][Kp / 64][8 rows][CB], so one panel of eight
-//     output rows is one sequential stream;
-//   * scales fp16 and zeros uint8, both [Np / 8][G][8]: one 8-lane vector per panel and group.
+//   * the chunks of 8 consecutive rows are interleaved, and each run of kMetaGroups = 8 groups is preceded by their
+//     scales and zero points: wpack = [Np / 8][ceil(G / 8)][meta, codes], meta = 192 bytes (scales fp16 [8 groups]
+//     [8 rows], then zeros uint8 [8 groups][8 rows]; unused slots of the last run are zero), codes = [groups of the
+//     run][Gp / 64 chunks][8 rows][CB]. One panel of eight output rows is one sequential stream with everything it
+//     needs: separate scale and zero arrays were two more streams per panel and cost ~10% of a cold W4 GEMV;
 //
 // Every path computes, per row n and group g:  s_g * (sum_k q_k x_k - z_g * sum_k x_k)  and sums over groups.
 //   Float path (fp32/bf16 activations): q_k x_k in fp32 FMAs straight from the packed codes (unpacked by mask and
@@ -40,6 +42,8 @@ namespace {
 
 constexpr int64_t kRows = 8;    // output rows per panel
 constexpr int64_t kChunk = 64;  // codes per chunk
+constexpr int64_t kMetaGroups = 8;  // groups per meta block (scales and zeros inside the weight stream)
+constexpr int64_t kMetaBytes = kMetaGroups * kRows * 3;  // fp16 scales + uint8 zeros of kMetaGroups groups
 constexpr int64_t kPrefetch = 2048;  // bytes ahead in a panel's weight stream that each chunk step prefetches
 
 // Prefetch the cache lines `kPrefetch` bytes past the `bytes` bytes starting at w (one chunk step of a panel).
@@ -62,8 +66,21 @@ struct Geometry {
   }
   int64_t panels() const { return Np / kRows; }
   int64_t chunks_per_group() const { return Gp / kChunk; }
-  int64_t panel_bytes() const { return (Kp / kChunk) * kRows * CB; }
+  int64_t meta_runs() const { return (G + kMetaGroups - 1) / kMetaGroups; }
+  int64_t group_bytes() const { return chunks_per_group() * kRows * CB; }
+  int64_t panel_bytes() const { return meta_runs() * kMetaBytes + G * group_bytes(); }
+  // Offset inside a panel of group gi's first chunk, and of the meta block of the run holding it.
+  int64_t group_offset(int64_t gi) const { return (gi / kMetaGroups + 1) * kMetaBytes + gi * group_bytes(); }
+  int64_t meta_offset(int64_t gi) const { return (gi / kMetaGroups) * (kMetaBytes + kMetaGroups * group_bytes()); }
 };
+
+// Scales (fp16) and zero points (uint8) of group gi's eight rows, inside the meta block that starts at `meta`.
+inline const at::Half* meta_scales(const uint8_t* meta, int64_t gi) {
+  return reinterpret_cast<const at::Half*>(meta) + (gi % kMetaGroups) * kRows;
+}
+inline const uint8_t* meta_zeros(const uint8_t* meta, int64_t gi) {
+  return meta + kMetaGroups * kRows * 2 + (gi % kMetaGroups) * kRows;
+}
 
 // Byte and bit offset of code c (0..63) inside a chunk (see the layout above).
 inline void code_position(int slot, int c, int& byte, int& shift) {
@@ -247,8 +264,8 @@ inline void chunk_float(const uint8_t* w, const float* xc, FloatAcc& a) {
 
 // The loop both panel kernels share, over NP panels at once: for every group g and panel i, the 8 rows' partial sums
 // (Acc: float or int32 lanes, value-initialised to zero) are accumulated chunk by chunk with chunk(w_i, chunk
-// index, acc), then out[i] += s_g * group_dot(i, g, acc), where group_dot applies the zero-point correction and
-// reduces the lanes. The panels are far apart in memory (see run_panels), so the weights arrive as NP concurrent
+// index, acc), then group_end(i, g, acc, out[i], meta_i) folds them into out[i] (meta_i: the panel's current meta
+// block, see meta_scales / meta_zeros). The panels are far apart in memory (see run_panels), so the weights arrive as NP concurrent
 // streams: one sequential stream is bounded by the hardware prefetcher's depth (~9 GB/s on one Sapphire Rapids core),
 // four reach ~12-13 GB/s.
 template <int SLOT, int NP, typename Acc, typename Out, typename ChunkFn, typename GroupEndFn>
@@ -260,7 +277,13 @@ inline void panel_loop(const uint8_t* const* w0, const Geometry& g, ChunkFn chun
     w[i] = w0[i];
     out[i] = Out{};
   }
+  const uint8_t* meta[NP];
   for (int64_t gi = 0; gi < g.G; ++gi) {
+    if (gi % kMetaGroups == 0)
+      for (int i = 0; i < NP; ++i) {
+        meta[i] = w[i];
+        w[i] += kMetaBytes;
+      }
 #pragma GCC unroll 4
     for (int i = 0; i < NP; ++i) {
       Acc acc{};
@@ -269,41 +292,40 @@ inline void panel_loop(const uint8_t* const* w0, const Geometry& g, ChunkFn chun
         chunk(w[i], gi * cpg + ch, acc);
         w[i] += kRows * CB;
       }
-      group_end(i, gi, acc, out[i]);
+      group_end(i, gi, acc, out[i], meta[i]);
     }
   }
 }
 
-// panel_loop with out[i] += s_g * group_dot(i, g, acc) in 8 float lanes (the float and integer kernels).
+// panel_loop with out[i] += s_g * group_dot(g, acc, zeros_g) in 8 float lanes (the float and integer kernels),
+// zeros_g: the group's 8 zero points.
 template <int SLOT, int NP, typename Acc, typename ChunkFn, typename GroupDotFn>
-inline void panel_groups(const uint8_t* const* w0, const at::Half* const* sc, const Geometry& g, ChunkFn chunk,
-                         GroupDotFn group_dot, __m256* out) {
+inline void panel_groups(const uint8_t* const* w0, const Geometry& g, ChunkFn chunk, GroupDotFn group_dot,
+                         __m256* out) {
   panel_loop<SLOT, NP, Acc>(
       w0, g, chunk,
-      [&](int i, int64_t gi, const Acc& acc, __m256& o) {
-        o = _mm256_fmadd_ps(load_scales(sc[i] + gi * kRows), group_dot(i, gi, acc), o);
+      [&](int, int64_t gi, const Acc& acc, __m256& o, const uint8_t* meta) {
+        o = _mm256_fmadd_ps(load_scales(meta_scales(meta, gi)), group_dot(gi, acc, meta_zeros(meta, gi)), o);
       },
       out);
 }
 
-// The weights of NP panels (pointers into wpack, scales and zeros).
+// The weight streams of NP panels (pointers into wpack).
 template <int NP>
 struct PanelSet {
   const uint8_t* w[NP];
-  const at::Half* sc[NP];
-  const uint8_t* zp[NP];
 };
 
 // NP panels (8 rows each) against one arranged token: out[i] = sum_g s_g * (sum q x - z_g * xsum_g).
 template <int SLOT, int MODE, int NP>
 void panel_float(const PanelSet<NP>& ps, const float* xa, const float* xsum, const Geometry& g, __m256* out) {
   panel_groups<SLOT, NP, FloatAcc>(
-      ps.w, ps.sc, g,
+      ps.w, g,
       [xa](const uint8_t* wc, int64_t c, FloatAcc& a) { chunk_float<SLOT, MODE>(wc, xa + c * kChunk, a); },
-      [&ps, xsum](int i, int64_t gi, const FloatAcc& a) {
+      [xsum](int64_t gi, const FloatAcc& a, const uint8_t* zg) {
         __m256 rows[8];
         a.rows(rows);
-        const __m256 z = _mm256_cvtepi32_ps(load_zeros(ps.zp[i] + gi * kRows));
+        const __m256 z = _mm256_cvtepi32_ps(load_zeros(zg));
         return _mm256_fnmadd_ps(z, _mm256_set1_ps(xsum[gi]), reduce_rows(rows));
       },
       out);
@@ -437,10 +459,10 @@ inline void chunk_int(const uint8_t* wc, const int8_t* x, IntAcc& a) {
 template <int SLOT, int NP>
 void panel_int(const PanelSet<NP>& ps, const int8_t* xc, const int32_t* csum, const Geometry& g, __m256* out) {
   panel_groups<SLOT, NP, IntAcc>(
-      ps.w, ps.sc, g,
+      ps.w, g,
       [xc](const uint8_t* wc, int64_t c, IntAcc& a) { chunk_int<SLOT>(wc, xc + c * kChunk, a); },
-      [&ps, csum](int i, int64_t gi, const IntAcc& a) {
-        const __m256i corr = _mm256_mullo_epi32(load_zeros(ps.zp[i] + gi * kRows), _mm256_set1_epi32(csum[gi]));
+      [csum](int64_t gi, const IntAcc& a, const uint8_t* zg) {
+        const __m256i corr = _mm256_mullo_epi32(load_zeros(zg), _mm256_set1_epi32(csum[gi]));
         return _mm256_cvtepi32_ps(_mm256_sub_epi32(a.rows(), corr));
       },
       out);
@@ -496,7 +518,7 @@ void panel_fixed(const PanelSet<NP>& ps, const int8_t* xa, const double* gstep, 
   panel_loop<SLOT, NP, FixedAcc>(
       ps.w, g,
       [xa](const uint8_t* wc, int64_t c, FixedAcc& a) { chunk_fixed<SLOT>(wc, xa + c * kLimbs * kChunk, a); },
-      [&](int i, int64_t gi, const FixedAcc& a, __m512d& o) {
+      [&](int, int64_t gi, const FixedAcc& a, __m512d& o, const uint8_t* meta) {
         // Digit planes in pairs, per lane in int32: 256 * S_{2p+1} + S_{2p} (exact while the group has at most
         // kFixedMaxGroup codes), so two lane reductions instead of four.
         IntAcc pair[2];
@@ -504,8 +526,8 @@ void panel_fixed(const PanelSet<NP>& ps, const int8_t* xa, const double* gstep, 
           for (int j = 0; j < 4; ++j)
             pair[p].p[j] = _mm512_add_epi32(_mm512_slli_epi32(a.p[2 * p + 1].p[j], 8), a.p[2 * p].p[j]);
         __m512d t = _mm512_fmadd_pd(_mm512_cvtepi32_pd(pair[1].rows()), base, _mm512_cvtepi32_pd(pair[0].rows()));
-        t = _mm512_fnmadd_pd(_mm512_cvtepi32_pd(load_zeros(ps.zp[i] + gi * kRows)), _mm512_set1_pd(gv[gi]), t);
-        const __m512d ss = _mm512_mul_pd(_mm512_cvtps_pd(load_scales(ps.sc[i] + gi * kRows)),
+        t = _mm512_fnmadd_pd(_mm512_cvtepi32_pd(load_zeros(meta_zeros(meta, gi))), _mm512_set1_pd(gv[gi]), t);
+        const __m512d ss = _mm512_mul_pd(_mm512_cvtps_pd(load_scales(meta_scales(meta, gi))),
                                          _mm512_set1_pd(gstep[gi]));
         o = _mm512_fmadd_pd(t, ss, o);
       },
@@ -593,9 +615,9 @@ constexpr int kStreams = 4;
 // panel_fn(PanelSet<NP>, token m, out[NP]) for NP = kStreams or 1. A thread's panels [p0, p1) are cut into kStreams
 // contiguous ranges and walked in step (panels p0 + t, p0 + t + L, ...), so the streams are far apart in memory.
 template <typename PanelFn, typename TokenScale>
-void run_panels(const Geometry& g, const uint8_t* w, const at::Half* sc, const uint8_t* zp, int64_t M,
-                const float* bias, float* y, PanelFn panel_fn, TokenScale token_scale) {
-  const int64_t pb = g.panel_bytes(), pg = g.G * kRows;
+void run_panels(const Geometry& g, const uint8_t* w, int64_t M, const float* bias, float* y, PanelFn panel_fn,
+                TokenScale token_scale) {
+  const int64_t pb = g.panel_bytes();
   at::parallel_for(0, g.panels(), 4, [&](int64_t p0, int64_t p1) {
     const KeepDenormals keep;
     alignas(32) float out[kRows];
@@ -610,11 +632,7 @@ void run_panels(const Geometry& g, const uint8_t* w, const at::Half* sc, const u
     const auto set_of = [&](auto np_c, const int64_t* ps) {
       constexpr int NP = decltype(np_c)::value;
       PanelSet<NP> s;
-      for (int i = 0; i < NP; ++i) {
-        s.w[i] = w + ps[i] * pb;
-        s.sc[i] = sc + ps[i] * pg;
-        s.zp[i] = zp + ps[i] * pg;
-      }
+      for (int i = 0; i < NP; ++i) s.w[i] = w + ps[i] * pb;
       return s;
     };
     const int64_t L = (p1 - p0) / kStreams;  // panels per stream; the remainder runs one at a time
@@ -730,28 +748,22 @@ std::tuple<at::Tensor, at::Tensor> quantize_act(const at::Tensor& x, double clip
 struct PanelWeights {
   Geometry g;
   const uint8_t* w;
-  const at::Half* sc;
-  const uint8_t* zp;
   const float* bias;
 };
 
-PanelWeights panel_weights(int64_t K, const at::Tensor& wpack, const at::Tensor& scales, const at::Tensor& zeros,
-                           const std::optional<at::Tensor>& bias, int64_t slot, int64_t N, int64_t glen) {
+PanelWeights panel_weights(int64_t K, const at::Tensor& wpack, const std::optional<at::Tensor>& bias, int64_t slot,
+                           int64_t N, int64_t glen) {
   const Geometry g(K, N, glen, static_cast<int>(slot));
   check_cpu(wpack, "wpack");
-  check_cpu(scales, "scales");
-  check_cpu(zeros, "zeros");
   TORCH_CHECK(wpack.scalar_type() == at::kByte && wpack.numel() == g.panels() * g.panel_bytes(),
               "wpack does not match the panel layout");
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.numel() == g.Np * g.G, "scales must be fp16 [Np/8, G, 8]");
-  TORCH_CHECK(zeros.scalar_type() == at::kByte && zeros.numel() == g.Np * g.G, "zeros must be uint8 [Np/8, G, 8]");
   const float* b = nullptr;
   if (bias) {
     check_cpu(*bias, "bias");
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == N, "bias must be float [N]");
     b = bias->data_ptr<float>();
   }
-  return {g, wpack.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(), zeros.data_ptr<uint8_t>(), b};
+  return {g, wpack.data_ptr<uint8_t>(), b};
 }
 
 template <typename Fn>
@@ -767,7 +779,7 @@ void run_sub8(const PanelWeights& pw, int64_t M, float* y, PanelForSlot panel, T
   with_slot(pw.g.slot, [&](auto s) {
     if constexpr (decltype(s)::value != 8)
       run_panels(
-          pw.g, pw.w, pw.sc, pw.zp, M, pw.bias, y,
+          pw.g, pw.w, M, pw.bias, y,
           [&](const auto& set, int64_t m, __m256* out) { panel(s, set, m, out); }, token_scale);
   });
 }
@@ -784,13 +796,13 @@ float max_abs(const T* x, int64_t n) {
 
 // mode: kConvert, kDenormal, or -1 = kDenormal when every |x| < kDenormalMaxAbsX (always true for bf16-range LLM
 // activations in practice), else kConvert.
-at::Tensor gemm_float(const at::Tensor& x, const at::Tensor& wpack, const at::Tensor& scales, const at::Tensor& zeros,
-                      const std::optional<at::Tensor>& bias, int64_t slot, int64_t N, int64_t glen, int64_t mode) {
+at::Tensor gemm_float(const at::Tensor& x, const at::Tensor& wpack, const std::optional<at::Tensor>& bias, int64_t slot,
+                      int64_t N, int64_t glen, int64_t mode) {
   check_cpu(x, "x");
   TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
   const bool is_f32 = x.scalar_type() == at::kFloat;
   TORCH_CHECK(is_f32 || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
-  const PanelWeights pw = panel_weights(x.size(1), wpack, scales, zeros, bias, slot, N, glen);
+  const PanelWeights pw = panel_weights(x.size(1), wpack, bias, slot, N, glen);
   const Geometry& g = pw.g;
   const int64_t M = x.size(0);
   if (mode < 0) {
@@ -844,7 +856,7 @@ at::Tensor gemm_float(const at::Tensor& x, const at::Tensor& wpack, const at::Te
   const auto run = [&](auto slot_c, auto mode_c) {
     constexpr int S = decltype(slot_c)::value, MD = decltype(mode_c)::value;
     run_panels(
-        g, pw.w, pw.sc, pw.zp, M, pw.bias, y.data_ptr<float>(),
+        g, pw.w, M, pw.bias, y.data_ptr<float>(),
         [&](const auto& set, int64_t m, __m256* out) {
           panel_float<S, MD>(set, xa + m * g.Kp, xsum + m * g.G, g, out);
         },
@@ -859,10 +871,10 @@ at::Tensor gemm_float(const at::Tensor& x, const at::Tensor& wpack, const at::Te
 
 // The integer GEMM on raw codes [M, K] and steps [M].
 at::Tensor gemm_int_raw(const int8_t* c, const float* st, int64_t M, int64_t K, const at::Tensor& wpack,
-                        const at::Tensor& scales, const at::Tensor& zeros, const std::optional<at::Tensor>& bias,
-                        int64_t slot, int64_t N, int64_t glen, const at::TensorOptions& opts) {
+                        const std::optional<at::Tensor>& bias, int64_t slot, int64_t N, int64_t glen,
+                        const at::TensorOptions& opts) {
   TORCH_CHECK(slot == 2 || slot == 4, "the integer kernel takes 2- or 4-bit slots");
-  const PanelWeights pw = panel_weights(K, wpack, scales, zeros, bias, slot, N, glen);
+  const PanelWeights pw = panel_weights(K, wpack, bias, slot, N, glen);
   const Geometry& g = pw.g;
   int8_t* xa = scratch<int8_t>(M * g.Kp, 0);
   int32_t* csum = scratch<int32_t>(M * g.G, 1);
@@ -882,20 +894,20 @@ at::Tensor gemm_int_raw(const int8_t* c, const float* st, int64_t M, int64_t K, 
 // The integer path: activations quantized per token exactly as `quantize_act` does (into reused scratch: one op
 // dispatch and no code/step tensors per linear), then the integer GEMM.
 at::Tensor gemm_int_act(const at::Tensor& x, double clip, int64_t act_bits, const at::Tensor& wpack,
-                        const at::Tensor& scales, const at::Tensor& zeros, const std::optional<at::Tensor>& bias,
-                        int64_t slot, int64_t N, int64_t glen) {
+                        const std::optional<at::Tensor>& bias, int64_t slot, int64_t N, int64_t glen) {
   TORCH_CHECK(x.dim() == 2, "x must be [M, K]");  // before the sizes; quantize_into checks the rest
   const int64_t M = x.size(0), K = x.size(1);
   int8_t* codes = scratch<int8_t>(M * K, 1);
   float* steps = scratch<float>(M, 0);
   quantize_into(x, clip, act_bits, codes, steps);
-  return gemm_int_raw(codes, steps, M, K, wpack, scales, zeros, bias, slot, N, glen, x.options());
+  return gemm_int_raw(codes, steps, M, K, wpack, bias, slot, N, glen, x.options());
 }
 
-// The panel layout (wpack, scales, zeros) from the on-disk layout: qweight uint8 [N, ceil(K * slot / 8)] (code k of a
-// row at bits slot * (k % (8 / slot)) of byte k / (8 / slot)), scales fp16 [N, G], zeros uint8 [N, G].
-std::tuple<at::Tensor, at::Tensor, at::Tensor> repack(const at::Tensor& qweight, const at::Tensor& scales,
-                                                      const at::Tensor& zeros, int64_t slot, int64_t K, int64_t glen) {
+// The panel layout (wpack, with the scales and zeros inside) from the on-disk layout: qweight uint8
+// [N, ceil(K * slot / 8)] (code k of a row at bits slot * (k % (8 / slot)) of byte k / (8 / slot)), scales fp16
+// [N, G], zeros uint8 [N, G].
+at::Tensor repack(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros, int64_t slot, int64_t K,
+                  int64_t glen) {
   check_cpu(qweight, "qweight");
   check_cpu(scales, "scales");
   check_cpu(zeros, "zeros");
@@ -906,16 +918,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> repack(const at::Tensor& qweight,
   TORCH_CHECK(qweight.size(1) == (K * slot + 7) / 8, "qweight row bytes do not match K");
   TORCH_CHECK(scales.numel() == N * g.G && zeros.numel() == N * g.G, "scales/zeros must be [N, G]");
   auto wpack = at::zeros({g.panels() * g.panel_bytes()}, qweight.options());
-  auto sc = at::zeros({g.panels(), g.G, kRows}, scales.options());
-  auto zp = at::zeros({g.panels(), g.G, kRows}, zeros.options());
   const uint8_t* q = qweight.data_ptr<uint8_t>();
   const int64_t rb = qweight.size(1), per_byte = 8 / slot, mask = (1 << slot) - 1;
-  const int64_t cpg = g.chunks_per_group(), pb = g.panel_bytes();
+  const int64_t pb = g.panel_bytes();
   std::array<int, 64> byte_of, shift_of;
   for (int c = 0; c < 64; ++c) code_position(g.slot, c, byte_of[c], shift_of[c]);
   uint8_t* out = wpack.data_ptr<uint8_t>();
-  at::Half* so = sc.data_ptr<at::Half>();
-  uint8_t* zo = zp.data_ptr<uint8_t>();
   const at::Half* si = scales.data_ptr<at::Half>();
   const uint8_t* zi = zeros.data_ptr<uint8_t>();
   at::parallel_for(0, g.panels(), 1, [&](int64_t p0, int64_t p1) {
@@ -924,20 +932,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> repack(const at::Tensor& qweight,
         const int64_t n = p * kRows + r;
         const uint8_t* qr = q + n * rb;
         for (int64_t gi = 0; gi < g.G; ++gi) {
-          so[(p * g.G + gi) * kRows + r] = si[n * g.G + gi];
-          zo[(p * g.G + gi) * kRows + r] = zi[n * g.G + gi];
+          uint8_t* meta = out + p * pb + g.meta_offset(gi);
+          std::memcpy(const_cast<at::Half*>(meta_scales(meta, gi)) + r, si + n * g.G + gi, sizeof(at::Half));
+          const_cast<uint8_t*>(meta_zeros(meta, gi))[r] = zi[n * g.G + gi];
           const int64_t len = std::min(g.glen, K - gi * g.glen);
           for (int64_t j = 0; j < len; ++j) {
             const int64_t k = gi * g.glen + j, ch = j / kChunk, c = j % kChunk;
             const int code = (qr[k / per_byte] >> (slot * (k % per_byte))) & mask;
-            uint8_t* chunk = out + p * pb + ((gi * cpg + ch) * kRows + r) * g.CB;
+            uint8_t* chunk = out + p * pb + g.group_offset(gi) + (ch * kRows + r) * g.CB;
             chunk[byte_of[c]] |= static_cast<uint8_t>(code << shift_of[c]);
           }
         }
       }
     }
   });
-  return {wpack, sc, zp};
+  return wpack;
 }
 
 // W_hat = (q - z) * s in float32 for rows [n0, n1) from the on-disk layout (SLOT a constant so the unpack vectorises).
@@ -1072,11 +1081,10 @@ void dequantize_into(const at::Tensor& qweight, const at::Tensor& scales, const 
 
 TORCH_LIBRARY(cbq_hf_cpu, m) {
   m.def("quantize_act(Tensor x, float clip, int act_bits) -> (Tensor, Tensor)");
-  m.def("gemm_float(Tensor x, Tensor wpack, Tensor scales, Tensor zeros, Tensor? bias, int slot, int N, int glen, "
-        "int mode=-1) -> Tensor");
-  m.def("gemm_int_act(Tensor x, float clip, int act_bits, Tensor wpack, Tensor scales, Tensor zeros, Tensor? bias, "
-        "int slot, int N, int glen) -> Tensor");
-  m.def("repack(Tensor qweight, Tensor scales, Tensor zeros, int slot, int K, int glen) -> (Tensor, Tensor, Tensor)");
+  m.def("gemm_float(Tensor x, Tensor wpack, Tensor? bias, int slot, int N, int glen, int mode=-1) -> Tensor");
+  m.def("gemm_int_act(Tensor x, float clip, int act_bits, Tensor wpack, Tensor? bias, int slot, int N, int glen) "
+        "-> Tensor");
+  m.def("repack(Tensor qweight, Tensor scales, Tensor zeros, int slot, int K, int glen) -> Tensor");
   m.def("dequantize_into(Tensor qweight, Tensor scales, Tensor zeros, int slot, int glen, Tensor(a!) out) -> ()");
 }
 

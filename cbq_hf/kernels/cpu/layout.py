@@ -14,22 +14,30 @@ from ...formats.uniform import UniformSpec
 
 ROWS = 8  # output rows per panel
 CHUNK = 64  # codes per chunk; groups are padded to a multiple of this
+META_GROUPS = 8  # groups whose scales and zeros precede them in the weight stream
+META_BYTES = META_GROUPS * ROWS * 3  # fp16 scales + uint8 zeros of META_GROUPS groups
+
+
+def panel_bytes(in_features: int, glen: int, slot: int) -> int:
+    """Bytes of one 8-row panel: per run of META_GROUPS groups a meta block, then every group's codes padded to
+    whole 64-code chunks."""
+    groups = -(-in_features // glen)
+    group_bytes = -(-glen // CHUNK) * CHUNK * ROWS * slot // 8
+    return -(-groups // META_GROUPS) * META_BYTES + groups * group_bytes
 
 
 @dataclass(frozen=True)
 class Panels:
     """Weights of one linear in the panel layout, plus what the kernels need beside them."""
 
-    wpack: torch.Tensor  # uint8 [Np/8 * Kp/64 * 8 * (8 * slot)]: codes, 8-row panels
-    scales: torch.Tensor  # float16 [Np/8, G, 8]
-    zeros: torch.Tensor  # uint8 [Np/8, G, 8]
+    wpack: torch.Tensor  # uint8 [Np/8 * panel_bytes]: codes with their scales and zeros, 8-row panels
     bias: torch.Tensor | None  # float32 [N]
     slot: int  # 2, 4 or 8 bits per stored code
     glen: int  # codes per group (the last group may be shorter)
 
     def nbytes(self) -> int:
         """Bytes held by the repacked copy (resident memory beside the module's own buffers)."""
-        return sum(t.numel() * t.element_size() for t in (self.wpack, self.scales, self.zeros))
+        return self.wpack.numel() * self.wpack.element_size()
 
 
 def repack(ops, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: UniformSpec,
@@ -37,11 +45,9 @@ def repack(ops, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
     """Panel layout of one linear from its packed buffers (qweight [N, bytes], scales/zeros [N, G]); `ops` is the
     loaded ``torch.ops.cbq_hf_cpu`` namespace."""
     slot, glen = spec.slot_bits, spec.group_len(in_features)
-    wpack, s, z = ops.repack(qweight.contiguous(), scales.contiguous(), zeros.contiguous(), slot, in_features, glen)
+    wpack = ops.repack(qweight.contiguous(), scales.contiguous(), zeros.contiguous(), slot, in_features, glen)
     return Panels(
         wpack=wpack,
-        scales=s,
-        zeros=z,
         bias=None if bias is None else bias.detach().float().contiguous(),
         slot=slot,
         glen=glen,

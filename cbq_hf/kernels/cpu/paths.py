@@ -158,8 +158,8 @@ def linear_packed(module, x: torch.Tensor) -> torch.Tensor:
     x2 = _scaled_2d(module, x)
     if module.fmt.act_bits is not None:
         x2 = module.fmt.quantize_activations(x2, module.packed_buffers())
-    y = ops.gemm_float(_kernel_input(x2), pan.wpack, pan.scales, pan.zeros, pan.bias, pan.slot,
-                       module.out_features, pan.glen, build.float_mode(pan.slot))
+    y = ops.gemm_float(_kernel_input(x2), pan.wpack, pan.bias, pan.slot, module.out_features, pan.glen,
+                       build.float_mode(pan.slot))
     return y.to(x.dtype).view(*x.shape[:-1], module.out_features)
 
 
@@ -172,7 +172,7 @@ def linear_int(module, x: torch.Tensor) -> torch.Tensor:
     ops = build.load()
     pan = panels(module)
     y = ops.gemm_int_act(_kernel_input(_scaled_2d(module, x)), _act_clip(module), module.fmt.act_bits, pan.wpack,
-                         pan.scales, pan.zeros, pan.bias, pan.slot, module.out_features, pan.glen)
+                         pan.bias, pan.slot, module.out_features, pan.glen)
     return y.to(x.dtype).view(*x.shape[:-1], module.out_features)
 
 
