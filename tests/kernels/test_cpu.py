@@ -67,7 +67,7 @@ def test_integer_activation_codes_identical_to_reference(act_bits, dtype):
     x = torch.randn(64, 576).to(DTYPES[dtype]) * torch.logspace(-3, 3, 64).unsqueeze(1).to(DTYPES[dtype])
     x[3] = 0  # an all-zero token: the step is clamped
     x[5, 7] = 1e4
-    xs = paths._scaled_2d(lin, x)
+    xs = paths._scaled(lin, x)
     codes, steps = paths.quantize_activations(lin, xs)
     xf = xs.float()
     qmax = 2 ** (act_bits - 1) - 1
@@ -101,6 +101,18 @@ def test_repack_size_matches_the_layout_formula(n, k, glen, slot):
     wpack = build.load().repack(torch.randint(0, 256, (n, -(-k * slot // 8)), dtype=torch.uint8),
                                 torch.rand(n, g).half(), torch.zeros(n, g, dtype=torch.uint8), slot, k, glen)
     assert wpack.numel() == -(-n // 8) * panel_bytes(k, glen, slot)
+
+
+@pytest.mark.parametrize("act_bits", [None, 8], ids=lambda a: f"a{a}")
+def test_kernels_keep_the_leading_dims(act_bits):
+    """The ops take x [..., K] as it is (no reshape per call) and give [..., N]: the same rows as a 2-D call."""
+    lin = make_linear(24, 200, 4, 64, act_bits=act_bits)
+    x = torch.randn(2, 3, 200)
+    kernel = "cpu_int" if act_bits else "cpu_packed"
+    y3 = _run(lin, x, kernel)
+    assert y3.shape == (2, 3, 24)
+    assert torch.equal(y3.reshape(6, 24), _run(lin, x.reshape(6, 200), kernel))
+    assert _run(lin, x[0, 0], kernel).shape == (24,)
 
 
 def test_ops_trace_under_torch_compile():

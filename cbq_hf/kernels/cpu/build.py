@@ -111,11 +111,11 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake(lib + "gemm_float")
     def _(x, wpack, bias, slot, N, glen, mode=-1):
-        return x.new_empty((x.shape[0], N), dtype=torch.float32)
+        return x.new_empty((*x.shape[:-1], N), dtype=torch.float32)
 
     @torch.library.register_fake(lib + "gemm_int_act")
     def _(x, clip, act_bits, wpack, bias, slot, N, glen):
-        return x.new_empty((x.shape[0], N), dtype=torch.float32)
+        return x.new_empty((*x.shape[:-1], N), dtype=torch.float32)
 
     @torch.library.register_fake(lib + "repack")
     def _(qweight, scales, zeros, slot, K, glen):

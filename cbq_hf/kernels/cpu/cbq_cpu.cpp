@@ -720,12 +720,26 @@ void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-// quantize_rows of x [M, K] (float32 or bfloat16, checked here) into codes [M, K] and steps [M].
+// x [..., K] as M = (product of the leading dims) rows of K values; the GEMMs take any leading dims, so a
+// CBQLinear passes its [batch, tokens, K] input as it is (a Python reshape/view per call costs more than a decode
+// GEMV of a small projection).
+int64_t rows_of(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, "x must be [..., K] with K > 0");
+  return x.numel() / x.size(-1);
+}
+
+// The output sizes [..., N] of x [..., K].
+std::vector<int64_t> out_sizes(const at::Tensor& x, int64_t N) {
+  std::vector<int64_t> s = x.sizes().vec();
+  s.back() = N;
+  return s;
+}
+
+// quantize_rows of x [..., K] (float32 or bfloat16, checked here) into codes [M, K] and steps [M].
 void quantize_into(const at::Tensor& x, double clip, int64_t act_bits, int8_t* codes, float* steps) {
   check_cpu(x, "x");
-  TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
   TORCH_CHECK(act_bits >= 2 && act_bits <= 8, "act_bits must be in [2, 8]");
-  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t M = rows_of(x), K = x.size(-1);
   if (x.scalar_type() == at::kFloat)
     quantize_rows(x.data_ptr<float>(), M, K, static_cast<float>(clip), static_cast<int>(act_bits), codes, steps);
   else if (x.scalar_type() == at::kBFloat16)
@@ -799,12 +813,11 @@ float max_abs(const T* x, int64_t n) {
 at::Tensor gemm_float(const at::Tensor& x, const at::Tensor& wpack, const std::optional<at::Tensor>& bias, int64_t slot,
                       int64_t N, int64_t glen, int64_t mode) {
   check_cpu(x, "x");
-  TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
   const bool is_f32 = x.scalar_type() == at::kFloat;
   TORCH_CHECK(is_f32 || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
-  const PanelWeights pw = panel_weights(x.size(1), wpack, bias, slot, N, glen);
+  const int64_t M = rows_of(x);
+  const PanelWeights pw = panel_weights(x.size(-1), wpack, bias, slot, N, glen);
   const Geometry& g = pw.g;
-  const int64_t M = x.size(0);
   if (mode < 0) {
     const float amax =
         is_f32 ? max_abs(x.data_ptr<float>(), x.numel()) : max_abs(x.data_ptr<at::BFloat16>(), x.numel());
@@ -830,7 +843,7 @@ at::Tensor gemm_float(const at::Tensor& x, const at::Tensor& wpack, const std::o
         else arrange_fixed(x.data_ptr<at::BFloat16>() + m * g.K, g, xm, gstep + m * g.G, gv + m * g.G);
       }
     });
-    auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
+    auto y = at::empty(out_sizes(x, N), x.options().dtype(at::kFloat));
     run_sub8(
         pw, M, y.data_ptr<float>(),
         [&](auto s, const auto& set, int64_t m, __m256* out) {
@@ -851,7 +864,7 @@ at::Tensor gemm_float(const at::Tensor& x, const at::Tensor& wpack, const std::o
         arrange_float(x.data_ptr<at::BFloat16>() + m * g.K, g, md, xa + m * g.Kp, xsum + m * g.G);
     }
   });
-  auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  auto y = at::empty(out_sizes(x, N), x.options().dtype(at::kFloat));
   const float out_scale = output_scale(md);
   const auto run = [&](auto slot_c, auto mode_c) {
     constexpr int S = decltype(slot_c)::value, MD = decltype(mode_c)::value;
@@ -870,9 +883,10 @@ at::Tensor gemm_float(const at::Tensor& x, const at::Tensor& wpack, const std::o
 }
 
 // The integer GEMM on raw codes [M, K] and steps [M].
+// y has the sizes [..., N] of the activations x [..., K] that c and st were quantized from.
 at::Tensor gemm_int_raw(const int8_t* c, const float* st, int64_t M, int64_t K, const at::Tensor& wpack,
                         const std::optional<at::Tensor>& bias, int64_t slot, int64_t N, int64_t glen,
-                        const at::TensorOptions& opts) {
+                        const at::Tensor& x) {
   TORCH_CHECK(slot == 2 || slot == 4, "the integer kernel takes 2- or 4-bit slots");
   const PanelWeights pw = panel_weights(K, wpack, bias, slot, N, glen);
   const Geometry& g = pw.g;
@@ -881,7 +895,7 @@ at::Tensor gemm_int_raw(const int8_t* c, const float* st, int64_t M, int64_t K, 
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) arrange_int(c + m * g.K, g, xa + m * g.Kp, csum + m * g.G);
   });
-  auto y = at::empty({M, N}, opts.dtype(at::kFloat));
+  auto y = at::empty(out_sizes(x, N), x.options().dtype(at::kFloat));
   run_sub8(
       pw, M, y.data_ptr<float>(),
       [&](auto s, const auto& set, int64_t m, __m256* out) {
@@ -895,12 +909,11 @@ at::Tensor gemm_int_raw(const int8_t* c, const float* st, int64_t M, int64_t K, 
 // dispatch and no code/step tensors per linear), then the integer GEMM.
 at::Tensor gemm_int_act(const at::Tensor& x, double clip, int64_t act_bits, const at::Tensor& wpack,
                         const std::optional<at::Tensor>& bias, int64_t slot, int64_t N, int64_t glen) {
-  TORCH_CHECK(x.dim() == 2, "x must be [M, K]");  // before the sizes; quantize_into checks the rest
-  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t M = rows_of(x), K = x.size(-1);
   int8_t* codes = scratch<int8_t>(M * K, 1);
   float* steps = scratch<float>(M, 0);
   quantize_into(x, clip, act_bits, codes, steps);
-  return gemm_int_raw(codes, steps, M, K, wpack, bias, slot, N, glen, x.options());
+  return gemm_int_raw(codes, steps, M, K, wpack, bias, slot, N, glen, x);
 }
 
 // The panel layout (wpack, with the scales and zeros inside) from the on-disk layout: qweight uint8

@@ -127,18 +127,23 @@ def _act_clip(module) -> float:
     return clip
 
 
-def _scaled_2d(module, x: torch.Tensor) -> torch.Tensor:
-    """x as [M, K] divided by `input_scale` exactly as the reference does (rounded back to x's dtype)."""
-    x2 = x.reshape(-1, x.shape[-1])
+def _scaled(module, x: torch.Tensor) -> torch.Tensor:
+    """x divided by `input_scale` exactly as the reference does (rounded back to x's dtype)."""
     if module.input_scale is not None:
-        x2 = (x2.float() / module.input_scale).to(x.dtype)
-    return x2
+        x = (x.float() / module.input_scale).to(x.dtype)
+    return x
 
 
-def _kernel_input(x2: torch.Tensor) -> torch.Tensor:
-    if x2.dtype == torch.float16:
-        x2 = x2.float()
-    return x2.contiguous()
+def _kernel_input(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] as the ops take it: float32 or bfloat16, contiguous (leading dims are kept: the ops flatten them)."""
+    if x.dtype == torch.float16:
+        x = x.float()
+    return x.contiguous()
+
+
+def _output(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The op's float32 result in x's dtype (the ops already give it x's leading dims)."""
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 def workspace(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -155,25 +160,26 @@ def workspace(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 def linear_packed(module, x: torch.Tensor) -> torch.Tensor:
     ops = build.load()
     pan = panels(module)
-    x2 = _scaled_2d(module, x)
+    xs = _scaled(module, x)
     if module.fmt.act_bits is not None:
-        x2 = module.fmt.quantize_activations(x2, module.packed_buffers())
-    y = ops.gemm_float(_kernel_input(x2), pan.wpack, pan.bias, pan.slot, module.out_features, pan.glen,
+        xs = module.fmt.quantize_activations(xs, module.packed_buffers())
+    y = ops.gemm_float(_kernel_input(xs), pan.wpack, pan.bias, pan.slot, module.out_features, pan.glen,
                        build.float_mode(pan.slot))
-    return y.to(x.dtype).view(*x.shape[:-1], module.out_features)
+    return _output(y, x)
 
 
 def quantize_activations(module, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer codes int8 [M, K] and steps float32 [M] of x2 [M, K] (already divided by input_scale)."""
-    return build.load().quantize_act(_kernel_input(x2), _act_clip(module), module.fmt.act_bits)
+    return build.load().quantize_act(_kernel_input(x2).reshape(-1, x2.shape[-1]), _act_clip(module),
+                                     module.fmt.act_bits)
 
 
 def linear_int(module, x: torch.Tensor) -> torch.Tensor:
     ops = build.load()
     pan = panels(module)
-    y = ops.gemm_int_act(_kernel_input(_scaled_2d(module, x)), _act_clip(module), module.fmt.act_bits, pan.wpack,
+    y = ops.gemm_int_act(_kernel_input(_scaled(module, x)), _act_clip(module), module.fmt.act_bits, pan.wpack,
                          pan.bias, pan.slot, module.out_features, pan.glen)
-    return y.to(x.dtype).view(*x.shape[:-1], module.out_features)
+    return _output(y, x)
 
 
 def linear_dequant(module, x: torch.Tensor) -> torch.Tensor:
