@@ -168,6 +168,37 @@ def linear_packed(module, x: torch.Tensor) -> torch.Tensor:
     return _output(y, x)
 
 
+def bind_packed(module, x: torch.Tensor):
+    """`linear_packed` for a module without input_scale and activation quantization, as a function of x alone (the
+    panels, the op and the float mode looked up once; see dispatch.KernelPath.bind)."""
+    if module.input_scale is not None or module.fmt.act_bits is not None:
+        return None
+    pan = panels(module)
+    op = build.load().gemm_float.default
+    wpack, bias, slot, n, glen, mode = pan.wpack, pan.bias, pan.slot, module.out_features, pan.glen, \
+        build.float_mode(pan.slot)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return _output(op(_kernel_input(x), wpack, bias, slot, n, glen, mode), x)
+
+    return run
+
+
+def bind_int(module, x: torch.Tensor):
+    """`linear_int` for a module without input_scale as a function of x alone (see `bind_packed`)."""
+    if module.input_scale is not None:
+        return None
+    pan = panels(module)
+    op = build.load().gemm_int_act.default
+    clip, act_bits = _act_clip(module), module.fmt.act_bits
+    wpack, bias, slot, n, glen = pan.wpack, pan.bias, pan.slot, module.out_features, pan.glen
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return _output(op(_kernel_input(x), clip, act_bits, wpack, bias, slot, n, glen), x)
+
+    return run
+
+
 def quantize_activations(module, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer codes int8 [M, K] and steps float32 [M] of x2 [M, K] (already divided by input_scale)."""
     return build.load().quantize_act(_kernel_input(x2).reshape(-1, x2.shape[-1]), _act_clip(module),
@@ -203,5 +234,5 @@ def register() -> None:
     from ..dispatch import register_kernel
 
     register_kernel("cpu_dequant", supports_packed, linear_dequant, prefer=prefer_dequant)
-    register_kernel("cpu_int", supports_int, linear_int, prefer=prefer_int)
-    register_kernel("cpu_packed", supports_packed, linear_packed, prefer=prefer_packed)
+    register_kernel("cpu_int", supports_int, linear_int, prefer=prefer_int, bind=bind_int)
+    register_kernel("cpu_packed", supports_packed, linear_packed, prefer=prefer_packed, bind=bind_packed)
