@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/generate.py [--new-tokens 128] [--batches 1 8] [--threads 1]
 
-Greedy `generate()`; tokens/s = batch * new tokens / wall time (prefill included). For the W4A16 configs the greedy
+Greedy `generate()`; tokens/s = batch * new tokens / wall time (prefill included), the median of --repeats timed
+calls (default 3; single calls vary by ~20% on the shared VMs). For the W4A16 configs the greedy
 output is compared with the reference path (CBQ_KERNEL=reference). "+ int8 head" also quantizes the output head
 (`CBQConfig(lm_head_bits=8)`; the other configs keep it fp32, as the quality tables do). Reports checkpoint size on disk and resident memory.
 Every config runs in its own process (clean resident-memory numbers); a quantized config is first quantized (RTN)
@@ -17,6 +18,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -73,16 +75,21 @@ def prepare(name: str, src: str, dst: str) -> None:
     AutoTokenizer.from_pretrained(src).save_pretrained(dst)
 
 
-def run(model, tok, batch: int, new_tokens: int) -> tuple[float, torch.Tensor]:
+def run(model, tok, batch: int, new_tokens: int, repeats: int = 1) -> tuple[list[float], torch.Tensor]:
+    """tokens/s of `repeats` timed generate() calls (after a short warm-up) and the last call's output ids."""
     enc = tok([PROMPT] * batch, return_tensors="pt")
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
     model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tok.eos_token_id)  # warm-up
-    t = time.perf_counter()
-    out = model.generate(**enc, **kw)
-    return batch * new_tokens / (time.perf_counter() - t), out
+    rates = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = model.generate(**enc, **kw)
+        rates.append(batch * new_tokens / (time.perf_counter() - t))
+    return rates, out
 
 
-def worker(name: str, path: str, batches: list[int], new_tokens: int, threads: int, ref_tokens: int) -> dict:
+def worker(name: str, path: str, batches: list[int], new_tokens: int, threads: int, ref_tokens: int,
+           repeats: int = 1) -> dict:
     """Load one config, time it, and return its result row (runs in a fresh process)."""
     torch.set_num_threads(threads)
     tok = AutoTokenizer.from_pretrained(path)
@@ -100,8 +107,9 @@ def worker(name: str, path: str, batches: list[int], new_tokens: int, threads: i
         row = {"config": name, "checkpoint_mb": size / 2**20, "rss_load_mb": rss1 - rss0}
         kernels: set[str] = set()
         for b in batches:
-            tps, out = run(model, tok, b, new_tokens)
-            row[f"tok_s_b{b}"] = tps
+            rates, out = run(model, tok, b, new_tokens, repeats)
+            row[f"tok_s_b{b}"] = statistics.median(rates)
+            row[f"tok_s_b{b}_runs"] = rates
             kernels |= {m.last_kernel for m in model.modules() if isinstance(m, cbq_hf.CBQLinear) and m.last_kernel}
             if name.startswith("W4A16") and b == 1:
                 # the reference path is ~30x slower than the kernels: compare the first `ref_tokens` greedy tokens
@@ -121,6 +129,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batches", nargs="*", type=int, default=[1, 8])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed generate() calls per config and batch; the median is reported (all in the JSON)")
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
     ap.add_argument("--ref-tokens", type=int, default=32,
                     help="greedy tokens compared with the (slow) reference path for W4A16 at batch 1")
@@ -133,7 +143,8 @@ def main() -> None:
         prepare(args.prepare, demo_model_path(), args.path)
         return
     if args.worker:
-        row = worker(args.worker, args.path, args.batches, args.new_tokens, args.threads, args.ref_tokens)
+        row = worker(args.worker, args.path, args.batches, args.new_tokens, args.threads, args.ref_tokens,
+                     args.repeats)
         print("ROW " + json.dumps(row), flush=True)
         return
     src = demo_model_path()
@@ -148,6 +159,7 @@ def main() -> None:
                 subprocess.run(me + ["--prepare", name, "--path", path], check=True)
             res = subprocess.run(me + ["--worker", name, "--path", path, "--threads", str(args.threads),
                                        "--new-tokens", str(args.new_tokens), "--ref-tokens", str(args.ref_tokens),
+                                       "--repeats", str(args.repeats),
                                        "--batches", *map(str, args.batches)],
                                  check=True, capture_output=True, text=True)
             row = json.loads(next(line[4:] for line in res.stdout.splitlines() if line.startswith("ROW ")))
