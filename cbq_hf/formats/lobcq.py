@@ -439,7 +439,9 @@ class LOBCQFormat(QuantFormat):
                 and torch.equal(memo[2], cb)):
             return memo[3]
         out = fake_quantize_activations(x, cb, self.spec)
-        if not (torch.is_grad_enabled() and x.requires_grad):
+        # inference tensors (torch.inference_mode) have no version counter, so an in-place change could not be seen:
+        # they are encoded every time
+        if not (torch.is_grad_enabled() and x.requires_grad) and not x.is_inference():
             self._act_memo = (x, x._version, cb.clone(), out)
         return out
 

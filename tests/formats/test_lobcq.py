@@ -243,6 +243,19 @@ def test_activation_memo_reuses_same_input_and_sees_in_place_changes():
     assert not torch.equal(fmt.quantize_activations(x, other), b)
 
 
+def test_activations_under_inference_mode_are_encoded_without_the_memo():
+    """Inference tensors have no version counter: encoding them must work (it raised) and see in-place changes."""
+    fmt = LOBCQFormat(DEFAULT, act_bits=4)
+    bufs = {"act_codebooks": fmt.universal()}
+    x = torch.randn(4, 64)
+    expected = fmt.quantize_activations(x.clone(), bufs)
+    with torch.inference_mode():
+        xi = x.clone()
+        assert torch.equal(fmt.quantize_activations(xi, bufs), expected)
+        xi.mul_(2)
+        assert torch.allclose(fmt.quantize_activations(xi, bufs), 2 * expected)
+
+
 def test_weight_only_leaves_activations_untouched():
     fmt = LOBCQFormat(DEFAULT, act_bits=None)
     x = torch.randn(3, 64)
