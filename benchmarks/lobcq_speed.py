@@ -1,7 +1,8 @@
-"""Time of the LO-BCQ reference forward (no fast kernel exists yet) against a float nn.Linear, one linear of the
-demo model's MLP shape, 513 tokens. Median of --reps runs; CPU timings on a shared machine are indicative only.
+"""Time of the LO-BCQ forward paths (reference; the CPU kernels `cpu_lobcq` and `cpu_lobcq_dequant`) against a
+float nn.Linear, on the demo model's MLP shapes, for several token counts (decode ... prefill). Median of --reps
+calls; each quantized call includes the run-time encoding of its activations (W4A4).
 
-    .venv/bin/python benchmarks/lobcq_speed.py
+    .venv/bin/python benchmarks/lobcq_speed.py [--tokens 1 8 16 64 513] [--shapes 1536x576 576x1536] [--threads 1]
 """
 
 from __future__ import annotations
@@ -29,32 +30,38 @@ def median_ms(fn, reps: int) -> float:
 
 @torch.no_grad()
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--tokens", type=int, default=513)
+    ap.add_argument("--tokens", type=int, nargs="*", default=[1, 8, 16, 64, 513])
+    ap.add_argument("--shapes", nargs="*", default=["1536x576", "576x1536"], help="N x K of the linear")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-reference", action="store_true", help="skip the (slow) reference rows")
     args = ap.parse_args()
-    n, k = 1536, 576
-    w = torch.randn(n, k) * 0.02
-    x = torch.randn(1, args.tokens, k)
-    lin = torch.nn.Linear(k, n, bias=False)
-    lin.weight.copy_(w)
-    rows = [("fp32 nn.Linear", median_ms(lambda: lin(x), args.reps))]
-    for act_bits in (None, 4):
-        fmt = LOBCQFormat(LOBCQSpec(), act_bits=act_bits)
-        q = CBQLinear(k, n, False, fmt)
-        q.load_packed(fmt.quantize_rtn(w))
-        with force_kernel("reference"):
-            rows.append((f"LO-BCQ W4A{act_bits or 16} reference (decode W + F.linear)",
-                         median_ms(lambda: (fmt.__setattr__("_act_memo", None), q(x)), args.reps)))
-        rows.append((f"  of which weight decode", median_ms(lambda: q.dequantized_weight(), args.reps)))
-        if act_bits:
-            bufs = q.packed_buffers()
-            rows.append((f"  of which activation encode ({args.tokens}x{k})",
-                         median_ms(lambda: (fmt.__setattr__("_act_memo", None), fmt.quantize_activations(x, bufs)),
-                                   args.reps)))
-    print(f"| path ({n}x{k}, {args.tokens} tokens, {torch.get_num_threads()} threads) | ms |\n|---|---|")
-    for name, ms in rows:
-        print(f"| {name} | {ms:.1f} |")
+    torch.set_num_threads(args.threads)
+    paths = ([] if args.no_reference else ["reference"]) + ["cpu_lobcq", "cpu_lobcq_dequant"]
+    print(f"| N x K | tokens | fp32 nn.Linear ms | " + " | ".join(
+        f"W4A{a or 16} {p} ms" for a in (None, 4) for p in paths) + " |")
+    print("|---" * (3 + 2 * len(paths)) + "|")
+    for shape in args.shapes:
+        n, k = map(int, shape.split("x"))
+        w = torch.randn(n, k) * 0.02
+        lin = torch.nn.Linear(k, n, bias=False)
+        lin.weight.copy_(w)
+        mods = []
+        for act_bits in (None, 4):
+            fmt = LOBCQFormat(LOBCQSpec(), act_bits=act_bits)
+            q = CBQLinear(k, n, False, fmt)
+            q.load_packed(fmt.quantize_rtn(w))
+            mods.append((fmt, q))
+        for tokens in args.tokens:
+            x = torch.randn(1, tokens, k)
+            cells = [f"{median_ms(lambda: lin(x), args.reps):.3f}"]
+            for fmt, q in mods:
+                for path in paths:
+                    with force_kernel(path):
+                        # a fresh activation encoding per call, as each layer's input is new in a real forward
+                        cells.append(f"{median_ms(lambda: (fmt.__setattr__('_act_memo', None), q(x)), args.reps):.3f}")
+            print(f"| {n}x{k} | {tokens} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

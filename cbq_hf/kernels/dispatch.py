@@ -116,9 +116,11 @@ def linear(module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _register_builtin() -> None:
+    from .cpu import lobcq_paths
     from .cpu import paths as cpu_paths
 
     cpu_paths.register()
+    lobcq_paths.register()
 
 
 _register_builtin()

@@ -23,6 +23,8 @@ from ...paths import cache_dir
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cbq_cpu.cpp")
+#: Every source of the extension: the uniform-format kernels, and the LO-BCQ ones (ops in the same namespace).
+SOURCES = (SOURCE, Path(__file__).with_name("lobcq_cpu.cpp"))
 
 _COMMON_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-DNDEBUG"]
 #: Compiler flags per variant, best first. All use the same source; `dot_u8s8` picks VNNI when the flags allow it.
@@ -83,7 +85,8 @@ def select_variant(flags: set[str] | None = None) -> str | None:
 
 def build_dir(variant: str) -> Path:
     """Where a variant's build lives: keyed by torch version and a hash of the source and flags."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(VARIANT_FLAGS[variant]).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES)
+                            + " ".join(VARIANT_FLAGS[variant]).encode()).hexdigest()[:12]
     tv = torch.__version__.replace("+", "_")
     return cache_dir() / "kernels" / f"cpu-{variant}-torch{tv}-{digest}"
 
@@ -96,7 +99,7 @@ def _build(variant: str) -> None:
     path.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
         name=f"cbq_hf_cpu_{variant}",
-        sources=[str(SOURCE)],
+        sources=[str(src) for src in SOURCES],
         extra_cflags=_COMMON_FLAGS + VARIANT_FLAGS[variant],
         extra_ldflags=["-fopenmp"],
         build_directory=str(path),
@@ -129,6 +132,14 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake(lib + "dequantize_into")
     def _(qweight, scales, zeros, slot, glen, out):
+        return None
+
+    @torch.library.register_fake(lib + "lobcq_gemm")
+    def _(x, qweight, selectors, scales, tensor_scale, codebooks, e4m3, bias, block_len, array_len, sel_bits):
+        return x.new_empty((*x.shape[:-1], qweight.shape[0]), dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "lobcq_dequantize_into")
+    def _(qweight, selectors, scales, tensor_scale, codebooks, e4m3, block_len, array_len, sel_bits, out):
         return None
 
 

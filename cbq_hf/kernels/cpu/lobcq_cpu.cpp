@@ -1,0 +1,243 @@
+// LO-BCQ CPU kernels for CBQLinear (format "lobcq"): a GEMV/small-GEMM straight from the packed buffers, and
+// dequantization into a workspace for prefill. Built with cbq_cpu.cpp by cbq_hf/kernels/cpu/build.py; its ops join
+// the torch namespace cbq_hf_cpu.
+//
+// Storage (cbq_hf/formats/lobcq.py, one linear W [N, K]):
+//   * qweight uint8 [N, ceil(K / 2)]: 4-bit entry index of value k in byte k / 2, low nibble first;
+//   * selectors uint8 [N, ceil(nb * sb / 8)]: codebook id of block j (nb = ceil(K / Lb) blocks of Lb values) at bit
+//     offset j * sb of its row (sb = log2(number of codebooks); absent when sb = 0);
+//   * scales uint8 [N, A]: FP8 E4M3 bit pattern of the scale of each array of La values;
+//   * tensor_scale float32, codebooks [nc, 16] (passed here as float32, exact: small integers).
+// Value k of row n is  C[sel(k / Lb)][idx(k)] * (e4m3(scale(k / La)) * tensor_scale)  in float32: the same two
+// float32 products as lobcq.decode, so a decoded row is bit-identical to the reference's W_hat row.
+//
+// The GEMM decodes one weight row at a time into a small per-thread buffer (the row, exactly) and takes its dot
+// product with every token: weights are read once per call whatever M is, and nothing of the size of W is
+// allocated. Activations arrive already LO-BCQ-encoded (the format's vectorised run-time encoder, shared by the
+// projections that read the same input).
+
+#include <torch/library.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Functions.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+struct LobcqWeights {
+  const uint8_t* q;    // qweight
+  const uint8_t* sel;  // selectors (nullptr when sel_bits == 0)
+  const uint8_t* sc;   // E4M3 scale codes
+  const float* cb;     // codebooks [nc, 16] as float32
+  const float* e4m3;   // float32 value of every E4M3 bit pattern [256]
+  float ts;            // tensor scale
+  int64_t N, K, qb, selb, A;
+  int sel_bits, block_len, array_len;
+};
+
+// Codebook id of block j of a selector row (row_bytes long): sel_bits <= 8 bits at bit offset j * sel_bits.
+inline int selector_of(const uint8_t* row, int64_t row_bytes, int64_t j, int sel_bits) {
+  if (sel_bits == 0) return 0;
+  const int64_t bit = j * sel_bits, b = bit >> 3;
+  unsigned v = row[b];
+  if (b + 1 < row_bytes) v |= static_cast<unsigned>(row[b + 1]) << 8;
+  return static_cast<int>((v >> (bit & 7)) & ((1u << sel_bits) - 1u));
+}
+
+// W_hat row n (K floats) into o.
+void decode_row(const LobcqWeights& w, int64_t n, float* o) {
+  const uint8_t* q = w.q + n * w.qb;
+  const uint8_t* sr = w.sel ? w.sel + n * w.selb : nullptr;
+  const uint8_t* sc = w.sc + n * w.A;
+  for (int64_t a = 0; a < w.A; ++a) {
+    const float s = w.e4m3[sc[a]] * w.ts;
+    const int64_t k1 = std::min(w.K, (a + 1) * w.array_len);
+    for (int64_t k = a * w.array_len; k < k1;) {
+      const int64_t j = k / w.block_len, kb = std::min(k1, (j + 1) * w.block_len);
+      const float* c = w.cb + 16 * selector_of(sr, w.selb, j, w.sel_bits);
+      for (; k < kb; ++k) o[k] = c[(q[k >> 1] >> ((k & 1) * 4)) & 15] * s;
+    }
+  }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// decode_row for the default geometry (blocks of 8 values, arrays a multiple of 16 values): 16 values per step,
+// two blocks, each block's codebook a 16-float table looked up with one permute.
+void decode_row_16(const LobcqWeights& w, int64_t n, float* o) {
+  const uint8_t* q = w.q + n * w.qb;
+  const uint8_t* sr = w.sel ? w.sel + n * w.selb : nullptr;
+  const uint8_t* sc = w.sc + n * w.A;
+  const __m128i lo4 = _mm_set1_epi8(15);
+  for (int64_t a = 0; a < w.A; ++a) {
+    const __m512 s = _mm512_set1_ps(w.e4m3[sc[a]] * w.ts);
+    const int64_t k1 = std::min(w.K, (a + 1) * w.array_len);
+    for (int64_t k = a * w.array_len; k < k1; k += 16) {
+      const int nv = static_cast<int>(std::min<int64_t>(16, k1 - k));
+      const __m128i bytes = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << ((nv + 1) / 2)) - 1), q + k / 2);
+      const __m128i nib = _mm_unpacklo_epi8(_mm_and_si128(bytes, lo4), _mm_and_si128(_mm_srli_epi16(bytes, 4), lo4));
+      const __m512i idx = _mm512_cvtepu8_epi32(nib);
+      const int64_t j = k / 8;
+      const __m512 t0 = _mm512_loadu_ps(w.cb + 16 * selector_of(sr, w.selb, j, w.sel_bits));
+      const __m512 t1 = _mm512_loadu_ps(w.cb + 16 * (nv > 8 ? selector_of(sr, w.selb, j + 1, w.sel_bits) : 0));
+      const __m512 v = _mm512_mask_permutexvar_ps(_mm512_permutexvar_ps(idx, t0), 0xFF00, idx, t1);
+      _mm512_mask_storeu_ps(o + k, static_cast<__mmask16>((1u << nv) - 1), _mm512_mul_ps(v, s));
+    }
+  }
+}
+
+inline float dot(const float* a, const float* b, int64_t K) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k + 16), _mm512_loadu_ps(b + k + 16), acc1);
+  }
+  for (; k < K; k += 16) {
+    const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(16, K - k)) - 1);
+    acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + k), _mm512_maskz_loadu_ps(m, b + k), acc0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+#else
+inline float dot(const float* a, const float* b, int64_t K) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), acc1);
+  }
+  alignas(32) float t[8];
+  _mm256_store_ps(t, _mm256_add_ps(acc0, acc1));
+  float s = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+  for (; k < K; ++k) s += a[k] * b[k];
+  return s;
+}
+#endif
+
+// The decoder for this geometry and build.
+using RowDecoder = void (*)(const LobcqWeights&, int64_t, float*);
+RowDecoder row_decoder(const LobcqWeights& w) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  if (w.block_len == 8 && w.array_len % 16 == 0) return decode_row_16;
+#endif
+  return decode_row;
+}
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+LobcqWeights lobcq_weights(const at::Tensor& qweight, const std::optional<at::Tensor>& selectors,
+                           const at::Tensor& scales, double tensor_scale, const at::Tensor& codebooks,
+                           const at::Tensor& e4m3, int64_t K, int64_t block_len, int64_t array_len,
+                           int64_t sel_bits) {
+  check_cpu(qweight, "qweight");
+  check_cpu(scales, "scales");
+  check_cpu(codebooks, "codebooks");
+  check_cpu(e4m3, "e4m3");
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2, "qweight must be uint8 [N, ceil(K / 2)]");
+  TORCH_CHECK(block_len > 0 && array_len > 0 && sel_bits >= 0 && sel_bits <= 8, "bad LO-BCQ geometry");
+  const int64_t N = qweight.size(0), A = (K + array_len - 1) / array_len, nb = (K + block_len - 1) / block_len;
+  TORCH_CHECK(qweight.size(1) == (K + 1) / 2, "qweight row bytes do not match K");
+  TORCH_CHECK(scales.scalar_type() == at::kByte && scales.numel() == N * A, "scales must be uint8 [N, ceil(K / La)]");
+  TORCH_CHECK(codebooks.scalar_type() == at::kFloat && codebooks.numel() == (int64_t{16} << sel_bits),
+              "codebooks must be float32 [2^sel_bits, 16]");
+  TORCH_CHECK(e4m3.scalar_type() == at::kFloat && e4m3.numel() == 256, "e4m3 must be float32 [256]");
+  const int64_t selb = (nb * sel_bits + 7) / 8;
+  const uint8_t* sel = nullptr;
+  if (sel_bits > 0) {
+    TORCH_CHECK(selectors.has_value(), "selectors are required when sel_bits > 0");
+    check_cpu(*selectors, "selectors");
+    TORCH_CHECK(selectors->scalar_type() == at::kByte && selectors->numel() == N * selb,
+                "selectors must be uint8 [N, ceil(nb * sel_bits / 8)]");
+    sel = selectors->data_ptr<uint8_t>();
+  }
+  return {qweight.data_ptr<uint8_t>(), sel, scales.data_ptr<uint8_t>(), codebooks.data_ptr<float>(),
+          e4m3.data_ptr<float>(), static_cast<float>(tensor_scale), N, K, qweight.size(1), selb, A,
+          static_cast<int>(sel_bits), static_cast<int>(block_len), static_cast<int>(array_len)};
+}
+
+// y [..., N] = x [..., K] (float32) @ W_hat^T (+ bias), W_hat decoded row by row.
+at::Tensor lobcq_gemm(const at::Tensor& x, const at::Tensor& qweight, const std::optional<at::Tensor>& selectors,
+                      const at::Tensor& scales, double tensor_scale, const at::Tensor& codebooks,
+                      const at::Tensor& e4m3, const std::optional<at::Tensor>& bias, int64_t block_len,
+                      int64_t array_len, int64_t sel_bits) {
+  check_cpu(x, "x");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() >= 1, "x must be float32 [..., K]");
+  const int64_t K = x.size(-1);
+  TORCH_CHECK(K > 0, "x must have K > 0");
+  const LobcqWeights w =
+      lobcq_weights(qweight, selectors, scales, tensor_scale, codebooks, e4m3, K, block_len, array_len, sel_bits);
+  const float* b = nullptr;
+  if (bias) {
+    check_cpu(*bias, "bias");
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == w.N, "bias must be float32 [N]");
+    b = bias->data_ptr<float>();
+  }
+  const int64_t M = x.numel() / K, N = w.N;
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = N;
+  auto y = at::empty(sizes, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const RowDecoder decode = row_decoder(w);
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    std::vector<float> row(static_cast<size_t>(K));
+    for (int64_t n = n0; n < n1; ++n) {
+      decode(w, n, row.data());
+      const float bn = b ? b[n] : 0.f;
+      for (int64_t m = 0; m < M; ++m) yp[m * N + n] = dot(row.data(), xp + m * K, K) + bn;
+    }
+  });
+  return y;
+}
+
+// W_hat [N, K] into out (float32 or bfloat16, rounded to nearest even), for prefill: one dense GEMM after it.
+void lobcq_dequantize_into(const at::Tensor& qweight, const std::optional<at::Tensor>& selectors,
+                           const at::Tensor& scales, double tensor_scale, const at::Tensor& codebooks,
+                           const at::Tensor& e4m3, int64_t block_len, int64_t array_len, int64_t sel_bits,
+                           at::Tensor out) {
+  check_cpu(out, "out");
+  TORCH_CHECK(out.dim() == 2 && (out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16),
+              "out must be float32 or bfloat16 [N, K]");
+  const int64_t K = out.size(1);
+  const LobcqWeights w =
+      lobcq_weights(qweight, selectors, scales, tensor_scale, codebooks, e4m3, K, block_len, array_len, sel_bits);
+  TORCH_CHECK(out.size(0) == w.N, "out must be [N, K]");
+  const RowDecoder decode = row_decoder(w);
+  const bool bf16 = out.scalar_type() == at::kBFloat16;
+  at::parallel_for(0, w.N, 16, [&](int64_t n0, int64_t n1) {
+    std::vector<float> row(bf16 ? static_cast<size_t>(K) : 0);
+    for (int64_t n = n0; n < n1; ++n) {
+      if (!bf16) {
+        decode(w, n, out.data_ptr<float>() + n * K);
+        continue;
+      }
+      decode(w, n, row.data());
+      at::BFloat16* o = out.data_ptr<at::BFloat16>() + n * K;
+      for (int64_t k = 0; k < K; ++k) o[k] = c10::BFloat16(row[k]);
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(cbq_hf_cpu, m) {
+  m.def("lobcq_gemm(Tensor x, Tensor qweight, Tensor? selectors, Tensor scales, float tensor_scale, Tensor codebooks, "
+        "Tensor e4m3, Tensor? bias, int block_len, int array_len, int sel_bits) -> Tensor");
+  m.def("lobcq_dequantize_into(Tensor qweight, Tensor? selectors, Tensor scales, float tensor_scale, "
+        "Tensor codebooks, Tensor e4m3, int block_len, int array_len, int sel_bits, Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(cbq_hf_cpu, CPU, m) {
+  m.impl("lobcq_gemm", &lobcq_gemm);
+  m.impl("lobcq_dequantize_into", &lobcq_dequantize_into);
+}
