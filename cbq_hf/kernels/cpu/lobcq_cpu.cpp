@@ -68,28 +68,85 @@ void decode_row(const LobcqWeights& w, int64_t n, float* o) {
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-// decode_row for the default geometry (blocks of 8 values, arrays a multiple of 16 values): 16 values per step,
-// two blocks, each block's codebook a 16-float table looked up with one permute.
+// Values k .. k + nv - 1 (nv <= 16, k a multiple of 16) of a row: two blocks of 8 whose codebooks (16-float tables
+// c0, c1) are looked up with one permute each, scaled by s. FULL: nv == 16 (plain loads and stores).
+template <bool FULL>
+inline void decode16(const uint8_t* q, int64_t k, int nv, const float* c0, const float* c1, __m512 s, float* o) {
+  const __m128i lo4 = _mm_set1_epi8(15);
+  const __m128i bytes = FULL ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + k / 2))
+                             : _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << ((nv + 1) / 2)) - 1), q + k / 2);
+  const __m512i idx = _mm512_cvtepu8_epi32(
+      _mm_unpacklo_epi8(_mm_and_si128(bytes, lo4), _mm_and_si128(_mm_srli_epi16(bytes, 4), lo4)));
+  const __m512 v = _mm512_mask_permutexvar_ps(_mm512_permutexvar_ps(idx, _mm512_loadu_ps(c0)), 0xFF00, idx,
+                                              _mm512_loadu_ps(c1));
+  if (FULL) _mm512_storeu_ps(o + k, _mm512_mul_ps(v, s));
+  else _mm512_mask_storeu_ps(o + k, static_cast<__mmask16>((1u << nv) - 1), _mm512_mul_ps(v, s));
+}
+
+// decode_row for the default geometry (blocks of 8 values, arrays a multiple of 16 values), 16 values per step.
 void decode_row_16(const LobcqWeights& w, int64_t n, float* o) {
   const uint8_t* q = w.q + n * w.qb;
   const uint8_t* sr = w.sel ? w.sel + n * w.selb : nullptr;
   const uint8_t* sc = w.sc + n * w.A;
-  const __m128i lo4 = _mm_set1_epi8(15);
+  const float* cb = w.cb;
+  const int64_t K = w.K, La = w.array_len, selb = w.selb;
+  const int sb = w.sel_bits;
   for (int64_t a = 0; a < w.A; ++a) {
     const __m512 s = _mm512_set1_ps(w.e4m3[sc[a]] * w.ts);
-    const int64_t k1 = std::min(w.K, (a + 1) * w.array_len);
-    for (int64_t k = a * w.array_len; k < k1; k += 16) {
-      const int nv = static_cast<int>(std::min<int64_t>(16, k1 - k));
-      const __m128i bytes = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << ((nv + 1) / 2)) - 1), q + k / 2);
-      const __m128i nib = _mm_unpacklo_epi8(_mm_and_si128(bytes, lo4), _mm_and_si128(_mm_srli_epi16(bytes, 4), lo4));
-      const __m512i idx = _mm512_cvtepu8_epi32(nib);
-      const int64_t j = k / 8;
-      const __m512 t0 = _mm512_loadu_ps(w.cb + 16 * selector_of(sr, w.selb, j, w.sel_bits));
-      const __m512 t1 = _mm512_loadu_ps(w.cb + 16 * (nv > 8 ? selector_of(sr, w.selb, j + 1, w.sel_bits) : 0));
-      const __m512 v = _mm512_mask_permutexvar_ps(_mm512_permutexvar_ps(idx, t0), 0xFF00, idx, t1);
-      _mm512_mask_storeu_ps(o + k, static_cast<__mmask16>((1u << nv) - 1), _mm512_mul_ps(v, s));
+    const int64_t k1 = std::min(K, (a + 1) * La);
+    int64_t k = a * La;
+    if (sb == 4) {  // the default 16 codebooks: one selector byte per two blocks
+      for (; k + 16 <= k1; k += 16) {
+        const unsigned b = sr[k / 16];
+        decode16<true>(q, k, 16, cb + 16 * (b & 15u), cb + 16 * (b >> 4), s, o);
+      }
+    } else {
+      for (; k + 16 <= k1; k += 16)
+        decode16<true>(q, k, 16, cb + 16 * selector_of(sr, selb, k / 8, sb),
+                       cb + 16 * selector_of(sr, selb, k / 8 + 1, sb), s, o);
+    }
+    if (k < k1) {
+      const int nv = static_cast<int>(k1 - k);
+      decode16<false>(q, k, nv, cb + 16 * selector_of(sr, selb, k / 8, sb),
+                      cb + 16 * (nv > 8 ? selector_of(sr, selb, k / 8 + 1, sb) : 0), s, o);
     }
   }
+}
+
+// sum_k W_hat[n, k] x[k] for the default geometry without materialising the row (decode: one token): per array,
+// sum_k C[sel][idx] x_k in float32, then times the array's scale.
+float row_dot_16(const LobcqWeights& w, int64_t n, const float* x) {
+  const uint8_t* q = w.q + n * w.qb;
+  const uint8_t* sr = w.sel + n * w.selb;
+  const uint8_t* sc = w.sc + n * w.A;
+  const float* cb = w.cb;
+  const int64_t K = w.K, La = w.array_len;
+  const __m128i lo4 = _mm_set1_epi8(15);
+  __m512 tot = _mm512_setzero_ps();
+  for (int64_t a = 0; a < w.A; ++a) {
+    const int64_t k1 = std::min(K, (a + 1) * La);
+    __m512 acc = _mm512_setzero_ps();
+    int64_t k = a * La;
+    for (; k + 16 <= k1; k += 16) {
+      const unsigned b = sr[k / 16];
+      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + k / 2));
+      const __m512i idx = _mm512_cvtepu8_epi32(
+          _mm_unpacklo_epi8(_mm_and_si128(bytes, lo4), _mm_and_si128(_mm_srli_epi16(bytes, 4), lo4)));
+      const __m512 v = _mm512_mask_permutexvar_ps(_mm512_permutexvar_ps(idx, _mm512_loadu_ps(cb + 16 * (b & 15u))),
+                                                  0xFF00, idx, _mm512_loadu_ps(cb + 16 * (b >> 4)));
+      acc = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + k), acc);
+    }
+    if (k < k1) {
+      alignas(64) float t[16];
+      const int nv = static_cast<int>(k1 - k);
+      decode16<false>(q + k / 2, 0, nv, cb + 16 * selector_of(sr, w.selb, k / 8, 4),
+                      cb + 16 * (nv > 8 ? selector_of(sr, w.selb, k / 8 + 1, 4) : 0), _mm512_set1_ps(1.f), t);
+      const __mmask16 m = static_cast<__mmask16>((1u << nv) - 1);
+      acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, t), _mm512_maskz_loadu_ps(m, x + k), acc);
+    }
+    tot = _mm512_fmadd_ps(acc, _mm512_set1_ps(w.e4m3[sc[a]] * w.ts), tot);
+  }
+  return _mm512_reduce_add_ps(tot);
 }
 
 inline float dot(const float* a, const float* b, int64_t K) {
@@ -189,6 +246,14 @@ at::Tensor lobcq_gemm(const at::Tensor& x, const at::Tensor& qweight, const std:
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const RowDecoder decode = row_decoder(w);
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  if (M == 1 && w.block_len == 8 && w.array_len % 16 == 0 && w.sel_bits == 4) {
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) yp[n] = row_dot_16(w, n, xp) + (b ? b[n] : 0.f);
+    });
+    return y;
+  }
+#endif
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     std::vector<float> row(static_cast<size_t>(K));
     for (int64_t n = n0; n < n1; ++n) {
