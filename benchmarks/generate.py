@@ -42,6 +42,9 @@ CONFIGS = {
     "W4A16 g128 + int8 head": dict(bits=4, group_size=128, act_bits=None, lm_head_bits=8),
     "W2A16 g64": dict(bits=2, group_size=64, act_bits=None),
     "W4A8 g128": dict(bits=4, group_size=128, act_bits=8),
+    # LO-BCQ (universal codebooks, RTN): weight-only, and W4A4 with activations encoded at run time
+    "LO-BCQ W4A16": dict(bits=4, format="lobcq", act_bits=None),
+    "LO-BCQ W4A4": dict(bits=4, format="lobcq", act_bits=4),
 }
 PROMPT = "The history of the printing press begins"
 

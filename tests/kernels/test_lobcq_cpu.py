@@ -103,3 +103,44 @@ def test_dispatch_picks_the_row_gemm_for_decode_and_dequantize_for_prefill():
         lin.load_state_dict(other.state_dict())
         x = torch.randn(1, 128)
         assert_close(lin(x), reference.linear(other, x), magnitude(other, x), torch.float32)
+
+
+def _sorted_codebooks(nc: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-31, 32, (nc, 16), generator=g).sort(-1).values.to(torch.int8)
+
+
+@pytest.mark.parametrize("geometry", SPECS, ids=lambda s: f"b{s[0]}a{s[1]}n{s[2]}")
+@pytest.mark.parametrize("k", [576, 100, 37], ids=lambda k: f"k{k}")
+def test_activation_encoder_is_bit_identical_to_the_formats(geometry, k):
+    """The C++ run-time encoder against lobcq.fake_quantize_activations: tokens over 7 decades, an all-zero token, a
+    large outlier, and integer-valued tokens (values on table-slot boundaries, ties between entries/codebooks)."""
+    from cbq_hf.formats.lobcq import fake_quantize_activations
+    from cbq_hf.formats.lobcq_codebooks import build_lut
+
+    spec = LOBCQSpec(*geometry)
+    cb = LOBCQFormat().universal() if geometry == (8, 64, 16) else _sorted_codebooks(geometry[2], k)
+    lut = build_lut(cb, spec.cmax)
+    x = torch.randn(200, k) * torch.logspace(-4, 3, 200).unsqueeze(1)
+    x[5] = 0
+    x[7, 3] = 5e3
+    x[9] = torch.randn(k).mul(8).round()
+    e4m3 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    got = build.load().lobcq_encode_act(x, lut.values.float().contiguous(), lut.index.to(torch.uint8).contiguous(),
+                                        cb.float().contiguous(), e4m3, spec.block_len, spec.array_len, spec.cmax)
+    assert torch.equal(got, fake_quantize_activations(x, cb, spec))
+
+
+def test_shared_inputs_are_encoded_once_and_in_place_changes_are_seen():
+    q = _random_lobcq(8, 128, LOBCQSpec(), act_bits=4, seed=2)
+    k = _random_lobcq(8, 128, LOBCQSpec(), act_bits=4, seed=3)
+    x = torch.randn(1, 128)
+    with torch.no_grad():
+        a = lobcq_paths.prepare_input(q, x)
+        assert lobcq_paths.prepare_input(k, x) is a  # same tensor, same activation codebooks: encoded once
+        x.mul_(2)
+        b = lobcq_paths.prepare_input(k, x)
+        assert b is not a and torch.allclose(b, 2 * a)
+    with torch.inference_mode():  # no version counter: encoded every time, and it works
+        xi = torch.randn(1, 128)
+        assert torch.equal(lobcq_paths.prepare_input(q, xi), reference.prepare_input(q, xi))

@@ -138,6 +138,10 @@ def _register_fakes() -> None:
     def _(x, qweight, selectors, scales, tensor_scale, codebooks, e4m3, bias, block_len, array_len, sel_bits):
         return x.new_empty((*x.shape[:-1], qweight.shape[0]), dtype=torch.float32)
 
+    @torch.library.register_fake(lib + "lobcq_encode_act")
+    def _(x, lut_values, lut_index, codebooks, e4m3, block_len, array_len, cmax):
+        return torch.empty_like(x)
+
     @torch.library.register_fake(lib + "lobcq_dequantize_into")
     def _(qweight, selectors, scales, tensor_scale, codebooks, e4m3, block_len, array_len, sel_bits, out):
         return None

@@ -25,6 +25,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -293,6 +294,106 @@ void lobcq_dequantize_into(const at::Tensor& qweight, const std::optional<at::Te
   });
 }
 
+// ------------------------------------------------------------------------------------------ run-time activations
+// Nearest FP8 E4M3 code (round to nearest, ties to the even code) of v in [0, 448] given the ascending values of the
+// positive finite codes 0..126 (e4m3[0..126]); what torch's float -> float8_e4m3fn conversion gives after the clamp.
+inline int e4m3_round(float v, const float* e4m3) {
+  const float* hi = std::upper_bound(e4m3, e4m3 + 127, v);  // first value > v
+  if (hi == e4m3) return 0;
+  const int i = static_cast<int>(hi - e4m3) - 1;          // e4m3[i] <= v
+  if (i == 126) return 126;
+  const double below = static_cast<double>(v) - e4m3[i], above = static_cast<double>(e4m3[i + 1]) - v;
+  if (below < above) return i;
+  if (above < below) return i + 1;
+  return (i % 2 == 0) ? i : i + 1;
+}
+
+// One token, as lobcq.fake_quantize_activations computes it (per-token tensor scale, max-based E4M3 array
+// scales, per block the codebook with the least squared error, ties to the smaller id, each value its table
+// slot's entry), written as decoded values into o. lut_v / lut_i: [nc][S] values and entry indices of the table
+// slots ceil(2y) in [-h, h].
+void encode_act_row(const float* x, int64_t K, int block_len, int array_len, int cmax, int nc, int S,
+                    const float* lut_v, const uint8_t* lut_i, const float* cb, const float* e4m3, float* o,
+                    std::vector<float>& y, std::vector<int>& slot) {
+  const int h = (S - 1) / 2;
+  float top = 0.f;
+  for (int64_t k = 0; k < K; ++k) top = std::max(top, std::fabs(x[k]));
+  const float ts = std::max(top / static_cast<float>(cmax * 448.0), 1e-30f);
+  const float cts = static_cast<float>(cmax) * ts;
+  const int64_t A = (K + array_len - 1) / array_len;
+  y.assign(static_cast<size_t>(A * array_len), 0.f);
+  std::vector<float> real(static_cast<size_t>(A));
+  for (int64_t a = 0; a < A; ++a) {
+    const int64_t k0 = a * array_len, k1 = std::min(K, k0 + array_len);
+    float amax = 0.f;
+    for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(x[k]));
+    const float r = e4m3[e4m3_round(std::min(std::max(amax / cts, 0.f), 448.f), e4m3)] * ts;
+    real[a] = r;
+    for (int64_t k = k0; k < k1; ++k) y[k] = r > 0.f ? x[k] / std::max(r, 1e-30f) : 0.f;
+  }
+  const int64_t nb = (K + block_len - 1) / block_len;
+  const bool padded = K % block_len != 0;
+  slot.resize(static_cast<size_t>(block_len));
+  for (int64_t j = 0; j < nb; ++j) {
+    const float* yb = y.data() + j * block_len;
+    for (int l = 0; l < block_len; ++l)
+      slot[l] = static_cast<int>(std::min(std::max(std::ceil(2.f * yb[l]), static_cast<float>(-h)),
+                                          static_cast<float>(h))) + h;
+    int best = 0;
+    float best_err = 0.f;
+    for (int c = 0; c < nc; ++c) {
+      float err = 0.f;
+      for (int l = 0; l < block_len; ++l) {
+        const float d = lut_v[c * S + slot[l]] - yb[l];
+        float e = d * d;
+        if (padded) e *= (j * block_len + l < K) ? 1.f : 0.f;
+        err += e;
+      }
+      if (c == 0 || err < best_err) {
+        best = c;
+        best_err = err;
+      }
+    }
+    const int64_t kend = std::min(K, (j + 1) * block_len);
+    const float r = real[(j * block_len) / array_len];
+    for (int64_t k = j * block_len; k < kend; ++k)
+      o[k] = cb[best * 16 + lut_i[best * S + slot[k - j * block_len]]] * r;
+  }
+}
+
+// x_hat [..., K] (float32) of activations x [..., K] (float32): run-time LO-BCQ of every token.
+at::Tensor lobcq_encode_act(const at::Tensor& x, const at::Tensor& lut_values, const at::Tensor& lut_index,
+                            const at::Tensor& codebooks, const at::Tensor& e4m3, int64_t block_len,
+                            int64_t array_len, int64_t cmax) {
+  check_cpu(x, "x");
+  check_cpu(lut_values, "lut_values");
+  check_cpu(lut_index, "lut_index");
+  check_cpu(codebooks, "codebooks");
+  check_cpu(e4m3, "e4m3");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() >= 1 && x.size(-1) > 0, "x must be float32 [..., K]");
+  TORCH_CHECK(lut_values.scalar_type() == at::kFloat && lut_values.dim() == 2, "lut_values must be float32 [nc, S]");
+  TORCH_CHECK(lut_index.scalar_type() == at::kByte && lut_index.sizes() == lut_values.sizes(),
+              "lut_index must be uint8 [nc, S]");
+  const int nc = static_cast<int>(lut_values.size(0)), S = static_cast<int>(lut_values.size(1));
+  TORCH_CHECK(S == 4 * (cmax + 1) + 1, "the table must have 4 * (cmax + 1) + 1 slots");
+  TORCH_CHECK(codebooks.scalar_type() == at::kFloat && codebooks.numel() == nc * 16, "codebooks must be float32 [nc, 16]");
+  TORCH_CHECK(e4m3.scalar_type() == at::kFloat && e4m3.numel() == 256, "e4m3 must be float32 [256]");
+  TORCH_CHECK(block_len > 0 && array_len % block_len == 0, "array_len must be a multiple of block_len");
+  const int64_t K = x.size(-1), M = x.numel() / K;
+  auto out = at::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    std::vector<float> y;
+    std::vector<int> slot;
+    for (int64_t m = m0; m < m1; ++m)
+      encode_act_row(xp + m * K, K, static_cast<int>(block_len), static_cast<int>(array_len), static_cast<int>(cmax),
+                     nc, S, lut_values.data_ptr<float>(), lut_index.data_ptr<uint8_t>(), codebooks.data_ptr<float>(),
+                     e4m3.data_ptr<float>(), op + m * K, y, slot);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(cbq_hf_cpu, m) {
@@ -300,9 +401,12 @@ TORCH_LIBRARY_FRAGMENT(cbq_hf_cpu, m) {
         "Tensor e4m3, Tensor? bias, int block_len, int array_len, int sel_bits) -> Tensor");
   m.def("lobcq_dequantize_into(Tensor qweight, Tensor? selectors, Tensor scales, float tensor_scale, "
         "Tensor codebooks, Tensor e4m3, int block_len, int array_len, int sel_bits, Tensor(a!) out) -> ()");
+  m.def("lobcq_encode_act(Tensor x, Tensor lut_values, Tensor lut_index, Tensor codebooks, Tensor e4m3, "
+        "int block_len, int array_len, int cmax) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(cbq_hf_cpu, CPU, m) {
   m.impl("lobcq_gemm", &lobcq_gemm);
   m.impl("lobcq_dequantize_into", &lobcq_dequantize_into);
+  m.impl("lobcq_encode_act", &lobcq_encode_act);
 }
