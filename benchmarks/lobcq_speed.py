@@ -62,6 +62,28 @@ def main() -> None:
                         # a fresh activation encoding per call, as each layer's input is new in a real forward
                         cells.append(f"{median_ms(lambda: (fmt.__setattr__('_act_memo', None), q(x)), args.reps):.3f}")
             print(f"| {n}x{k} | {tokens} | " + " | ".join(cells) + " |", flush=True)
+    encode_table(args.tokens, sorted({int(s.split("x")[1]) for s in args.shapes}), args.reps)
+
+
+def encode_table(token_counts: list[int], widths: list[int], reps: int) -> None:
+    """Run-time activation encoding alone: the C++ op against the format's PyTorch encoder (bit-identical)."""
+    from cbq_hf.formats.lobcq import fake_quantize_activations
+    from cbq_hf.formats.lobcq_codebooks import build_lut
+    from cbq_hf.kernels.cpu import build
+
+    spec, cb = LOBCQSpec(), LOBCQFormat().universal()
+    lut = build_lut(cb, spec.cmax)
+    e4m3 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    args = (lut.values.float().contiguous(), lut.index.to(torch.uint8).contiguous(), cb.float().contiguous(), e4m3,
+            spec.block_len, spec.array_len, spec.cmax)
+    ops = build.load()
+    print("\n| K | tokens | encode C++ (lobcq_encode_act) ms | encode PyTorch (fake_quantize_activations) ms |")
+    print("|---|---|---|---|")
+    for k in widths:
+        for tokens in token_counts:
+            x = torch.randn(tokens, k)
+            print(f"| {k} | {tokens} | {median_ms(lambda: ops.lobcq_encode_act(x, *args), reps * 20):.4f} | "
+                  f"{median_ms(lambda: fake_quantize_activations(x, cb, spec), reps):.4f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 
 Both take the activations as the reference does: divided by ``input_scale``, then with ``act_bits=4`` LO-BCQ
 encoded per token at run time by the C++ op ``lobcq_encode_act`` (bit-identical to the format's vectorised PyTorch
-encoder, ~100x faster for one token; the last encoded input is remembered, so projections that read the same
+encoder, 10-20x faster for one token; the last encoded input is remembered, so projections that read the same
 tensor, q/k/v and gate/up, encode it once). They compute in float32 and equal the reference up to the summation
 order of the products.
 """
