@@ -314,7 +314,7 @@ inline int e4m3_round(float v, const float* e4m3) {
 // slots ceil(2y) in [-h, h].
 void encode_act_row(const float* x, int64_t K, int block_len, int array_len, int cmax, int nc, int S,
                     const float* lut_v, const uint8_t* lut_i, const float* cb, const float* e4m3, float* o,
-                    std::vector<float>& y, std::vector<int>& slot) {
+                    std::vector<float>& y, std::vector<int>& slot, const float* lut_t) {
   const int h = (S - 1) / 2;
   float top = 0.f;
   for (int64_t k = 0; k < K; ++k) top = std::max(top, std::fabs(x[k]));
@@ -340,6 +340,22 @@ void encode_act_row(const float* x, int64_t K, int block_len, int array_len, int
       slot[l] = static_cast<int>(std::min(std::max(std::ceil(2.f * yb[l]), static_cast<float>(-h)),
                                           static_cast<float>(h))) + h;
     int best = 0;
+#if defined(__AVX512F__)
+    if (lut_t != nullptr) {
+      // 16 codebooks in the lanes of one register: lut_t[slot] holds the slot's value under every codebook, and
+      // each lane sums its squared errors in the same order and with the same roundings as the scalar loop below.
+      __m512 err = _mm512_setzero_ps();
+      for (int l = 0; l < block_len; ++l) {
+        const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(lut_t + 16 * slot[l]), _mm512_set1_ps(yb[l]));
+        __m512 e = _mm512_mul_ps(d, d);
+        if (padded) e = _mm512_mul_ps(e, _mm512_set1_ps((j * block_len + l < K) ? 1.f : 0.f));
+        err = _mm512_add_ps(err, e);
+      }
+      const __mmask16 is_min = _mm512_cmp_ps_mask(err, _mm512_set1_ps(_mm512_reduce_min_ps(err)), _CMP_EQ_OQ);
+      best = is_min ? __builtin_ctz(static_cast<unsigned>(is_min)) : 0;
+    } else
+#endif
+    {
     float best_err = 0.f;
     for (int c = 0; c < nc; ++c) {
       float err = 0.f;
@@ -353,6 +369,7 @@ void encode_act_row(const float* x, int64_t K, int block_len, int array_len, int
         best = c;
         best_err = err;
       }
+    }
     }
     const int64_t kend = std::min(K, (j + 1) * block_len);
     const float r = real[(j * block_len) / array_len];
@@ -383,13 +400,23 @@ at::Tensor lobcq_encode_act(const at::Tensor& x, const at::Tensor& lut_values, c
   auto out = at::empty_like(x);
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
+  // [S][16] transposed table for the 16-lane codebook choice (AVX-512 builds, 16 codebooks)
+  std::vector<float> lut_t;
+#if defined(__AVX512F__)
+  if (nc == 16) {
+    lut_t.resize(static_cast<size_t>(S) * 16);
+    const float* lv = lut_values.data_ptr<float>();
+    for (int c = 0; c < 16; ++c)
+      for (int sl = 0; sl < S; ++sl) lut_t[sl * 16 + c] = lv[c * S + sl];
+  }
+#endif
   at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
     std::vector<float> y;
     std::vector<int> slot;
     for (int64_t m = m0; m < m1; ++m)
       encode_act_row(xp + m * K, K, static_cast<int>(block_len), static_cast<int>(array_len), static_cast<int>(cmax),
                      nc, S, lut_values.data_ptr<float>(), lut_index.data_ptr<uint8_t>(), codebooks.data_ptr<float>(),
-                     e4m3.data_ptr<float>(), op + m * K, y, slot);
+                     e4m3.data_ptr<float>(), op + m * K, y, slot, lut_t.empty() ? nullptr : lut_t.data());
   });
   return out;
 }
