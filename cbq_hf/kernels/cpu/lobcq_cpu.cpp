@@ -69,17 +69,23 @@ void decode_row(const LobcqWeights& w, int64_t n, float* o) {
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
+// The codebook entries of 16 values whose 4-bit indices are the nibbles of the low 8 bytes (low nibble first): values
+// 0-7 from the 16-float table c0, 8-15 from c1, in one two-table permute (index bit 4 picks c1).
+inline __m512 lookup16(__m128i bytes, const float* c0, const float* c1) {
+  const __m128i lo4 = _mm_set1_epi8(15);
+  const __m512i idx = _mm512_or_si512(
+      _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(_mm_and_si128(bytes, lo4), _mm_and_si128(_mm_srli_epi16(bytes, 4), lo4))),
+      _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 16, 16, 16, 16, 16, 16, 16, 16));
+  return _mm512_permutex2var_ps(_mm512_loadu_ps(c0), idx, _mm512_loadu_ps(c1));
+}
+
 // Values k .. k + nv - 1 (nv <= 16, k a multiple of 16) of a row: two blocks of 8 whose codebooks (16-float tables
 // c0, c1) are looked up with one permute each, scaled by s. FULL: nv == 16 (plain loads and stores).
 template <bool FULL>
 inline void decode16(const uint8_t* q, int64_t k, int nv, const float* c0, const float* c1, __m512 s, float* o) {
-  const __m128i lo4 = _mm_set1_epi8(15);
   const __m128i bytes = FULL ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + k / 2))
                              : _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << ((nv + 1) / 2)) - 1), q + k / 2);
-  const __m512i idx = _mm512_cvtepu8_epi32(
-      _mm_unpacklo_epi8(_mm_and_si128(bytes, lo4), _mm_and_si128(_mm_srli_epi16(bytes, 4), lo4)));
-  const __m512 v = _mm512_mask_permutexvar_ps(_mm512_permutexvar_ps(idx, _mm512_loadu_ps(c0)), 0xFF00, idx,
-                                              _mm512_loadu_ps(c1));
+  const __m512 v = lookup16(bytes, c0, c1);
   if (FULL) _mm512_storeu_ps(o + k, _mm512_mul_ps(v, s));
   else _mm512_mask_storeu_ps(o + k, static_cast<__mmask16>((1u << nv) - 1), _mm512_mul_ps(v, s));
 }
@@ -122,7 +128,6 @@ float row_dot_16(const LobcqWeights& w, int64_t n, const float* x) {
   const uint8_t* sc = w.sc + n * w.A;
   const float* cb = w.cb;
   const int64_t K = w.K, La = w.array_len;
-  const __m128i lo4 = _mm_set1_epi8(15);
   __m512 tot = _mm512_setzero_ps();
   for (int64_t a = 0; a < w.A; ++a) {
     const int64_t k1 = std::min(K, (a + 1) * La);
@@ -131,10 +136,7 @@ float row_dot_16(const LobcqWeights& w, int64_t n, const float* x) {
     for (; k + 16 <= k1; k += 16) {
       const unsigned b = sr[k / 16];
       const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + k / 2));
-      const __m512i idx = _mm512_cvtepu8_epi32(
-          _mm_unpacklo_epi8(_mm_and_si128(bytes, lo4), _mm_and_si128(_mm_srli_epi16(bytes, 4), lo4)));
-      const __m512 v = _mm512_mask_permutexvar_ps(_mm512_permutexvar_ps(idx, _mm512_loadu_ps(cb + 16 * (b & 15u))),
-                                                  0xFF00, idx, _mm512_loadu_ps(cb + 16 * (b >> 4)));
+      const __m512 v = lookup16(bytes, cb + 16 * (b & 15u), cb + 16 * (b >> 4));
       acc = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + k), acc);
     }
     if (k < k1) {
