@@ -67,13 +67,13 @@ def main() -> None:
 
 def encode_table(token_counts: list[int], widths: list[int], reps: int) -> None:
     """Run-time activation encoding alone: the C++ op against the format's PyTorch encoder (bit-identical)."""
-    from cbq_hf.formats.lobcq import fake_quantize_activations
+    from cbq_hf.formats.lobcq import e4m3_decode, fake_quantize_activations
     from cbq_hf.formats.lobcq_codebooks import build_lut
     from cbq_hf.kernels.cpu import build
 
     spec, cb = LOBCQSpec(), LOBCQFormat().universal()
     lut = build_lut(cb, spec.cmax)
-    e4m3 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    e4m3 = e4m3_decode(torch.arange(256, dtype=torch.uint8))
     args = (lut.values.float().contiguous(), lut.index.to(torch.uint8).contiguous(), cb.float().contiguous(), e4m3,
             spec.block_len, spec.array_len, spec.cmax)
     ops = build.load()

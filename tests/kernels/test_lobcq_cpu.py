@@ -115,7 +115,7 @@ def _sorted_codebooks(nc: int, seed: int) -> torch.Tensor:
 def test_activation_encoder_is_bit_identical_to_the_formats(geometry, k):
     """The C++ run-time encoder against lobcq.fake_quantize_activations: tokens over 7 decades, an all-zero token, a
     large outlier, and integer-valued tokens (values on table-slot boundaries, ties between entries/codebooks)."""
-    from cbq_hf.formats.lobcq import fake_quantize_activations
+    from cbq_hf.formats.lobcq import e4m3_decode, fake_quantize_activations
     from cbq_hf.formats.lobcq_codebooks import build_lut
 
     spec = LOBCQSpec(*geometry)
@@ -125,7 +125,7 @@ def test_activation_encoder_is_bit_identical_to_the_formats(geometry, k):
     x[5] = 0
     x[7, 3] = 5e3
     x[9] = torch.randn(k).mul(8).round()
-    e4m3 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    e4m3 = e4m3_decode(torch.arange(256, dtype=torch.uint8))
     got = build.load().lobcq_encode_act(x, lut.values.float().contiguous(), lut.index.to(torch.uint8).contiguous(),
                                         cb.float().contiguous(), e4m3, spec.block_len, spec.array_len, spec.cmax)
     assert torch.equal(got, fake_quantize_activations(x, cb, spec))

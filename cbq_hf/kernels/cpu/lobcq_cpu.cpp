@@ -316,7 +316,7 @@ inline int e4m3_round(float v, const float* e4m3) {
 // slots ceil(2y) in [-h, h].
 void encode_act_row(const float* x, int64_t K, int block_len, int array_len, int cmax, int nc, int S,
                     const float* lut_v, const uint8_t* lut_i, const float* cb, const float* e4m3, float* o,
-                    std::vector<float>& y, std::vector<int>& slot, const float* lut_t) {
+                    std::vector<float>& y, std::vector<float>& real, std::vector<int>& slot, const float* lut_t) {
   const int h = (S - 1) / 2;
   float top = 0.f;
   for (int64_t k = 0; k < K; ++k) top = std::max(top, std::fabs(x[k]));
@@ -324,7 +324,7 @@ void encode_act_row(const float* x, int64_t K, int block_len, int array_len, int
   const float cts = static_cast<float>(cmax) * ts;
   const int64_t A = (K + array_len - 1) / array_len;
   y.assign(static_cast<size_t>(A * array_len), 0.f);
-  std::vector<float> real(static_cast<size_t>(A));
+  real.resize(static_cast<size_t>(A));
   for (int64_t a = 0; a < A; ++a) {
     const int64_t k0 = a * array_len, k1 = std::min(K, k0 + array_len);
     float amax = 0.f;
@@ -413,12 +413,12 @@ at::Tensor lobcq_encode_act(const at::Tensor& x, const at::Tensor& lut_values, c
   }
 #endif
   at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
-    std::vector<float> y;
+    std::vector<float> y, real;  // per-token scratch, reused across the thread's tokens
     std::vector<int> slot;
     for (int64_t m = m0; m < m1; ++m)
       encode_act_row(xp + m * K, K, static_cast<int>(block_len), static_cast<int>(array_len), static_cast<int>(cmax),
                      nc, S, lut_values.data_ptr<float>(), lut_index.data_ptr<uint8_t>(), codebooks.data_ptr<float>(),
-                     e4m3.data_ptr<float>(), op + m * K, y, slot, lut_t.empty() ? nullptr : lut_t.data());
+                     e4m3.data_ptr<float>(), op + m * K, y, real, slot, lut_t.empty() ? nullptr : lut_t.data());
   });
   return out;
 }

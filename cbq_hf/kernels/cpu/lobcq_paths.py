@@ -18,13 +18,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ...formats.lobcq import e4m3_decode
 from ...formats.lobcq_codebooks import build_lut
 from . import build
-from .paths import workspace
+from .paths import _scaled, workspace
 
 #: Rows (tokens) from which `cpu_lobcq_dequant` is chosen over the row-decoding GEMM, measured with
 #: `benchmarks/lobcq_speed.py` on the demo model's 576x1536 / 1536x576 shapes (see docs/lobcq.md "Speed").
 LOBCQ_DEQUANT_MIN_M = 16
+
+#: float32 value of every FP8 E4M3 bit pattern, the kernels' scale table (the format's own decoding).
+_E4M3 = e4m3_decode(torch.arange(256, dtype=torch.uint8))
 
 
 def _state(module) -> dict:
@@ -35,7 +39,7 @@ def _state(module) -> dict:
         spec = module.fmt.spec
         st = {
             "codebooks": module.codebooks.float().contiguous(),
-            "e4m3": torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float(),
+            "e4m3": _E4M3,
             "tensor_scale": float(module.tensor_scale.reshape(-1)[0]),
             "selectors": module.selectors if spec.selector_bits else None,
             "bias": None if module.bias is None else module.bias.detach().float().contiguous(),
@@ -57,8 +61,7 @@ _last_act: list = [None]
 
 def prepare_input(module, x: torch.Tensor) -> torch.Tensor:
     """x as the reference's `prepare_input` makes it (``input_scale``, run-time LO-BCQ with act_bits=4), in float32."""
-    if module.input_scale is not None:
-        x = (x.float() / module.input_scale).to(x.dtype)
+    x = _scaled(module.input_scale, x)
     if module.fmt.act_bits is None:
         return x.float().contiguous()
     st = _state(module)

@@ -14,6 +14,8 @@ Paths (automatic choice in this order; each can be forced by name):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -127,10 +129,10 @@ def _act_clip(module) -> float:
     return clip
 
 
-def _scaled(module, x: torch.Tensor) -> torch.Tensor:
-    """x divided by `input_scale` exactly as the reference does (rounded back to x's dtype)."""
-    if module.input_scale is not None:
-        x = (x.float() / module.input_scale).to(x.dtype)
+def _scaled(input_scale: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """x divided by a module's `input_scale` exactly as the reference does (rounded back to x's dtype)."""
+    if input_scale is not None:
+        x = (x.float() / input_scale).to(x.dtype)
     return x
 
 
@@ -157,60 +159,51 @@ def workspace(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- paths
-def linear_packed(module, x: torch.Tensor) -> torch.Tensor:
-    ops = build.load()
-    pan = panels(module)
-    xs = _scaled(module, x)
-    if module.fmt.act_bits is not None:
-        xs = module.fmt.quantize_activations(xs, module.packed_buffers())
-    y = ops.gemm_float(_kernel_input(xs), pan.wpack, pan.bias, pan.slot, module.out_features, pan.glen,
-                       build.float_mode(pan.slot))
-    return _output(y, x)
-
-
-def bind_packed(module, x: torch.Tensor):
-    """`linear_packed` for a module without input_scale and activation quantization, as a function of x alone (the
-    panels, the op and the float mode looked up once; see dispatch.KernelPath.bind)."""
-    if module.input_scale is not None or module.fmt.act_bits is not None:
-        return None
+def bind_packed(module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The `cpu_packed` forward of this module as a function of x alone: panels, op, float mode and buffers looked up
+    once (dispatch remembers it with the kernel choice; see dispatch.KernelPath.bind). It holds the module's tensors,
+    not the module."""
     pan = panels(module)
     op = build.load().gemm_float.default
     wpack, bias, slot, n, glen, mode = pan.wpack, pan.bias, pan.slot, module.out_features, pan.glen, \
         build.float_mode(pan.slot)
+    scale, fmt = module.input_scale, module.fmt
+    bufs = module.packed_buffers() if fmt.act_bits is not None else None
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        return _output(op(_kernel_input(x), wpack, bias, slot, n, glen, mode), x)
+        xs = _scaled(scale, x)
+        if bufs is not None:  # act_bits with weights the integer path does not take: simulated activations
+            xs = fmt.quantize_activations(xs, bufs)
+        return _output(op(_kernel_input(xs), wpack, bias, slot, n, glen, mode), x)
 
     return run
 
 
-def bind_int(module, x: torch.Tensor):
-    """`linear_int` for a module without input_scale as a function of x alone (see `bind_packed`)."""
-    if module.input_scale is not None:
-        return None
+def linear_packed(module, x: torch.Tensor) -> torch.Tensor:
+    return bind_packed(module, x)(x)
+
+
+def bind_int(module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The `cpu_int` forward of this module as a function of x alone (see `bind_packed`)."""
     pan = panels(module)
     op = build.load().gemm_int_act.default
-    clip, act_bits = _act_clip(module), module.fmt.act_bits
+    clip, act_bits, scale = _act_clip(module), module.fmt.act_bits, module.input_scale
     wpack, bias, slot, n, glen = pan.wpack, pan.bias, pan.slot, module.out_features, pan.glen
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        return _output(op(_kernel_input(x), clip, act_bits, wpack, bias, slot, n, glen), x)
+        return _output(op(_kernel_input(_scaled(scale, x)), clip, act_bits, wpack, bias, slot, n, glen), x)
 
     return run
+
+
+def linear_int(module, x: torch.Tensor) -> torch.Tensor:
+    return bind_int(module, x)(x)
 
 
 def quantize_activations(module, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer codes int8 [M, K] and steps float32 [M] of x2 [M, K] (already divided by input_scale)."""
     return build.load().quantize_act(_kernel_input(x2).reshape(-1, x2.shape[-1]), _act_clip(module),
                                      module.fmt.act_bits)
-
-
-def linear_int(module, x: torch.Tensor) -> torch.Tensor:
-    ops = build.load()
-    pan = panels(module)
-    y = ops.gemm_int_act(_kernel_input(_scaled(module, x)), _act_clip(module), module.fmt.act_bits, pan.wpack,
-                         pan.bias, pan.slot, module.out_features, pan.glen)
-    return _output(y, x)
 
 
 def linear_dequant(module, x: torch.Tensor) -> torch.Tensor:
