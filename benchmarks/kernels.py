@@ -1,4 +1,5 @@
-"""Kernel benchmark: dense fp32 / bf16 `F.linear` against every `CBQLinear` CPU path.
+"""Kernel benchmark: dense fp32 / bf16 `F.linear` against every `CBQLinear` CPU path (or, with --device cuda, the
+Triton GPU paths).
 
 For each (K, N) and M it times one call of each path, interleaved (path A, path B, ... then again), cycling through
 several copies of every layer so the weights are not hot in cache, and reports the median. Ratios are computed
@@ -7,6 +8,7 @@ from the same run. Writes JSON + markdown into benchmarks/results/ and the markd
     .venv/bin/python benchmarks/kernels.py                 # full table
     .venv/bin/python benchmarks/kernels.py --quick         # M=1 and 512 on 4096x4096 only
     .venv/bin/python benchmarks/kernels.py --shapes 4096x4096 --ms 1 8 16 32 64 --paths cpu_packed cpu_dequant
+    .venv/bin/python benchmarks/kernels.py --device cuda --no-docs --out kernels_cuda   # on a GPU machine
 """
 
 from __future__ import annotations
@@ -47,6 +49,20 @@ CONFIGS = [
     ("W4A16 g128 fp32", 4, 128, None, torch.float32, "auto"),
     ("W4A8 g128 fp32", 4, 128, 8, torch.float32, "auto"),
 ]
+#: The same questions on a CUDA GPU (--device cuda): the Triton paths, half-precision activations.
+GPU_CONFIGS = [
+    ("W4A16 g128 fp16", 4, 128, None, torch.float16, "gpu_packed"),
+    ("W4A16 g128 bf16", 4, 128, None, torch.bfloat16, "gpu_packed"),
+    ("W4A16 g128 fp32", 4, 128, None, torch.float32, "gpu_packed"),
+    ("W2A16 g64 fp16", 2, 64, None, torch.float16, "gpu_packed"),
+    ("W4A8 g128 fp16", 4, 128, 8, torch.float16, "gpu_int"),
+    ("W2A8 g64 fp16", 2, 64, 8, torch.float16, "gpu_int"),
+    ("W4A4 g128 fp16", 4, 128, 4, torch.float16, "gpu_int"),
+    ("W4A16 g128 fp16", 4, 128, None, torch.float16, "gpu_dequant"),
+    ("W4A8 g128 fp16", 4, 128, 8, torch.float16, "gpu_dequant"),
+    ("W4A16 g128 fp16", 4, 128, None, torch.float16, "auto"),
+    ("W4A8 g128 fp16", 4, 128, 8, torch.float16, "auto"),
+]
 SHAPES = [(4096, 4096), (4096, 11008), (576, 1536)]
 MS = [1, 8, 64, 512]
 
@@ -78,28 +94,44 @@ def copies_for(nbytes: int) -> int:
     return max(2, min(24, -(-256 * 2**20 // max(nbytes, 1))))
 
 
-def timed(fn) -> float:
+def timed(fn, device: str = "cpu") -> float:
+    if device == "cuda":  # time the kernels, not their launch
+        torch.cuda.synchronize()
     t = time.perf_counter()
     fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - t
 
 
-def bench_shape(k: int, n: int, ms: list[int], paths: list[str] | None, reps: int, min_time: float) -> list[dict]:
+def select_configs(paths: list[str] | None, device: str) -> list[tuple]:
+    """The configs to time: --paths filters by path name over both lists (so a GPU path can be named on CPU, e.g.
+    under TRITON_INTERPRET=1 for a smoke run); without --paths, the device's own list."""
+    if paths is None:
+        return GPU_CONFIGS if device == "cuda" else CONFIGS
+    table = GPU_CONFIGS if device == "cuda" else CONFIGS
+    extra = [c for c in (CONFIGS if device == "cuda" else GPU_CONFIGS) if c[5] != "auto"]
+    return [c for c in table + extra if c[5] in paths]
+
+
+def bench_shape(k: int, n: int, ms: list[int], paths: list[str] | None, reps: int, min_time: float,
+                device: str = "cpu") -> list[dict]:
     ncopy_f32 = copies_for(4 * k * n)
-    dense32 = [torch.randn(n, k) * 0.02 for _ in range(ncopy_f32)]
+    dense32 = [torch.randn(n, k, device=device) * 0.02 for _ in range(ncopy_f32)]
     dense16 = [w.bfloat16() for w in dense32[: max(2, ncopy_f32 // 2 + 1)]]
-    configs = [c for c in CONFIGS if paths is None or c[5] in paths]
+    configs = select_configs(paths, device)
     layers: dict[tuple, list[CBQLinear]] = {}
     for label, bits, group, act, _dt, _path in configs:
         key = (bits, group, act)
         if key not in layers:
             ncopy = copies_for(k * n * bits // 8)
-            layers[key] = [random_cbq(k, n, bits, group, act) for _ in range(ncopy)]
+            layers[key] = [random_cbq(k, n, bits, group, act).to(device) for _ in range(ncopy)]
     rows = []
     torch.set_grad_enabled(False)
     for m in ms:
-        x32 = torch.randn(m, k)
-        x16 = x32.bfloat16()
+        x32 = torch.randn(m, k, device=device)
+        xs = {torch.float32: x32, torch.bfloat16: x32.bfloat16(), torch.float16: x32.half()}
+        x16 = xs[torch.bfloat16]
         cands: list[tuple[str, str, object]] = []
         counter = {"i": 0}
 
@@ -113,7 +145,7 @@ def bench_shape(k: int, n: int, ms: list[int], paths: list[str] | None, reps: in
             if path == "cpu_dequant" and m == 1:
                 continue  # dequantizing the whole matrix for one token is never the choice (>= 20x slower)
             mods = layers[(bits, group, act)]
-            x = x32 if dt == torch.float32 else x16
+            x = xs[dt]
 
             def call(mods=mods, x=x, path=path):
                 mod = cyc(mods)
@@ -126,15 +158,16 @@ def bench_shape(k: int, n: int, ms: list[int], paths: list[str] | None, reps: in
 
             call()  # repack, build, warm the code path
             chosen = mods[counter["i"] % len(mods)].last_kernel
-            for mod in mods:  # repack every copy before timing (without a full-size call per copy)
-                cpu_paths.panels(mod)
+            if path.startswith("cpu_") or (path == "auto" and device == "cpu"):
+                for mod in mods:  # repack every copy before timing (without a full-size call per copy)
+                    cpu_paths.panels(mod)
             cands.append((label, path if path != "auto" else f"auto->{chosen}", call))
         times: dict[int, list[float]] = {i: [] for i in range(len(cands))}
         start = time.perf_counter()
         r = 0
         while r < reps or (time.perf_counter() - start < min_time and r < 10 * reps):
             for i, (_, _, fn) in enumerate(cands):
-                times[i].append(timed(fn))
+                times[i].append(timed(fn, device))
             r += 1
         med = {i: statistics.median(t) for i, t in times.items()}
         base32, base16 = med[0], med[1]
@@ -154,7 +187,8 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
         "",
         f"Command: `{meta['command']}`",
         "",
-        f"Machine: {meta['cpu']} ({meta['variant']} build), torch {meta['torch']}, {meta['threads']} threads; "
+        f"Machine: {meta['cpu']} ({meta['variant']} build; device {meta.get('device', 'cpu')}), torch "
+        f"{meta['torch']}, {meta['threads']} threads; "
         f"load average before {meta['load_before']}, after {meta['load_after']} (2 cores shared with other "
         f"jobs: absolute times are noisy, ratios come from interleaved calls in the same run).",
         "",
@@ -181,6 +215,8 @@ def main() -> None:
     ap.add_argument("--min-time", type=float, default=1.0, help="keep repeating up to this many seconds per M")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1, as in the issue: the 2 cores are shared, 2-thread runs are noisy)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: the Triton paths on the GPU, against dense fp32/bf16 cuBLAS")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="kernels", help="file stem under benchmarks/results/")
     ap.add_argument("--no-docs", action="store_true", help="do not overwrite docs/benchmarks_kernels.md")
@@ -190,12 +226,15 @@ def main() -> None:
     if args.quick:
         shapes, ms = [(4096, 4096)], [1, 512]
     torch.set_num_threads(args.threads)
-    if build.load() is None:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible to torch")
+    if args.device == "cpu" and build.load() is None:
         raise SystemExit(f"CPU kernels unavailable: {build.build_error()}")
     meta = {
         "command": "python " + " ".join(sys.argv),
         "cpu": platform.processor() or platform.machine(),
-        "variant": build.loaded_variant(),
+        "variant": build.loaded_variant() if args.device == "cpu" else "triton",
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "load_before": " ".join(f"{v:.2f}" for v in os.getloadavg()),
@@ -208,7 +247,7 @@ def main() -> None:
         pass
     rows = []
     for k, n in shapes:
-        rows += bench_shape(k, n, ms, args.paths, args.reps, args.min_time)
+        rows += bench_shape(k, n, ms, args.paths, args.reps, args.min_time, args.device)
     meta["load_after"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,10 @@ from helpers import tiny_llama, tiny_model_dir  # noqa: E402,F401
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Without a GPU, Triton kernels (the CUDA paths) run on CPU tensors in Triton's interpreter; it must be chosen
+# before anything imports triton (its own jit helpers are decorated at import). tests/kernels/test_gpu.py uses it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -168,12 +168,20 @@ def unpack_codes(packed: torch.Tensor, slot_bits: int, in_features: int) -> torc
 
 
 # ---------------------------------------------------------------------------------------------- activations
-def fake_quantize_activations(x: torch.Tensor, act_bits: int, clip: torch.Tensor | float = 1.0) -> torch.Tensor:
-    """Dynamic per-token symmetric quantization of x [..., K], returned dequantized in x's dtype."""
+def activation_codes(x: torch.Tensor, act_bits: int, clip: torch.Tensor | float = 1.0
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token symmetric quantization of x [..., K]: (integer codes as float32 [..., K], steps float32
+    [..., 1]). Kernels with integer activations take their codes from here, so they are the simulated ones."""
     qmax = 2 ** (act_bits - 1) - 1
     xf = x.float()
     step = (xf.abs().amax(-1, keepdim=True) * clip / qmax).clamp(min=1e-8)
-    return (torch.clamp(torch.round(xf / step), -qmax - 1, qmax) * step).to(x.dtype)
+    return torch.clamp(torch.round(xf / step), -qmax - 1, qmax), step
+
+
+def fake_quantize_activations(x: torch.Tensor, act_bits: int, clip: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """Dynamic per-token symmetric quantization of x [..., K], returned dequantized in x's dtype."""
+    codes, step = activation_codes(x, act_bits, clip)
+    return (codes * step).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------- the format

@@ -8,7 +8,8 @@ None where it has no such shortcut); `linear()` remembers it with the choice, so
 lookups beyond the memo (~9 us of Python per call otherwise, about 2 ms per generated token on a 30-layer model).
 Force a path with the environment variable ``CBQ_KERNEL=<name>`` or `force_kernel(name)` (only `supports` is asked
 then; a forced path that cannot run is an error); the path that ran is recorded on the module as `module.last_kernel`.
-The compiled CPU paths are registered at the end of this module; nothing is built before a forward asks for them.
+The compiled CPU paths and the Triton CUDA paths are registered at the end of this module; nothing is built or
+imported before a forward asks for them.
 """
 
 from __future__ import annotations
@@ -118,9 +119,11 @@ def linear(module, x: torch.Tensor) -> torch.Tensor:
 def _register_builtin() -> None:
     from .cpu import lobcq_paths
     from .cpu import paths as cpu_paths
+    from .gpu import paths as gpu_paths
 
     cpu_paths.register()
     lobcq_paths.register()
+    gpu_paths.register()
 
 
 _register_builtin()

@@ -6,11 +6,17 @@ import torch
 import torch.nn.functional as F
 
 
+def scale_input(input_scale: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """x divided by a module's per-input-channel smoothing scale (in float32, rounded back to x's dtype); every
+    kernel path applies it through this function, so all of them see the same input."""
+    if input_scale is not None:
+        x = (x.float() / input_scale).to(x.dtype)
+    return x
+
+
 def prepare_input(module, x: torch.Tensor) -> torch.Tensor:
     """Apply the per-channel smoothing scale and the run-time activation quantization (simulated)."""
-    if module.input_scale is not None:
-        x = (x.float() / module.input_scale).to(x.dtype)
-    return module.fmt.quantize_activations(x, module.packed_buffers())
+    return module.fmt.quantize_activations(scale_input(module.input_scale, x), module.packed_buffers())
 
 
 def linear(module, x: torch.Tensor) -> torch.Tensor:

@@ -67,7 +67,7 @@ def test_integer_activation_codes_identical_to_reference(act_bits, dtype):
     x = torch.randn(64, 576).to(DTYPES[dtype]) * torch.logspace(-3, 3, 64).unsqueeze(1).to(DTYPES[dtype])
     x[3] = 0  # an all-zero token: the step is clamped
     x[5, 7] = 1e4
-    xs = paths._scaled(lin.input_scale, x)
+    xs = reference.scale_input(lin.input_scale, x)
     codes, steps = paths.quantize_activations(lin, xs)
     xf = xs.float()
     qmax = 2 ** (act_bits - 1) - 1

@@ -85,7 +85,8 @@ def test_no_compiler_falls_back_to_reference_with_one_warning(monkeypatch, caplo
 def test_import_does_not_build_or_import_a_compiler():
     code = ("import sys, cbq_hf, cbq_hf.kernels.dispatch as d; from cbq_hf.kernels.cpu import build; "
             "assert 'torch.utils.cpp_extension' not in sys.modules, 'cpp_extension imported'; "
-            "assert build._state == {}, 'built at import'; assert 'cpu_packed' in d.available_kernels()")
+            "assert build._state == {}, 'built at import'; assert 'cpu_packed' in d.available_kernels(); "
+            "assert 'gpu_packed' in d.available_kernels(); assert 'triton' not in sys.modules, 'triton imported'")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "CBQ_KERNEL": ""})
 
 

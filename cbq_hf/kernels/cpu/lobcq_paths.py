@@ -20,8 +20,9 @@ import torch.nn.functional as F
 
 from ...formats.lobcq import e4m3_decode
 from ...formats.lobcq_codebooks import build_lut
+from .. import reference
 from . import build
-from .paths import _scaled, workspace
+from .paths import workspace
 
 #: Rows (tokens) from which `cpu_lobcq_dequant` is chosen over the row-decoding GEMM, measured with
 #: `benchmarks/lobcq_speed.py` on the demo model's 576x1536 / 1536x576 shapes (see docs/lobcq.md "Speed").
@@ -61,7 +62,7 @@ _last_act: list = [None]
 
 def prepare_input(module, x: torch.Tensor) -> torch.Tensor:
     """x as the reference's `prepare_input` makes it (``input_scale``, run-time LO-BCQ with act_bits=4), in float32."""
-    x = _scaled(module.input_scale, x)
+    x = reference.scale_input(module.input_scale, x)
     if module.fmt.act_bits is None:
         return x.float().contiguous()
     st = _state(module)

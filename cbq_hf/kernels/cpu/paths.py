@@ -129,13 +129,6 @@ def _act_clip(module) -> float:
     return clip
 
 
-def _scaled(input_scale: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """x divided by a module's `input_scale` exactly as the reference does (rounded back to x's dtype)."""
-    if input_scale is not None:
-        x = (x.float() / input_scale).to(x.dtype)
-    return x
-
-
 def _kernel_input(x: torch.Tensor) -> torch.Tensor:
     """x [..., K] as the ops take it: float32 or bfloat16, contiguous (leading dims are kept: the ops flatten them)."""
     if x.dtype == torch.float16:
@@ -171,7 +164,7 @@ def bind_packed(module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tenso
     bufs = module.packed_buffers() if fmt.act_bits is not None else None
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        xs = _scaled(scale, x)
+        xs = reference.scale_input(scale, x)
         if bufs is not None:  # act_bits with weights the integer path does not take: simulated activations
             xs = fmt.quantize_activations(xs, bufs)
         return _output(op(_kernel_input(xs), wpack, bias, slot, n, glen, mode), x)
@@ -191,7 +184,8 @@ def bind_int(module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     wpack, bias, slot, n, glen = pan.wpack, pan.bias, pan.slot, module.out_features, pan.glen
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        return _output(op(_kernel_input(_scaled(scale, x)), clip, act_bits, wpack, bias, slot, n, glen), x)
+        xs = _kernel_input(reference.scale_input(scale, x))
+        return _output(op(xs, clip, act_bits, wpack, bias, slot, n, glen), x)
 
     return run
 
