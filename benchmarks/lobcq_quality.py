@@ -4,7 +4,8 @@ Rows (select with --rows, comma separated): fp32, uniform-w4a4-g128, uniform-w4a
 lobcq-w4a4-universal, lobcq-w4a4-per_layer, and with CBQ calibration (on WikiText-2 validation text)
 uniform-w4a4-g128-cbq, lobcq-w4a4-universal-cbq, lobcq-w4a4-per_layer-cbq, lobcq-w4a16-universal-cbq, and
 lobcq-w4a4-universal-cbq-n8x256 (the main quality table's calibration budget instead of 4 x 128) and
-lobcq-w4a4-universal-cbq-n16x256 (twice that many calibration samples).
+lobcq-w4a4-universal-cbq-n16x256 (twice that many calibration samples), lobcq-w4a4-universal-cbq-n8x256-sq05 /
+-sq065 (the n8x256 row with SmoothQuant-style smoothing of every input channel, smooth_alpha 0.5 / 0.65).
 Results accumulate in benchmarks/results/<--results>.json (default lobcq_quality; a row already there with the same
 number of windows is skipped unless --redo) and are rendered to <--results>.md; keep runs with different --windows
 in different files, since the table compares every row with the fp32 row of the same file. --save DIR keeps each
@@ -54,6 +55,11 @@ ROWS: dict[str, dict | None] = {
                                             **CBQ_BUDGET_MAIN),
     "lobcq-w4a4-universal-cbq-n16x256": dict(method="cbq", format="lobcq", act_bits=4, lobcq_codebooks="universal",
                                              **{**CBQ_BUDGET_MAIN, "nsamples": 16}),
+    # SmoothQuant-style smoothing of every input channel (smooth_alpha) before CBQ calibration
+    "lobcq-w4a4-universal-cbq-n8x256-sq05": dict(method="cbq", format="lobcq", act_bits=4,
+                                                 lobcq_codebooks="universal", smooth_alpha=0.5, **CBQ_BUDGET_MAIN),
+    "lobcq-w4a4-universal-cbq-n8x256-sq065": dict(method="cbq", format="lobcq", act_bits=4,
+                                                  lobcq_codebooks="universal", smooth_alpha=0.65, **CBQ_BUDGET_MAIN),
 }
 
 

@@ -91,6 +91,12 @@ class CBQConfig(QuantizationConfigMixin):
         rounding_reg_weight, beta_start, beta_end: rounding regulariser weight and its annealed exponent.
         use_cfp, cfp_lambda1, cfp_lambda2, cfp_alpha: coarse-to-fine outlier preprocessing and its parameters
             (IQR multiplier, within-set variance weight, activation smoothing exponent).
+        smooth_alpha: None, or an exponent in (0, 1) that smooths EVERY input channel of the linears (with
+            `act_bits` set) before calibration, SmoothQuant style: channel j of the linears that share one input is
+            divided by s_j = max|x_j|^alpha / max|w_j|^(1 - alpha) (max over the calibration tokens and over those
+            linears' weight column j) and the weight columns multiplied by s_j, folded into the preceding norm
+            where possible (else kept as `CBQLinear.input_scale`). It replaces CFP's outlier-only smoothing, moving
+            part of the activations' range into the weights; method="cbq" only (needs calibration data).
         use_lora_rounding, learn_weight_scales, learn_act_clipping, use_homologous, use_kl: ablation switches.
         calibration_device: device for the window being optimised ("auto": CUDA when present, else CPU).
         checkpoint_dir: folder where finished windows are written so an interrupted calibration resumes. A rerun
@@ -148,6 +154,7 @@ class CBQConfig(QuantizationConfigMixin):
         cfp_lambda1: float = 1.5,
         cfp_lambda2: float = 1.0,
         cfp_alpha: float = 0.5,
+        smooth_alpha: float | None = None,
         use_lora_rounding: bool = True,
         learn_weight_scales: bool = True,
         learn_act_clipping: bool = True,
@@ -198,6 +205,7 @@ class CBQConfig(QuantizationConfigMixin):
         self.cfp_lambda1 = cfp_lambda1
         self.cfp_lambda2 = cfp_lambda2
         self.cfp_alpha = cfp_alpha
+        self.smooth_alpha = smooth_alpha
         self.use_lora_rounding = use_lora_rounding
         self.learn_weight_scales = learn_weight_scales
         self.learn_act_clipping = learn_act_clipping
@@ -267,6 +275,18 @@ class CBQConfig(QuantizationConfigMixin):
         _check_float("beta_end", self.beta_end, 0.0, strict_min=True)
         _check_float("cfp_lambda1", self.cfp_lambda1, 0.0)
         _check_float("cfp_alpha", self.cfp_alpha, 0.0, 1.0)
+        if self.smooth_alpha is not None:
+            _check_float("smooth_alpha", self.smooth_alpha, 0.0, 1.0, strict_min=True)
+            if self.smooth_alpha == 1.0:
+                raise _err("smooth_alpha", self.smooth_alpha, "expected a number in (0, 1), or None")
+            if self.act_bits is None:
+                raise ValueError(
+                    "CBQConfig: `smooth_alpha` smooths activations for activation quantization, but act_bits=None "
+                    "(weight-only); set act_bits (e.g. 4 or 8) or leave smooth_alpha=None.")
+            if self.method != "cbq":
+                raise ValueError(
+                    f"CBQConfig: `smooth_alpha` needs calibration activations, which method={self.method!r} does not "
+                    f"collect; use method='cbq' or leave smooth_alpha=None.")
         for name in ("use_cfp", "use_lora_rounding", "learn_weight_scales", "learn_act_clipping", "use_homologous",
                      "use_kl"):
             _check_bool(name, getattr(self, name))

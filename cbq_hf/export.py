@@ -417,8 +417,8 @@ def _read_packed(f, name: str, lin: _Linear, spec: UniformSpec, keys: set[str]) 
                 f"{name} carries a CFP smoothing scale (input_scale, max |s - 1| = {dev:.3g}) that divides its input "
                 f"before the quantized matmul and could not be folded into a preceding norm. Exporting it would "
                 f"need W / s per input channel, which breaks the shared per-group step size, so no exact export "
-                f"exists. Re-quantize with use_cfp=False (or on an architecture where every smoothing scale folds), "
-                f"or serve this checkpoint with cbq_hf."
+                f"exists. Re-quantize with use_cfp=False and smooth_alpha=None (or on an architecture where every "
+                f"smoothing scale folds), or serve this checkpoint with cbq_hf."
             )
     bias = f.get_tensor(f"{name}.bias") if f"{name}.bias" in keys else None
     return _Packed(codes, f.get_tensor(f"{name}.scales"), f.get_tensor(f"{name}.zeros"), bias)

@@ -44,7 +44,7 @@ def render_model_card(model, repo: str = "PATH_OR_REPO_ID") -> str:
     d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     info = d.get("run_info", {}) or {}
     keys = ["format", "bits", "group_size", "sym", "act_bits", "method", "dataset", "nsamples", "seqlen", "seed",
-            "window_size", "window_overlap", "epochs", "lora_rank", "use_cfp", "modules_to_not_convert",
+            "window_size", "window_overlap", "epochs", "lora_rank", "use_cfp", "smooth_alpha", "modules_to_not_convert",
             "lm_head_bits"]
     settings = "\n".join(f"| `{k}` | {d.get(k)!s} |" for k in keys if k in d)
     measured = "\n".join(f"| {k} | {v} |" for k, v in sorted(info.items()) if k != "base_model") or "| - | - |"

@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 
 def has_input_scale(config: CBQConfig) -> bool:
     """Whether `CBQLinear` modules of this config carry an explicit per-input-channel smoothing scale."""
-    return config.method == "cbq" and config.use_cfp and config.format in ("uniform", "lobcq")
+    smoothing = config.use_cfp or getattr(config, "smooth_alpha", None) is not None
+    return config.method == "cbq" and smoothing and config.format in ("uniform", "lobcq")
 
 
 class CBQHfQuantizer(HfQuantizer):

@@ -13,7 +13,8 @@ from cbq_hf import CBQConfig
         ("nsamples", 0), ("seqlen", 1), ("seed", -1), ("window_size", 0), ("epochs", -1), ("lr", float("nan")),
         ("lora_rank", 0), ("cfp_alpha", 1.5), ("beta_end", 0.0), ("dataset", []), ("dataset", [1, 2]),
         ("dataset", ""), ("dataset", 3.0), ("modules_to_not_convert", [""]), ("lobcq_num_codebooks", 12),
-        ("lobcq_codebooks", "global"), ("calibration_device", ""),
+        ("lobcq_codebooks", "global"), ("calibration_device", ""), ("smooth_alpha", 0.0), ("smooth_alpha", 1.0),
+        ("smooth_alpha", "0.5"),
     ],
 )
 def test_invalid_field_names_the_field(field, value):
@@ -31,6 +32,14 @@ def test_lobcq_requires_4_bits_and_a4():
         CBQConfig(format="lobcq", bits=2)
     with pytest.raises(ValueError, match="act_bits"):
         CBQConfig(format="lobcq", act_bits=8)
+
+
+def test_smooth_alpha_needs_activation_quantization_and_calibration():
+    with pytest.raises(ValueError, match="act_bits"):
+        CBQConfig(smooth_alpha=0.5)
+    with pytest.raises(ValueError, match="method='cbq'"):
+        CBQConfig(smooth_alpha=0.5, act_bits=4, method="rtn")
+    assert CBQConfig(smooth_alpha=0.5, act_bits=4).smooth_alpha == 0.5
 
 
 def test_unknown_field_is_refused():

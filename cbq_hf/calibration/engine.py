@@ -275,7 +275,7 @@ def _prepare_block(b: int, live: nn.Module, state: _BlockState, names: dict[str,
     linears = {rel: live.get_submodule(rel) for rel in names}
     input_scales: dict[str, torch.Tensor | None] = {rel: None for rel in names}
     divisors: dict[str, torch.Tensor] = {}
-    if config.use_cfp and linears:
+    if (config.use_cfp or config.smooth_alpha is not None) and linears:
         ref = inputs.call_block(state.fp, b, 0, first_in)
 
         def unchanged() -> bool:
@@ -283,7 +283,7 @@ def _prepare_block(b: int, live: nn.Module, state: _BlockState, names: dict[str,
             return bool((out - ref).norm() <= FOLD_TOLERANCE * ref.norm())
 
         sm = smooth_block(live, linears, stats.stats, config.cfp_lambda1, config.cfp_lambda2, config.cfp_alpha,
-                          unchanged)
+                          unchanged, smooth_alpha=config.smooth_alpha)
         input_scales, divisors = sm.input_scales, sm.divisors
         cfp_report["outlier_channels"] += sm.outlier_channels
         cfp_report["folded_linears"] += len(sm.folded)

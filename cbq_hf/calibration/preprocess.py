@@ -85,6 +85,18 @@ def smoothing_scales(act_max: torch.Tensor, lambda1: float, lambda2: float, alph
     return s
 
 
+def smoothquant_scales(act_max: torch.Tensor, weight_max: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Per-input-channel divisors s [K] of every channel, s_j = max|x_j|^alpha / max|w_j|^(1 - alpha)
+    (SmoothQuant): after x_j / s_j and w_j * s_j the ranges are (max|x_j| max|w_j|)^(1-alpha) and
+    (max|x_j| max|w_j|)^alpha, equal at alpha = 0.5. Channels that are never active or have all-zero weights keep
+    s = 1."""
+    a = act_max.float()
+    w = weight_max.float()
+    s = a.clamp(min=1e-8).pow(alpha) / w.clamp(min=1e-8).pow(1 - alpha)
+    dead = (a <= 0) | (w <= 0)
+    return torch.where(dead, torch.ones_like(s), s.clamp(min=1e-5, max=1e5))
+
+
 # ------------------------------------------------------------------------------------------ statistics
 @dataclass
 class BlockStats:
@@ -170,8 +182,9 @@ def _is_affine_norm(mod: nn.Module) -> bool:
 # ------------------------------------------------------------------------------------------ smoothing
 @dataclass
 class Smoothing:
-    """Result of CFP activation smoothing of one block: per linear, the divisor kept as `input_scale` (None when
-    folded into a norm or not smoothed), and what was done (for the report)."""
+    """Result of activation smoothing of one block: per linear, the divisor kept as `input_scale` (None when
+    folded into a norm or not smoothed), and what was done (for the report; `outlier_channels` counts every
+    channel whose divisor is not 1)."""
 
     input_scales: dict[str, torch.Tensor | None]
     divisors: dict[str, torch.Tensor]
@@ -182,8 +195,9 @@ class Smoothing:
 
 @torch.no_grad()
 def smooth_block(block: nn.Module, linears: dict[str, nn.Linear], stats: BlockStats, lambda1: float,
-                 lambda2: float, alpha: float, check) -> Smoothing:
-    """Apply CFP activation smoothing to `block` in place (weights of `linears` and, where possible, norms).
+                 lambda2: float, alpha: float, check, smooth_alpha: float | None = None) -> Smoothing:
+    """Apply activation smoothing to `block` in place (weights of `linears` and, where possible, norms): CFP's
+    outlier channels (`smoothing_scales`), or with `smooth_alpha` every channel (`smoothquant_scales`).
 
     Args:
         block: the live decoder block (its linears are still `nn.Linear`).
@@ -191,6 +205,7 @@ def smooth_block(block: nn.Module, linears: dict[str, nn.Linear], stats: BlockSt
         stats: statistics gathered on the block's float inputs.
         check: callable() -> bool that says whether the block still computes its float function; a fold into a
             norm that breaks it is undone and the scale is kept explicit instead.
+        smooth_alpha: SmoothQuant migration strength (None: CFP's outlier-only smoothing with `alpha`).
     """
     # Linears that share one input (same feeding module, or alone) share one smoothing vector.
     groups: dict[str, list[str]] = {}
@@ -205,7 +220,11 @@ def smooth_block(block: nn.Module, linears: dict[str, nn.Linear], stats: BlockSt
     # Folds first, one group at a time, each verified while every other group is still untouched.
     for key, names in groups.items():
         amax = torch.stack([stats.act_max[n] for n in names]).amax(0)
-        s = smoothing_scales(amax, lambda1, lambda2, alpha)
+        if smooth_alpha is None:
+            s = smoothing_scales(amax, lambda1, lambda2, alpha)
+        else:
+            wmax = torch.stack([linears[n].weight.detach().abs().amax(0).float().cpu() for n in names]).amax(0)
+            s = smoothquant_scales(amax, wmax, smooth_alpha)
         if bool((s == 1).all()):
             continue
         n_out += int((s != 1).sum())

@@ -113,12 +113,23 @@ def encode_blocks(y: torch.Tensor, codebooks: torch.Tensor, cmax: int, valid: to
         e.sub_(ys.unsqueeze(-1)).square_()
         if valid is not None:
             e.mul_(valid[s:s + step].unsqueeze(-1))
-        e = e.sum(1)  # [b', nc]
+        # [b', nc]: summed value by value, left to right. A reduction (`e.sum(1)`) adds in another order, and where
+        # two codebooks' errors differ by a rounding that flips the choice; the C++ activation encoder sums in this
+        # order, so both pick the same codebook (found on a real 513-token window: one block of 1.2M differed).
+        e = _sum_in_order(e)
         best_err, best = e.min(1)  # first minimum: ties go to the smaller codebook id
         sel[s:s + step] = best
         err[s:s + step] = best_err
         idx[s:s + step] = lut.index[best.unsqueeze(1), slots]
     return sel, idx, err
+
+
+def _sum_in_order(e: torch.Tensor) -> torch.Tensor:
+    """e [B, L, nc] summed over L as ((e_0 + e_1) + e_2) + ..., in float32."""
+    acc = e[:, 0].clone()
+    for j in range(1, e.shape[1]):
+        acc.add_(e[:, j])
+    return acc
 
 
 def decode_blocks(selector: torch.Tensor, index: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from cbq_hf.calibration.preprocess import (StatsCollector, outlier_counts, smooth_block, smoothing_scales,
-                                           weight_truncation)
+                                           smoothquant_scales, weight_truncation)
 from cbq_hf.modeling import block_linears
 
 
@@ -36,6 +36,20 @@ def test_smoothing_scales_only_touch_outliers():
     assert s[7] == pytest.approx(50.0 ** 0.5) and s[9] == pytest.approx(45.0 ** 0.5)
     assert torch.all(s[[i for i in range(64) if i not in (7, 9)]] == 1)
     assert torch.all(smoothing_scales(a, 1.5, 1.0, 0.0) == 1)  # alpha 0: no smoothing
+
+
+def test_smoothquant_scales_balance_the_two_ranges():
+    a = torch.tensor([1.0, 50.0, 0.2, 0.0, 3.0])
+    w = torch.tensor([0.5, 0.1, 2.0, 1.0, 0.0])
+    s = smoothquant_scales(a, w, 0.5)
+    # after x / s and w * s, both ranges are sqrt(max|x| max|w|) on every live channel
+    live = torch.tensor([True, True, True, False, False])
+    torch.testing.assert_close((a / s)[live], (w * s)[live])
+    torch.testing.assert_close((a / s)[live], (a * w).sqrt()[live])
+    assert s[3] == 1 and s[4] == 1  # never-active channel, all-zero weight column: left alone
+    s8 = smoothquant_scales(a, w, 0.8)  # more of the range migrates into the weights: (a w)^0.2 vs (a w)^0.8
+    torch.testing.assert_close((a / s8)[live], (a * w).pow(0.2)[live])
+    torch.testing.assert_close((w * s8)[live], (a * w).pow(0.8)[live])
 
 
 def test_weight_truncation_threshold():
@@ -114,6 +128,33 @@ def test_fold_that_breaks_the_function_is_undone(family):
     sm = smooth_block(block, linears, col.stats, 1.5, 1.0, 0.5, check=lambda: False)
     assert sm.folded == []
     assert torch.equal(block.input_layernorm.weight, before)
+    for name in sm.explicit:
+        parent, _, child = name.rpartition(".")
+        setattr(block.get_submodule(parent), child, _Divide(linears[name], sm.input_scales[name]))
+    with torch.no_grad():
+        torch.testing.assert_close(inp.call_block(block, 0, 0, inp.hidden), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_smoothquant_smoothing_touches_every_channel_and_keeps_float_output(family):
+    block, inp = _block_with_outliers(family)
+    linears = block_linears(block)
+    with StatsCollector(block, list(linears)) as col, torch.no_grad():
+        ref = inp.call_block(block, 0, 0, inp.hidden)
+        col.end_batch()
+
+    def unchanged():
+        with torch.no_grad():
+            out = inp.call_block(block, 0, 0, inp.hidden)
+        return bool((out - ref).norm() <= 1e-4 * ref.norm())
+
+    hidden = block.input_layernorm.weight.numel()
+    sm = smooth_block(block, linears, col.stats, 1.5, 1.0, 0.5, unchanged, smooth_alpha=0.5)
+    assert {"self_attn.q_proj", "mlp.gate_proj"} <= set(sm.folded)
+    assert bool((sm.divisors["self_attn.q_proj"] != 1).all()) and sm.outlier_channels > 2 * hidden
+    # the activations' range now equals the weights' on every channel of q/k/v's shared input
+    q, k, v = (linears[f"self_attn.{n}_proj"].weight.abs().amax(0) for n in "qkv")
+    a = col.stats.act_max["self_attn.q_proj"] / sm.divisors["self_attn.q_proj"]
+    torch.testing.assert_close(a, torch.stack([q, k, v]).amax(0), rtol=1e-4, atol=1e-6)
     for name in sm.explicit:
         parent, _, child = name.rpartition(".")
         setattr(block.get_submodule(parent), child, _Divide(linears[name], sm.input_scales[name]))

@@ -144,3 +144,40 @@ def test_shared_inputs_are_encoded_once_and_in_place_changes_are_seen():
     with torch.inference_mode():  # no version counter: encoded every time, and it works
         xi = torch.randn(1, 128)
         assert torch.equal(lobcq_paths.prepare_input(q, xi), reference.prepare_input(q, xi))
+
+
+# One block array of a real down_proj input of SmolLM2-135M (WikiText-2 test, layer 9, token 408 of window 2) where
+# two codebooks' squared errors for block 4 differ by a rounding: summed in another order they pick different
+# codebooks. The token's largest value (another array) fixes the tensor scale.
+_NEAR_TIE_ARRAY = [
+    -0.266615629, -0.156886905, -0.0224702861, -0.114742413, 0.497671455, 0.0512244478, -0.0371828973,
+    -0.361242205, -0.0422159992, 0.0197481886, -0.155538946, -0.00989568606, -0.0416565835, 0.146892622,
+    0.0393923521, 0.093243964, -0.105600044, 0.120281585, -0.0107987029, -0.100686103, 0.0214201584, -0.144136474,
+    -0.0107488865, 0.00206716382, -0.00193630229, 0.00973045174, 0.0396688804, -0.0347794853, -0.0623170622,
+    0.0219922867, 0.0034908629, 0.885654807, -0.16218403, 0.215670824, 0.0412396826, 0.0595115572, 0.0796199217,
+    0.00553857349, -0.207907543, 0.0521641448, -0.0436961129, 0.00807869621, 0.0375279151, 0.0407509506,
+    0.00813001394, -0.1415115, 0.00551724155, -0.0545137562, 0.134239227, 0.187884912, -0.314323515, -0.155376181,
+    -0.0242062956, 0.662857115, 0.189114317, -0.114800297, -0.0930747688, 0.339967519, -0.00798560306,
+    -0.174584821, -0.0919822529, 0.00305164768, -0.0647314638, -0.162118629,
+]
+_NEAR_TIE_TOKEN_MAX = 1.75079048
+
+
+def test_encoders_agree_on_a_near_tie_between_codebooks():
+    """The C++ encoder and the format's PyTorch encoder sum each block's squared errors value by value in the same
+    order, so a near-tie picks the same codebook in both (before: the PyTorch reduction's order picked another one
+    for this block, and a prefill through the kernels differed from the reference path)."""
+    from cbq_hf.formats.lobcq import e4m3_decode, fake_quantize_activations
+    from cbq_hf.formats.lobcq_codebooks import build_lut
+
+    spec = LOBCQSpec()
+    cb = LOBCQFormat().universal()
+    lut = build_lut(cb, spec.cmax)
+    x = torch.zeros(1, 128)
+    x[0, :64] = torch.tensor(_NEAR_TIE_ARRAY)
+    x[0, 64] = _NEAR_TIE_TOKEN_MAX
+    e4m3 = e4m3_decode(torch.arange(256, dtype=torch.uint8))
+    got = build.load().lobcq_encode_act(x, lut.values.float().contiguous(), lut.index.to(torch.uint8).contiguous(),
+                                        cb.float().contiguous(), e4m3, spec.block_len, spec.array_len, spec.cmax)
+    ref = fake_quantize_activations(x, cb, spec)
+    assert torch.equal(got, ref)
