@@ -135,6 +135,30 @@ def test_no_cfp_leaves_norms_and_scales_alone(calib_ids):
     assert all(m.input_scale is None for m in model.modules() if isinstance(m, CBQLinear))
 
 
+@pytest.mark.parametrize("fmt", ["uniform", "lobcq"])
+def test_smooth_alpha_smooths_every_channel_and_keeps_the_float_function(calib_ids, fmt):
+    """smooth_alpha (with use_cfp off, so the smoothing is all SmoothQuant's): every channel of the norm-fed
+    linears is smoothed and folded into the norms, the others keep explicit input scales, and the quantized
+    model stays close to the float one (a fold that changed the float function would not)."""
+    from helpers import tiny_llama
+
+    kw = dict(format="lobcq", bits=4, act_bits=4, group_size=-1) if fmt == "lobcq" else dict(bits=4, act_bits=8)
+    model = tiny_llama(layers=2).eval()
+    fp_logits = _logits(model, calib_ids)
+    norm_before = model.model.layers[0].input_layernorm.weight.detach().clone()
+    rep = calibrate(model, _cfg(epochs=0, use_cfp=False, smooth_alpha=0.5, **kw), calib_ids, progress=False)
+    hidden = norm_before.numel()
+    assert rep["cfp"]["outlier_channels"] > 2 * 2 * hidden  # every channel of both norms of both blocks (at least)
+    assert rep["cfp"]["folded_linears"] == 2 * 5  # q, k, v, gate, up of each block
+    layer = model.model.layers[0]
+    assert not torch.allclose(layer.input_layernorm.weight, norm_before)
+    assert layer.self_attn.q_proj.input_scale is None or bool((layer.self_attn.q_proj.input_scale == 1).all())
+    for lin in (layer.self_attn.o_proj, layer.mlp.down_proj):
+        assert lin.input_scale is not None and bool((lin.input_scale != 1).all())
+    # quantized, the smoothed model stays close to the float one (a broken fold would not)
+    assert _rel_err(_logits(model, calib_ids), fp_logits) < 0.05
+
+
 def test_errors():
     with pytest.raises(NoDecoderBlocksError):
         calibrate(torch.nn.Sequential(torch.nn.Linear(4, 4)), _cfg(), torch.zeros(1, 4, dtype=torch.long))
