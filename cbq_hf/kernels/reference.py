@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -17,6 +19,19 @@ def scale_input(input_scale: torch.Tensor | None, x: torch.Tensor) -> torch.Tens
 def prepare_input(module, x: torch.Tensor) -> torch.Tensor:
     """Apply the per-channel smoothing scale and the run-time activation quantization (simulated)."""
     return module.fmt.quantize_activations(scale_input(module.input_scale, x), module.packed_buffers())
+
+
+def bind_prepare_input(module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`prepare_input` of this module as a function of x alone (scale and buffers looked up once), for kernels that
+    multiply float activations: with `act_bits` these are the simulated quantized ones."""
+    scale, fmt = module.input_scale, module.fmt
+    bufs = module.packed_buffers() if fmt.act_bits is not None else None
+
+    def prep(x: torch.Tensor) -> torch.Tensor:
+        x = scale_input(scale, x)
+        return fmt.quantize_activations(x, bufs) if bufs is not None else x
+
+    return prep
 
 
 def linear(module, x: torch.Tensor) -> torch.Tensor:

@@ -160,14 +160,10 @@ def bind_packed(module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tenso
     op = build.load().gemm_float.default
     wpack, bias, slot, n, glen, mode = pan.wpack, pan.bias, pan.slot, module.out_features, pan.glen, \
         build.float_mode(pan.slot)
-    scale, fmt = module.input_scale, module.fmt
-    bufs = module.packed_buffers() if fmt.act_bits is not None else None
+    prep = reference.bind_prepare_input(module)  # act_bits here: weights the integer path does not take
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        xs = reference.scale_input(scale, x)
-        if bufs is not None:  # act_bits with weights the integer path does not take: simulated activations
-            xs = fmt.quantize_activations(xs, bufs)
-        return _output(op(_kernel_input(xs), wpack, bias, slot, n, glen, mode), x)
+        return _output(op(_kernel_input(prep(x)), wpack, bias, slot, n, glen, mode), x)
 
     return run
 

@@ -115,14 +115,10 @@ def bind_packed(module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tenso
     spec, n, k = module.fmt.spec, module.out_features, module.in_features
     q, s, z, bias = module.qweight, module.scales, module.zeros, _bias(module)
     slot, glen = spec.slot_bits, spec.group_len(k)
-    scale, fmt = module.input_scale, module.fmt
-    bufs = module.packed_buffers() if fmt.act_bits is not None else None
+    prep = reference.bind_prepare_input(module)  # act_bits here: weights the integer path does not take
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        xs = reference.scale_input(scale, x)
-        if bufs is not None:  # act_bits with weights the integer path does not take: simulated activations
-            xs = fmt.quantize_activations(xs, bufs)
-        y = mod.packed_gemm(_flat(xs), q, s, z, bias, slot, glen, n)
+        y = mod.packed_gemm(_flat(prep(x)), q, s, z, bias, slot, glen, n)
         return y.reshape(*x.shape[:-1], n).to(x.dtype)
 
     return run
