@@ -5,7 +5,8 @@ lobcq-w4a4-universal, lobcq-w4a4-per_layer, and with CBQ calibration (on WikiTex
 uniform-w4a4-g128-cbq, lobcq-w4a4-universal-cbq, lobcq-w4a4-per_layer-cbq, lobcq-w4a16-universal-cbq, and
 lobcq-w4a4-universal-cbq-n8x256 (the main quality table's calibration budget instead of 4 x 128) and
 lobcq-w4a4-universal-cbq-n16x256 (twice that many calibration samples), lobcq-w4a4-universal-cbq-n8x256-sq05 /
--sq065 (the n8x256 row with SmoothQuant-style smoothing of every input channel, smooth_alpha 0.5 / 0.65).
+-sq065 (the n8x256 row with SmoothQuant-style smoothing of every input channel, smooth_alpha 0.5 / 0.65) and -sqauto
+(smooth_alpha="auto": searched per input group).
 Results accumulate in benchmarks/results/<--results>.json (default lobcq_quality; a row already there with the same
 number of windows is skipped unless --redo) and are rendered to <--results>.md; keep runs with different --windows
 in different files, since the table compares every row with the fp32 row of the same file. --save DIR keeps each
@@ -60,6 +61,9 @@ ROWS: dict[str, dict | None] = {
                                                  lobcq_codebooks="universal", smooth_alpha=0.5, **CBQ_BUDGET_MAIN),
     "lobcq-w4a4-universal-cbq-n8x256-sq065": dict(method="cbq", format="lobcq", act_bits=4,
                                                   lobcq_codebooks="universal", smooth_alpha=0.65, **CBQ_BUDGET_MAIN),
+    "lobcq-w4a4-universal-cbq-n8x256-sqauto": dict(method="cbq", format="lobcq", act_bits=4,
+                                                   lobcq_codebooks="universal", smooth_alpha="auto",
+                                                   **CBQ_BUDGET_MAIN),
 }
 
 

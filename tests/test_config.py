@@ -14,7 +14,7 @@ from cbq_hf import CBQConfig
         ("lora_rank", 0), ("cfp_alpha", 1.5), ("beta_end", 0.0), ("dataset", []), ("dataset", [1, 2]),
         ("dataset", ""), ("dataset", 3.0), ("modules_to_not_convert", [""]), ("lobcq_num_codebooks", 12),
         ("lobcq_codebooks", "global"), ("calibration_device", ""), ("smooth_alpha", 0.0), ("smooth_alpha", 1.0),
-        ("smooth_alpha", "0.5"),
+        ("smooth_alpha", "0.5"), ("smooth_alpha", "best"),
     ],
 )
 def test_invalid_field_names_the_field(field, value):
@@ -40,6 +40,7 @@ def test_smooth_alpha_needs_activation_quantization_and_calibration():
     with pytest.raises(ValueError, match="method='cbq'"):
         CBQConfig(smooth_alpha=0.5, act_bits=4, method="rtn")
     assert CBQConfig(smooth_alpha=0.5, act_bits=4).smooth_alpha == 0.5
+    assert CBQConfig(smooth_alpha="auto", act_bits=8).smooth_alpha == "auto"
 
 
 def test_unknown_field_is_refused():

@@ -46,6 +46,9 @@ from .checkpoint import CheckpointStore, restore_frozen_block, restore_live_bloc
 from .loss import window_loss
 from .offload import OffloadPlan, finish
 from .preprocess import StatsCollector, smooth_block, weight_truncation
+
+#: Calibration tokens of each linear's float input kept for smooth_alpha="auto" (the per-group search).
+SEARCH_TOKENS = 512
 from .lobcq_sim import LOBCQLinearSim
 from .rounding import QuantLinearSim
 from .streams import Stream, StreamStorage
@@ -183,7 +186,8 @@ def calibrate(model: nn.Module, config, input_ids: torch.Tensor, progress: bool 
                 live.requires_grad_(False)
                 _cast_float(live, torch.float32, device)
                 states[b] = _BlockState(fp=copy.deepcopy(live))
-            collectors = {b: StatsCollector(states[b].fp, list(per_block[b])) for b in new}
+            keep = SEARCH_TOKENS if config.smooth_alpha == "auto" else 0
+            collectors = {b: StatsCollector(states[b].fp, list(per_block[b]), keep_tokens=keep) for b in new}
             t_acc, next_fp, first_in = _run_float(win, states, inputs, x_fp, device, collectors)
             use_hom = config.use_homologous and config.loss_weight_homologous > 0
             t_hom = _run_float(win, states, inputs, x_q, device, {})[0] if use_hom else None
@@ -283,7 +287,14 @@ def _prepare_block(b: int, live: nn.Module, state: _BlockState, names: dict[str,
             return bool((out - ref).norm() <= FOLD_TOLERANCE * ref.norm())
 
         sm = smooth_block(live, linears, stats.stats, config.cfp_lambda1, config.cfp_lambda2, config.cfp_alpha,
-                          unchanged, smooth_alpha=config.smooth_alpha)
+                          unchanged, smooth_alpha=config.smooth_alpha, fmt=fmt)
+        if sm.alphas:
+            logger.info("block %d smoothing: %s", b, ", ".join(
+                f"{k}: {'CFP' if a is None else f'alpha {a}'}" for k, a in sm.alphas.items()))
+            for a in sm.alphas.values():
+                key = "cfp" if a is None else f"{a:g}"
+                cfp_report.setdefault("smooth_alpha_chosen", {})
+                cfp_report["smooth_alpha_chosen"][key] = cfp_report["smooth_alpha_chosen"].get(key, 0) + 1
         input_scales, divisors = sm.input_scales, sm.divisors
         cfp_report["outlier_channels"] += sm.outlier_channels
         cfp_report["folded_linears"] += len(sm.folded)

@@ -85,6 +85,27 @@ def smoothing_scales(act_max: torch.Tensor, lambda1: float, lambda2: float, alph
     return s
 
 
+#: Migration strengths tried by smooth_alpha="auto" (besides CFP's outlier-only smoothing), and the most output
+#: rows of each linear the comparison quantizes (a fixed subset keeps the search cheap on wide layers).
+ALPHA_CANDIDATES = (0.3, 0.4, 0.5, 0.6, 0.7)
+SEARCH_ROWS = 256
+
+
+def smoothing_error(weights: list[torch.Tensor], x: torch.Tensor, s: torch.Tensor, fmt) -> float:
+    """Output error of linears sharing the input x [T, K] when smoothed by s [K] and quantized by `fmt` (weights
+    RTN-encoded, activations quantized at run time as `fmt` does): sum over the linears of
+    ||Q_a(x / s) Q_w(W diag(s))^T - x W^T||^2, on at most SEARCH_ROWS output rows of each."""
+    xs = x / s
+    err = 0.0
+    for w in weights:
+        w = w[:SEARCH_ROWS].float()
+        bufs = fmt.quantize_rtn(w * s[None, :])
+        wq = fmt.dequantize(bufs, w.shape[1])
+        y = fmt.quantize_activations(xs, bufs).float() @ wq.T
+        err += float((y - x @ w.T).pow(2).sum())
+    return err
+
+
 def smoothquant_scales(act_max: torch.Tensor, weight_max: torch.Tensor, alpha: float) -> torch.Tensor:
     """Per-input-channel divisors s [K] of every channel, s_j = max|x_j|^alpha / max|w_j|^(1 - alpha)
     (SmoothQuant): after x_j / s_j and w_j * s_j the ranges are (max|x_j| max|w_j|)^(1-alpha) and
@@ -104,12 +125,14 @@ class BlockStats:
 
     act_max / act_sq: per linear (relative name) max |x| and mean x^2 per input channel.
     feeds: per linear, the relative name of the leaf module whose output tensor it receives (None if not found).
+    samples: per linear, the first `keep_tokens` rows of its float input (float32, CPU), when asked for.
     """
 
     act_max: dict[str, torch.Tensor] = field(default_factory=dict)
     act_sq: dict[str, torch.Tensor] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
     feeds: dict[str, str | None] = field(default_factory=dict)
+    samples: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class StatsCollector:
@@ -118,9 +141,10 @@ class StatsCollector:
     Use as a context manager around forwards of the block.
     """
 
-    def __init__(self, block: nn.Module, linear_names: list[str]) -> None:
+    def __init__(self, block: nn.Module, linear_names: list[str], keep_tokens: int = 0) -> None:
         self.block = block
         self.names = linear_names
+        self.keep_tokens = keep_tokens
         self.stats = BlockStats()
         self._handles: list = []
         self._outputs: dict[str, torch.Tensor] = {}
@@ -164,6 +188,10 @@ class StatsCollector:
                 st.tokens[name] += xf.shape[0]
             else:
                 st.act_max[name], st.act_sq[name], st.tokens[name] = amax, sq, xf.shape[0]
+            have = st.samples[name].shape[0] if name in st.samples else 0
+            if have < self.keep_tokens:
+                rows = xf[: self.keep_tokens - have].cpu()
+                st.samples[name] = torch.cat([st.samples[name], rows]) if have else rows.clone()
             if self._first:
                 st.feeds[name] = next((n for n, o in self._outputs.items()
                                        if o.data_ptr() == x.data_ptr() and o.shape == x.shape), None)
@@ -191,13 +219,17 @@ class Smoothing:
     folded: list[str]
     explicit: list[str]
     outlier_channels: int
+    alphas: dict[str, float | None] = field(default_factory=dict)  # smooth_alpha="auto": choice per input group
 
 
 @torch.no_grad()
 def smooth_block(block: nn.Module, linears: dict[str, nn.Linear], stats: BlockStats, lambda1: float,
-                 lambda2: float, alpha: float, check, smooth_alpha: float | None = None) -> Smoothing:
+                 lambda2: float, alpha: float, check, smooth_alpha: float | str | None = None,
+                 fmt=None) -> Smoothing:
     """Apply activation smoothing to `block` in place (weights of `linears` and, where possible, norms): CFP's
-    outlier channels (`smoothing_scales`), or with `smooth_alpha` every channel (`smoothquant_scales`).
+    outlier channels (`smoothing_scales`), or with `smooth_alpha` every channel (`smoothquant_scales`); with
+    smooth_alpha="auto", per group of linears sharing an input, whichever of CFP and the ALPHA_CANDIDATES gives the
+    smallest quantized output error on the sampled inputs (`smoothing_error`; needs `fmt` and stats.samples).
 
     Args:
         block: the live decoder block (its linears are still `nn.Linear`).
@@ -205,7 +237,9 @@ def smooth_block(block: nn.Module, linears: dict[str, nn.Linear], stats: BlockSt
         stats: statistics gathered on the block's float inputs.
         check: callable() -> bool that says whether the block still computes its float function; a fold into a
             norm that breaks it is undone and the scale is kept explicit instead.
-        smooth_alpha: SmoothQuant migration strength (None: CFP's outlier-only smoothing with `alpha`).
+        smooth_alpha: SmoothQuant migration strength, "auto" (searched per group), or None (CFP's outlier-only
+            smoothing with `alpha`).
+        fmt: the quantization format (for "auto").
     """
     # Linears that share one input (same feeding module, or alone) share one smoothing vector.
     groups: dict[str, list[str]] = {}
@@ -217,6 +251,7 @@ def smooth_block(block: nn.Module, linears: dict[str, nn.Linear], stats: BlockSt
     modules = dict(block.named_modules())
     pending: list[tuple[list[str], torch.Tensor]] = []
     divisors: dict[str, torch.Tensor] = {}
+    alphas: dict[str, float | None] = {}
     # Folds first, one group at a time, each verified while every other group is still untouched.
     for key, names in groups.items():
         amax = torch.stack([stats.act_max[n] for n in names]).amax(0)
@@ -224,7 +259,12 @@ def smooth_block(block: nn.Module, linears: dict[str, nn.Linear], stats: BlockSt
             s = smoothing_scales(amax, lambda1, lambda2, alpha)
         else:
             wmax = torch.stack([linears[n].weight.detach().abs().amax(0).float().cpu() for n in names]).amax(0)
-            s = smoothquant_scales(amax, wmax, smooth_alpha)
+            if smooth_alpha == "auto":
+                s, chosen = _search_alpha(amax, wmax, [linears[n].weight.detach().cpu() for n in names],
+                                          stats.samples[names[0]], fmt, lambda1, lambda2, alpha)
+                alphas[key] = chosen
+            else:
+                s = smoothquant_scales(amax, wmax, smooth_alpha)
         if bool((s == 1).all()):
             continue
         n_out += int((s != 1).sum())
@@ -249,7 +289,17 @@ def smooth_block(block: nn.Module, linears: dict[str, nn.Linear], stats: BlockSt
             scales[n] = s
             divisors[n] = s
         explicit += names
-    return Smoothing(scales, divisors, folded, explicit, n_out)
+    return Smoothing(scales, divisors, folded, explicit, n_out, alphas)
+
+
+def _search_alpha(amax: torch.Tensor, wmax: torch.Tensor, weights: list[torch.Tensor], x: torch.Tensor, fmt,
+                  lambda1: float, lambda2: float, cfp_alpha: float) -> tuple[torch.Tensor, float | None]:
+    """(divisors, chosen alpha; None = CFP's outlier-only smoothing) with the smallest `smoothing_error`."""
+    candidates: list[tuple[float | None, torch.Tensor]] = [(None, smoothing_scales(amax, lambda1, lambda2, cfp_alpha))]
+    candidates += [(a, smoothquant_scales(amax, wmax, a)) for a in ALPHA_CANDIDATES]
+    errs = [smoothing_error(weights, x.float(), s, fmt) for _, s in candidates]
+    best = min(range(len(errs)), key=errs.__getitem__)
+    return candidates[best][1], candidates[best][0]
 
 
 def _scale_columns(linear: nn.Linear, s: torch.Tensor) -> None:

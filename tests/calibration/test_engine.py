@@ -159,6 +159,16 @@ def test_smooth_alpha_smooths_every_channel_and_keeps_the_float_function(calib_i
     assert _rel_err(_logits(model, calib_ids), fp_logits) < 0.05
 
 
+def test_smooth_alpha_auto_reports_its_choices(calib_ids):
+    from helpers import tiny_llama
+
+    model = tiny_llama(layers=2).eval()
+    rep = calibrate(model, _cfg(epochs=0, bits=4, act_bits=4, smooth_alpha="auto"), calib_ids, progress=False)
+    chosen = rep["cfp"]["smooth_alpha_chosen"]
+    assert sum(chosen.values()) == 2 * 4  # per block: q/k/v, o, gate/up, down
+    assert set(chosen) <= {"cfp", "0.3", "0.4", "0.5", "0.6", "0.7"}
+
+
 def test_errors():
     with pytest.raises(NoDecoderBlocksError):
         calibrate(torch.nn.Sequential(torch.nn.Linear(4, 4)), _cfg(), torch.zeros(1, 4, dtype=torch.long))

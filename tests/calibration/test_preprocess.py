@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from cbq_hf.calibration.preprocess import (StatsCollector, outlier_counts, smooth_block, smoothing_scales,
-                                           smoothquant_scales, weight_truncation)
+from cbq_hf.calibration.preprocess import (ALPHA_CANDIDATES, StatsCollector, outlier_counts, smooth_block,
+                                           smoothing_error, smoothing_scales, smoothquant_scales, weight_truncation)
 from cbq_hf.modeling import block_linears
 
 
@@ -155,6 +155,45 @@ def test_smoothquant_smoothing_touches_every_channel_and_keeps_float_output(fami
     q, k, v = (linears[f"self_attn.{n}_proj"].weight.abs().amax(0) for n in "qkv")
     a = col.stats.act_max["self_attn.q_proj"] / sm.divisors["self_attn.q_proj"]
     torch.testing.assert_close(a, torch.stack([q, k, v]).amax(0), rtol=1e-4, atol=1e-6)
+    for name in sm.explicit:
+        parent, _, child = name.rpartition(".")
+        setattr(block.get_submodule(parent), child, _Divide(linears[name], sm.input_scales[name]))
+    with torch.no_grad():
+        torch.testing.assert_close(inp.call_block(block, 0, 0, inp.hidden), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt_name", ["uniform", "lobcq"])
+def test_auto_alpha_picks_the_smallest_quantized_output_error(family, fmt_name):
+    """smooth_alpha="auto": each group gets the candidate (CFP or an alpha) with the smallest `smoothing_error`
+    on the sampled inputs, the float function is kept, and with planted outlier channels that beats CFP."""
+    from cbq_hf.formats.lobcq import LOBCQFormat
+    from cbq_hf.formats.uniform import UniformFormat
+
+    fmt = LOBCQFormat(act_bits=4) if fmt_name == "lobcq" else UniformFormat(4, 32, act_bits=4)
+    block, inp = _block_with_outliers(family)
+    linears = block_linears(block)
+    with StatsCollector(block, list(linears), keep_tokens=48) as col, torch.no_grad():
+        ref = inp.call_block(block, 0, 0, inp.hidden)
+        col.end_batch()
+    x = col.stats.samples["self_attn.q_proj"]
+    assert x.shape[0] == 48
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    weights = [linears[n].weight.detach().clone() for n in names]
+    amax = torch.stack([col.stats.act_max[n] for n in names]).amax(0)
+    wmax = torch.stack([w.abs().amax(0) for w in weights]).amax(0)
+    errs = {None: smoothing_error(weights, x, smoothing_scales(amax, 1.5, 1.0, 0.5), fmt)}
+    errs.update({a: smoothing_error(weights, x, smoothquant_scales(amax, wmax, a), fmt) for a in ALPHA_CANDIDATES})
+
+    def unchanged():
+        with torch.no_grad():
+            out = inp.call_block(block, 0, 0, inp.hidden)
+        return bool((out - ref).norm() <= 1e-4 * ref.norm())
+
+    sm = smooth_block(block, linears, col.stats, 1.5, 1.0, 0.5, unchanged, smooth_alpha="auto", fmt=fmt)
+    chosen = sm.alphas["input_layernorm"]
+    assert errs[chosen] == min(errs.values())
+    assert min(errs[a] for a in ALPHA_CANDIDATES) < errs[None]  # smoothing every channel beats CFP here
+    assert set(sm.alphas) >= {"input_layernorm", "post_attention_layernorm"}
     for name in sm.explicit:
         parent, _, child = name.rpartition(".")
         setattr(block.get_submodule(parent), child, _Divide(linears[name], sm.input_scales[name]))
