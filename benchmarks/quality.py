@@ -54,6 +54,8 @@ ABLATIONS = {
     "no CFP": dict(use_cfp=False),
     "no LoRA-rounding": dict(use_lora_rounding=False),
     "no learnable steps": dict(learn_weight_scales=False, learn_act_clipping=False),
+    # not an ablation: an addition for activation-quantized settings (SmoothQuant-style smoothing, searched alpha)
+    "smooth_alpha=auto": dict(smooth_alpha="auto"),
 }
 SETTING_ORDER = list(SETTINGS)
 
