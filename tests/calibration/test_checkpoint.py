@@ -170,3 +170,15 @@ def test_resume_bit_identical_lobcq(monkeypatch, tmp_path, calib_ids):
         "resumed_from_window"] == 1
     ref, got = _bits(full.state_dict()), _bits(resumed.state_dict())
     assert sorted(got) == sorted(ref) and [k for k in ref if ref[k] != got[k]] == []
+
+
+def test_identity_leaves_out_unset_fields_added_later(calib_ids):
+    """A checkpoint written before `smooth_alpha` existed has no such key; with the field at its default the
+    identity must still match (and must not once it is set)."""
+    from cbq_hf.calibration.checkpoint import run_identity
+
+    model = tiny_llama(layers=2)
+    plain = run_identity(CBQConfig(act_bits=4), calib_ids, model, 2)
+    assert "smooth_alpha" not in plain["config"]
+    smoothed = run_identity(CBQConfig(act_bits=4, smooth_alpha=0.5), calib_ids, model, 2)
+    assert smoothed["config"]["smooth_alpha"] == 0.5 and smoothed != plain
