@@ -89,77 +89,72 @@ def _block_with_outliers(family):
     return block, inp
 
 
+def _collect(block, inp, linears, keep_tokens=0):
+    """Statistics of the block's linears on its captured input, and the block's float output."""
+    with StatsCollector(block, list(linears), keep_tokens=keep_tokens) as col, torch.no_grad():
+        ref = inp.call_block(block, 0, 0, inp.hidden)
+        col.end_batch()
+    return col, ref
+
+
+def _unchanged(block, inp, ref):
+    """The fold check smooth_block takes: does the block still compute `ref`?"""
+    def check():
+        with torch.no_grad():
+            out = inp.call_block(block, 0, 0, inp.hidden)
+        return bool((out - ref).norm() <= 1e-4 * ref.norm())
+    return check
+
+
+def _assert_float_function_kept(block, inp, linears, sm, ref):
+    """With the explicit scales applied as CBQLinear would (x / s), the block computes what it did before."""
+    for name in sm.explicit:
+        parent, _, child = name.rpartition(".")
+        setattr(block.get_submodule(parent), child, _Divide(linears[name], sm.input_scales[name]))
+    with torch.no_grad():
+        torch.testing.assert_close(inp.call_block(block, 0, 0, inp.hidden), ref, rtol=1e-4, atol=1e-4)
+
+
 def test_smoothing_keeps_float_output_and_folds_into_norms(family):
     block, inp = _block_with_outliers(family)
     ref_block = copy.deepcopy(block)
     linears = block_linears(block)
-    with StatsCollector(block, list(linears)) as col, torch.no_grad():
-        ref = inp.call_block(block, 0, 0, inp.hidden)
-        col.end_batch()
+    col, ref = _collect(block, inp, linears)
     assert col.stats.feeds["self_attn.q_proj"] == col.stats.feeds["self_attn.k_proj"] == "input_layernorm"
     assert col.stats.feeds["mlp.up_proj"] == "post_attention_layernorm"
-
-    def unchanged():
-        with torch.no_grad():
-            out = inp.call_block(block, 0, 0, inp.hidden)
-        return bool((out - ref).norm() <= 1e-4 * ref.norm())
-
-    sm = smooth_block(block, linears, col.stats, 1.5, 1.0, 0.5, unchanged)
+    sm = smooth_block(block, linears, col.stats, 1.5, 1.0, 0.5, _unchanged(block, inp, ref))
     assert sm.outlier_channels >= 2
     assert {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
             "mlp.up_proj"} <= set(sm.folded)
     assert not torch.equal(block.input_layernorm.weight, ref_block.input_layernorm.weight)
-    for name in sm.explicit:  # explicit scales stay in CBQLinear's input_scale
-        parent, _, child = name.rpartition(".")
-        setattr(block.get_submodule(parent), child, _Divide(linears[name], sm.input_scales[name]))
-    with torch.no_grad():
-        out = inp.call_block(block, 0, 0, inp.hidden)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    _assert_float_function_kept(block, inp, linears, sm, ref)  # explicit scales stay in CBQLinear's input_scale
 
 
 def test_fold_that_breaks_the_function_is_undone(family):
     """A norm whose output is not `normalised * weight` (e.g. Gemma's (1 + weight)) keeps an explicit scale."""
     block, inp = _block_with_outliers(family)
     linears = block_linears(block)
-    with StatsCollector(block, list(linears)) as col, torch.no_grad():
-        ref = inp.call_block(block, 0, 0, inp.hidden)
-        col.end_batch()
+    col, ref = _collect(block, inp, linears)
     before = block.input_layernorm.weight.detach().clone()
     sm = smooth_block(block, linears, col.stats, 1.5, 1.0, 0.5, check=lambda: False)
     assert sm.folded == []
     assert torch.equal(block.input_layernorm.weight, before)
-    for name in sm.explicit:
-        parent, _, child = name.rpartition(".")
-        setattr(block.get_submodule(parent), child, _Divide(linears[name], sm.input_scales[name]))
-    with torch.no_grad():
-        torch.testing.assert_close(inp.call_block(block, 0, 0, inp.hidden), ref, rtol=1e-4, atol=1e-4)
+    _assert_float_function_kept(block, inp, linears, sm, ref)
 
 
 def test_smoothquant_smoothing_touches_every_channel_and_keeps_float_output(family):
     block, inp = _block_with_outliers(family)
     linears = block_linears(block)
-    with StatsCollector(block, list(linears)) as col, torch.no_grad():
-        ref = inp.call_block(block, 0, 0, inp.hidden)
-        col.end_batch()
-
-    def unchanged():
-        with torch.no_grad():
-            out = inp.call_block(block, 0, 0, inp.hidden)
-        return bool((out - ref).norm() <= 1e-4 * ref.norm())
-
+    col, ref = _collect(block, inp, linears)
     hidden = block.input_layernorm.weight.numel()
-    sm = smooth_block(block, linears, col.stats, 1.5, 1.0, 0.5, unchanged, smooth_alpha=0.5)
+    sm = smooth_block(block, linears, col.stats, 1.5, 1.0, 0.5, _unchanged(block, inp, ref), smooth_alpha=0.5)
     assert {"self_attn.q_proj", "mlp.gate_proj"} <= set(sm.folded)
     assert bool((sm.divisors["self_attn.q_proj"] != 1).all()) and sm.outlier_channels > 2 * hidden
     # the activations' range now equals the weights' on every channel of q/k/v's shared input
     q, k, v = (linears[f"self_attn.{n}_proj"].weight.abs().amax(0) for n in "qkv")
     a = col.stats.act_max["self_attn.q_proj"] / sm.divisors["self_attn.q_proj"]
     torch.testing.assert_close(a, torch.stack([q, k, v]).amax(0), rtol=1e-4, atol=1e-6)
-    for name in sm.explicit:
-        parent, _, child = name.rpartition(".")
-        setattr(block.get_submodule(parent), child, _Divide(linears[name], sm.input_scales[name]))
-    with torch.no_grad():
-        torch.testing.assert_close(inp.call_block(block, 0, 0, inp.hidden), ref, rtol=1e-4, atol=1e-4)
+    _assert_float_function_kept(block, inp, linears, sm, ref)
 
 
 @pytest.mark.parametrize("fmt_name", ["uniform", "lobcq"])
@@ -172,9 +167,7 @@ def test_auto_alpha_picks_the_smallest_quantized_output_error(family, fmt_name):
     fmt = LOBCQFormat(act_bits=4) if fmt_name == "lobcq" else UniformFormat(4, 32, act_bits=4)
     block, inp = _block_with_outliers(family)
     linears = block_linears(block)
-    with StatsCollector(block, list(linears), keep_tokens=48) as col, torch.no_grad():
-        ref = inp.call_block(block, 0, 0, inp.hidden)
-        col.end_batch()
+    col, ref = _collect(block, inp, linears, keep_tokens=48)
     x = col.stats.samples["self_attn.q_proj"]
     assert x.shape[0] == 48
     names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
@@ -183,19 +176,10 @@ def test_auto_alpha_picks_the_smallest_quantized_output_error(family, fmt_name):
     wmax = torch.stack([w.abs().amax(0) for w in weights]).amax(0)
     errs = {None: smoothing_error(weights, x, smoothing_scales(amax, 1.5, 1.0, 0.5), fmt)}
     errs.update({a: smoothing_error(weights, x, smoothquant_scales(amax, wmax, a), fmt) for a in ALPHA_CANDIDATES})
-
-    def unchanged():
-        with torch.no_grad():
-            out = inp.call_block(block, 0, 0, inp.hidden)
-        return bool((out - ref).norm() <= 1e-4 * ref.norm())
-
-    sm = smooth_block(block, linears, col.stats, 1.5, 1.0, 0.5, unchanged, smooth_alpha="auto", fmt=fmt)
+    sm = smooth_block(block, linears, col.stats, 1.5, 1.0, 0.5, _unchanged(block, inp, ref), smooth_alpha="auto",
+                      fmt=fmt)
     chosen = sm.alphas["input_layernorm"]
     assert errs[chosen] == min(errs.values())
     assert min(errs[a] for a in ALPHA_CANDIDATES) < errs[None]  # smoothing every channel beats CFP here
     assert set(sm.alphas) >= {"input_layernorm", "post_attention_layernorm"}
-    for name in sm.explicit:
-        parent, _, child = name.rpartition(".")
-        setattr(block.get_submodule(parent), child, _Divide(linears[name], sm.input_scales[name]))
-    with torch.no_grad():
-        torch.testing.assert_close(inp.call_block(block, 0, 0, inp.hidden), ref, rtol=1e-4, atol=1e-4)
+    _assert_float_function_kept(block, inp, linears, sm, ref)
