@@ -46,15 +46,15 @@ from .checkpoint import CheckpointStore, restore_frozen_block, restore_live_bloc
 from .loss import window_loss
 from .offload import OffloadPlan, finish
 from .preprocess import StatsCollector, smooth_block, weight_truncation
-
-#: Calibration tokens of each linear's float input kept for smooth_alpha="auto" (the per-group search).
-SEARCH_TOKENS = 512
 from .lobcq_sim import LOBCQLinearSim
 from .rounding import QuantLinearSim
 from .streams import Stream, StreamStorage
 from .windows import Window, window_schedule
 
 logger = logging.getLogger(__name__)
+
+#: Calibration tokens of each linear's float input kept for smooth_alpha="auto" (the per-group search).
+SEARCH_TOKENS = 512
 
 #: Calibration batches used to measure a window's loss before and after training.
 EVAL_BATCHES = 4
@@ -291,10 +291,10 @@ def _prepare_block(b: int, live: nn.Module, state: _BlockState, names: dict[str,
         if sm.alphas:
             logger.info("block %d smoothing: %s", b, ", ".join(
                 f"{k}: {'CFP' if a is None else f'alpha {a}'}" for k, a in sm.alphas.items()))
+            chosen = cfp_report.setdefault("smooth_alpha_chosen", {})
             for a in sm.alphas.values():
                 key = "cfp" if a is None else f"{a:g}"
-                cfp_report.setdefault("smooth_alpha_chosen", {})
-                cfp_report["smooth_alpha_chosen"][key] = cfp_report["smooth_alpha_chosen"].get(key, 0) + 1
+                chosen[key] = chosen.get(key, 0) + 1
         input_scales, divisors = sm.input_scales, sm.divisors
         cfp_report["outlier_channels"] += sm.outlier_channels
         cfp_report["folded_linears"] += len(sm.folded)
