@@ -141,13 +141,14 @@ def _output(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
-def workspace(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A buffer of at least `numel` elements of `dtype` shared by all layers (one layer runs at a time); reusing it
-    avoids a fresh allocation, and its page faults, per call."""
-    buf = _workspace.get(str(dtype))
+def workspace(numel: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A buffer of at least `numel` elements of `dtype` on `device`, shared by all layers (one layer runs at a time;
+    the CUDA paths use it too); reusing it avoids a fresh allocation, and its page faults, per call."""
+    key = f"{dtype}@{torch.device(device)}"
+    buf = _workspace.get(key)
     if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=dtype)
-        _workspace[str(dtype)] = buf
+        buf = torch.empty(numel, dtype=dtype, device=device)
+        _workspace[key] = buf
     return buf[:numel]
 
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
+from ..cpu.paths import workspace
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,6 @@ DEQUANT_MIN_M = 128
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _state: dict[str, object] = {}
-_workspace: dict[tuple, torch.Tensor] = {}
 
 
 def interpreting() -> bool:
@@ -150,20 +150,11 @@ def linear_int(module, x: torch.Tensor) -> torch.Tensor:
     return bind_int(module, x)(x)
 
 
-def workspace(n: int, k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A [n, k] buffer shared by all layers on `device` (one layer runs at a time), grown as needed."""
-    key = (dtype, str(device))
-    buf = _workspace.get(key)
-    if buf is None or buf.numel() < n * k:
-        buf = _workspace[key] = torch.empty(n * k, dtype=dtype, device=device)
-    return buf[: n * k].view(n, k)
-
-
 def linear_dequant(module, x: torch.Tensor) -> torch.Tensor:
     """Dequantize into a workspace of x's dtype (float32 for float32 inputs: exactly the reference's weight), then
     one dense GEMM."""
     spec, n, k = module.fmt.spec, module.out_features, module.in_features
-    w = workspace(n, k, x.dtype, x.device)
+    w = workspace(n * k, x.dtype, x.device).view(n, k)
     load().dequantize(module.qweight, module.scales, module.zeros, spec.slot_bits, spec.group_len(k), w)
     xq = reference.prepare_input(module, x)
     bias = module.bias.to(x.dtype) if module.bias is not None else None
