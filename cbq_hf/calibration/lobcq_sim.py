@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..formats.input_memo import LastInputMemo
 from ..formats.lobcq import (
     E4M3_MAX,
     LOBCQCodes,
@@ -77,9 +78,8 @@ class LOBCQLinearSim(TrainableQuantizer):
         generator: random generator of the LoRA factor initialisation (determinism).
     """
 
-    #: Last run-time activation encoding (see `quantize_input`); holding the input keeps its storage alive, so
-    #: identity plus version counter cannot match another tensor.
-    _act_memo: tuple | None = None
+    #: Last run-time activation encoding (see `quantize_input`), shared by every instance.
+    _act_memo = LastInputMemo()
 
     def __init__(self, linear: nn.Linear, fmt: LOBCQFormat, *, lora_rank: int = 5, use_lora_rounding: bool = True,
                  learn_weight_scales: bool = True, input_scale: torch.Tensor | None = None,
@@ -195,19 +195,12 @@ class LOBCQLinearSim(TrainableQuantizer):
         # q/k/v (and gate/up) receive the same input tensor and, sharing it, the same CFP smoothing vector: the
         # LO-BCQ encoding of the input is computed once for them (identity + version of the input, equal scales
         # and codebooks), as `LOBCQFormat.quantize_activations` does at inference.
-        memo = LOBCQLinearSim._act_memo
-        scale = self.input_scale
-        if (memo is not None and memo[0] is raw and memo[1] == raw._version
-                and ((memo[2] is None and scale is None) or (memo[2] is not None and scale is not None
-                                                             and memo[2].shape == scale.shape
-                                                             and torch.equal(memo[2], scale)))
-                and torch.equal(memo[3], self.act_codebooks)):
-            xq = memo[4]
-        else:
+        key = (self.input_scale, self.act_codebooks)
+        xq = LOBCQLinearSim._act_memo.get(raw, key)
+        if xq is None:
             with torch.no_grad():
                 xq = fake_quantize_activations(x.detach(), self.act_codebooks, self.spec)
-            LOBCQLinearSim._act_memo = (raw, raw._version, None if scale is None else scale.clone(),
-                                        self.act_codebooks.clone(), xq)
+            LOBCQLinearSim._act_memo.put(raw, key, xq)
         return _ste(xq, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -229,5 +222,5 @@ class LOBCQLinearSim(TrainableQuantizer):
     @torch.no_grad()
     def freeze(self) -> dict[str, torch.Tensor]:
         """Packed `CBQLinear` buffers (CPU) of the hard-rounded weight: `LOBCQFormat.pack` of `codes()`."""
-        LOBCQLinearSim._act_memo = None  # drop the memoised activation (and the input it holds)
+        LOBCQLinearSim._act_memo.clear()  # drop the memoised activation (and the input it holds)
         return self.fmt.pack(self.codes(), self.codebooks.cpu(), self.act_codebooks)

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .input_memo import LastInputMemo
 from .lobcq_codebooks import (
     ENTRIES,
     build_lut,
@@ -337,10 +338,8 @@ class LOBCQFormat(QuantFormat):
         self.act_bits = act_bits
         self.codebooks_mode = codebooks
         self.iters = iters
-        # Last activation encoded at run time: q/k/v (and gate/up) projections receive the same input tensor
-        # object, which is encoded once. Holding the input keeps its storage alive, so identity plus the
-        # version counter cannot match a different tensor.
-        self._act_memo: tuple | None = None
+        # Last activation encoded at run time: q/k/v (and gate/up) receive the same input tensor, encoded once.
+        self._act_memo = LastInputMemo()
 
     @classmethod
     def from_config(cls, config) -> "LOBCQFormat":
@@ -434,15 +433,12 @@ class LOBCQFormat(QuantFormat):
         if self.act_bits is None:
             return x
         cb = buffers["act_codebooks"]
-        memo = self._act_memo
-        if (memo is not None and memo[0] is x and memo[1] == x._version and memo[2].device == cb.device
-                and torch.equal(memo[2], cb)):
-            return memo[3]
-        out = fake_quantize_activations(x, cb, self.spec)
-        # inference tensors (torch.inference_mode) have no version counter, so an in-place change could not be seen:
-        # they are encoded every time
-        if not (torch.is_grad_enabled() and x.requires_grad) and not x.is_inference():
-            self._act_memo = (x, x._version, cb.clone(), out)
+        if torch.is_grad_enabled() and x.requires_grad:  # the encoding is not differentiable: never reused
+            return fake_quantize_activations(x, cb, self.spec)
+        out = self._act_memo.get(x, cb)
+        if out is None:
+            out = fake_quantize_activations(x, cb, self.spec)
+            self._act_memo.put(x, cb, out)
         return out
 
     def bits_per_weight(self, out_features: int, in_features: int) -> float:

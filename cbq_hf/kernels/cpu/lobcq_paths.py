@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ...formats.input_memo import LastInputMemo
 from ...formats.lobcq import e4m3_decode
 from ...formats.lobcq_codebooks import build_lut
 from .. import reference
@@ -56,8 +57,8 @@ def _state(module) -> dict:
     return st
 
 
-#: (input, its version, codebooks key, encoded input) of the last activation encoded, shared by all modules.
-_last_act: list = [None]
+#: The last activation encoded (keyed by the activation codebooks), shared by all modules.
+_last_act = LastInputMemo()
 
 
 def prepare_input(module, x: torch.Tensor) -> torch.Tensor:
@@ -66,15 +67,17 @@ def prepare_input(module, x: torch.Tensor) -> torch.Tensor:
     if module.fmt.act_bits is None:
         return x.float().contiguous()
     st = _state(module)
-    # inference tensors have no version counter (an in-place change could not be seen): encoded every time
-    remember = not x.is_inference() and not (torch.is_grad_enabled() and x.requires_grad)
-    last = _last_act[0]
-    if remember and last is not None and last[0] is x and last[1] == x._version and last[2] == st["act_key"]:
-        return last[3]
+    remember = not (torch.is_grad_enabled() and x.requires_grad)
+    out = _last_act.get(x, st["act_key"]) if remember else None
+    if out is not None:
+        return out
     out = build.load().lobcq_encode_act(x.float().contiguous(), *st["act"])
     if x.dtype != torch.float32:  # the reference rounds the encoded activations to x's dtype
         out = out.to(x.dtype).float()
-    _last_act[0] = (x, x._version, st["act_key"], out) if remember else None
+    if remember:
+        _last_act.put(x, st["act_key"], out)
+    else:
+        _last_act.clear()
     return out
 
 
