@@ -88,6 +88,11 @@ class CBQConfig(QuantizationConfigMixin):
         loss_weight_accumulated / loss_weight_homologous: weights of the two reconstruction terms
             (quantized window on X_q vs full precision on X_fp; quantized vs full precision both on X_q).
         kl_weight: weight of the KL part of each distance term (0 disables it).
+        token_normalized_loss: divide each token's squared error by that token's mean square in the target (then
+            multiply by the batch's median token mean square, which keeps the loss in the units of a typical token),
+            so every token counts by its relative error, as the next block's RMSNorm sees it. Without it, tokens
+            with massive activations (attention sinks: the first token of every sample carries ~99% of the
+            hidden states' energy after SmolLM2's block 11) decide the loss of every later window.
         rounding_reg_weight, beta_start, beta_end: rounding regulariser weight and its annealed exponent.
         use_cfp, cfp_lambda1, cfp_lambda2, cfp_alpha: coarse-to-fine outlier preprocessing and its parameters
             (IQR multiplier, within-set variance weight, activation smoothing exponent).
@@ -149,6 +154,7 @@ class CBQConfig(QuantizationConfigMixin):
         loss_weight_accumulated: float = 1.0,
         loss_weight_homologous: float = 1.0,
         kl_weight: float = 1.0,
+        token_normalized_loss: bool = False,
         rounding_reg_weight: float = 1e-3,
         beta_start: float = 20.0,
         beta_end: float = 2.0,
@@ -200,6 +206,7 @@ class CBQConfig(QuantizationConfigMixin):
         self.loss_weight_accumulated = loss_weight_accumulated
         self.loss_weight_homologous = loss_weight_homologous
         self.kl_weight = kl_weight
+        self.token_normalized_loss = token_normalized_loss
         self.rounding_reg_weight = rounding_reg_weight
         self.beta_start = beta_start
         self.beta_end = beta_end
@@ -291,7 +298,7 @@ class CBQConfig(QuantizationConfigMixin):
                     f"CBQConfig: `smooth_alpha` needs calibration activations, which method={self.method!r} does not "
                     f"collect; use method='cbq' or leave smooth_alpha=None.")
         for name in ("use_cfp", "use_lora_rounding", "learn_weight_scales", "learn_act_clipping", "use_homologous",
-                     "use_kl"):
+                     "use_kl", "token_normalized_loss"):
             _check_bool(name, getattr(self, name))
         if not isinstance(self.calibration_device, str) or not self.calibration_device:
             raise _err("calibration_device", self.calibration_device, "expected 'auto', 'cpu', 'cuda' or 'cuda:N'")

@@ -14,7 +14,7 @@ from cbq_hf import CBQConfig
         ("lora_rank", 0), ("cfp_alpha", 1.5), ("beta_end", 0.0), ("dataset", []), ("dataset", [1, 2]),
         ("dataset", ""), ("dataset", 3.0), ("modules_to_not_convert", [""]), ("lobcq_num_codebooks", 12),
         ("lobcq_codebooks", "global"), ("calibration_device", ""), ("smooth_alpha", 0.0), ("smooth_alpha", 1.0),
-        ("smooth_alpha", "0.5"), ("smooth_alpha", "best"),
+        ("smooth_alpha", "0.5"), ("smooth_alpha", "best"), ("token_normalized_loss", "yes"),
     ],
 )
 def test_invalid_field_names_the_field(field, value):

@@ -50,9 +50,9 @@ CHECKPOINT_VERSION = 2
 #: description: the tokens themselves are hashed).
 IGNORED_FIELDS = ("checkpoint_dir", "run_info", "calibration_device", "tokenizer", "dataset",
                   "modules_to_not_convert", "activation_storage")
-#: Config fields added after calibration checkpoints existed: part of the identity only when set, so a checkpoint
-#: written before a field existed still resumes with the field at its default (None).
-OPTIONAL_FIELDS = ("smooth_alpha",)
+#: Config fields added after calibration checkpoints existed, with their defaults: part of the identity only when
+#: set to another value, so a checkpoint written before a field existed still resumes with the field at its default.
+OPTIONAL_FIELDS = {"smooth_alpha": None, "token_normalized_loss": False}
 #: Keys of the model's config.json that do not describe the model itself.
 _VOLATILE_MODEL_KEYS = ("_name_or_path", "transformers_version", "quantization_config", "_commit_hash")
 #: Values sampled from every tensor for the model fingerprint.
@@ -101,7 +101,7 @@ def run_identity(config, input_ids: torch.Tensor, model: nn.Module, num_blocks: 
     Must be called before calibration changes the model.
     """
     fields = {k: v for k, v in config.to_dict().items()
-              if k not in IGNORED_FIELDS and not (k in OPTIONAL_FIELDS and v is None)}
+              if k not in IGNORED_FIELDS and not (k in OPTIONAL_FIELDS and v == OPTIONAL_FIELDS[k])}
     ids = input_ids.detach().cpu().contiguous()
     data = hashlib.sha256(f"{tuple(ids.shape)}:{ids.dtype}".encode() + ids.numpy().tobytes()).hexdigest()
     return {"config": json.loads(json.dumps(fields, sort_keys=True, default=str)), "calibration_tokens": data,

@@ -347,7 +347,7 @@ def _train_window(win: Window, n_windows: int, blocks: nn.ModuleList, states: di
         out = _forward_window(win, blocks, inputs, c_idx, x_q[s:e].to(device))
         hom = t_hom[s:e].to(device) if t_hom is not None else None
         return window_loss(out, t_acc[s:e].to(device), hom, config.loss_weight_accumulated,
-                           config.loss_weight_homologous, kl)
+                           config.loss_weight_homologous, kl, config.token_normalized_loss)
 
     eval_ids = list(range(min(EVAL_BATCHES, len(inputs.batches))))
 

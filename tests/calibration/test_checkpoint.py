@@ -182,3 +182,6 @@ def test_identity_leaves_out_unset_fields_added_later(calib_ids):
     assert "smooth_alpha" not in plain["config"]
     smoothed = run_identity(CBQConfig(act_bits=4, smooth_alpha=0.5), calib_ids, model, 2)
     assert smoothed["config"]["smooth_alpha"] == 0.5 and smoothed != plain
+    assert "token_normalized_loss" not in plain["config"]
+    normalized = run_identity(CBQConfig(act_bits=4, token_normalized_loss=True), calib_ids, model, 2)
+    assert normalized["config"]["token_normalized_loss"] is True and normalized != plain

@@ -105,23 +105,29 @@ def test_nan_loss_falls_back_to_window_start(monkeypatch, calib_ids):
     torch.testing.assert_close(_logits(model, calib_ids), _logits(start, calib_ids), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("switch", ["use_homologous", "use_kl"])
-def test_loss_switches(monkeypatch, switch, calib_ids):
+@pytest.mark.parametrize("switch,value", [("use_homologous", False), ("use_kl", False),
+                                          ("token_normalized_loss", True)])
+def test_loss_switches(monkeypatch, switch, value, calib_ids):
     from helpers import tiny_llama
 
     seen = []
     real = engine.window_loss
 
-    def spy(q, fp_fp, fp_q, wa, wh, kl):
-        seen.append((fp_q is None, kl))
-        return real(q, fp_fp, fp_q, wa, wh, kl)
+    def spy(q, fp_fp, fp_q, wa, wh, kl, token_normalized):
+        seen.append((fp_q is None, kl, token_normalized))
+        return real(q, fp_fp, fp_q, wa, wh, kl, token_normalized)
 
     monkeypatch.setattr(engine, "window_loss", spy)
-    calibrate(tiny_llama(layers=2).eval(), _cfg(epochs=1, **{switch: False}), calib_ids, progress=False)
+    calibrate(tiny_llama(layers=2).eval(), _cfg(epochs=1, **{switch: value}), calib_ids, progress=False)
+    assert seen
     if switch == "use_homologous":
-        assert all(no_hom for no_hom, _ in seen)
+        assert all(no_hom for no_hom, _, _ in seen)
+    elif switch == "use_kl":
+        assert all(kl == 0 for _, kl, _ in seen)
     else:
-        assert all(kl == 0 for _, kl in seen)
+        assert all(norm is True for _, _, norm in seen)
+    if switch != "token_normalized_loss":
+        assert all(norm is False for _, _, norm in seen)
 
 
 def test_no_cfp_leaves_norms_and_scales_alone(calib_ids):
