@@ -56,6 +56,9 @@ ABLATIONS = {
     "no learnable steps": dict(learn_weight_scales=False, learn_act_clipping=False),
     # not an ablation: an addition for activation-quantized settings (SmoothQuant-style smoothing, searched alpha)
     "smooth_alpha=auto": dict(smooth_alpha="auto"),
+    # not an ablation: the window loss with every token weighed by its relative error (attention-sink tokens with
+    # massive activations no longer dominate it)
+    "token-normalized loss": dict(token_normalized_loss=True),
 }
 SETTING_ORDER = list(SETTINGS)
 
