@@ -80,10 +80,10 @@ ROWS: dict[str, dict | None] = {
     "lobcq-w4a4-universal-cbq-n8x256lr3-sqauto-seed2": dict(method="cbq", format="lobcq", act_bits=4,
                                                             lobcq_codebooks="universal", smooth_alpha="auto", seed=2,
                                                             **{**CBQ_BUDGET_MAIN, "lr": 3e-2}),
-    # the lr 3e-2 smoothed row with twice the calibration text (16 x 256 tokens), three seeds
+    # the lr 3e-2 smoothed row with twice the calibration text (16 x 256 tokens), four seeds
     **{f"lobcq-w4a4-universal-cbq-n16x256lr3-sqauto{'-seed%d' % seed if seed else ''}": dict(
         method="cbq", format="lobcq", act_bits=4, lobcq_codebooks="universal", smooth_alpha="auto", seed=seed,
-        **{**CBQ_BUDGET_MAIN, "lr": 3e-2, "nsamples": 16}) for seed in (0, 1, 2)},
+        **{**CBQ_BUDGET_MAIN, "lr": 3e-2, "nsamples": 16}) for seed in (0, 1, 2, 3)},
     # ... and with 32 x 256
     "lobcq-w4a4-universal-cbq-n32x256lr3-sqauto": dict(method="cbq", format="lobcq", act_bits=4,
                                                        lobcq_codebooks="universal", smooth_alpha="auto",
