@@ -92,7 +92,8 @@ class CBQConfig(QuantizationConfigMixin):
             multiply by the batch's median token mean square, which keeps the loss in the units of a typical token),
             so every token counts by its relative error, as the next block's RMSNorm sees it. Without it, tokens
             with massive activations (attention sinks: the first token of every sample carries ~99% of the
-            hidden states' energy after SmolLM2's block 11) decide the loss of every later window.
+            hidden states' energy after SmolLM2's block 11) decide the loss of every later window. On the demo
+            model it left perplexity unchanged (docs/concepts.md); off by default.
         rounding_reg_weight, beta_start, beta_end: rounding regulariser weight and its annealed exponent.
         use_cfp, cfp_lambda1, cfp_lambda2, cfp_alpha: coarse-to-fine outlier preprocessing and its parameters
             (IQR multiplier, within-set variance weight, activation smoothing exponent).
