@@ -81,84 +81,77 @@ def verify_checkpoint(checkpoint_files: Iterable[str], expected_shapes: dict[str
     # Each file is opened once and kept open until its tensors are checked: metadata, checksums and tensors then all
     # come from the same file even if another process replaces the folder meanwhile (an open file stays readable).
     with contextlib.ExitStack() as stack:
-        _verify_open(files, expected_shapes, signature, FORMAT_VERSION,
-                     lambda path: stack.enter_context(_open(path)))
-
-
-def _verify_open(files: list[str], expected_shapes: dict[str, tuple[int, ...]], signature: dict,
-                 format_version: int, open_file) -> None:
-    """`verify_checkpoint`'s checks; `open_file(path)` gives an open safetensors handle that stays open."""
-    handles: dict[str, object] = {}
-    listed: dict[str, str] = {}
-    present: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for path in files:
-        f = handles[path] = open_file(path)
-        meta = f.metadata() or {}
-        version = meta.get(META_VERSION)
-        if version is None:
-            raise CheckpointError(
-                f"{os.path.basename(path)} has no '{META_VERSION}' metadata: it was not written by cbq_hf's "
-                f"save_pretrained (or was rewritten by another tool). Quantize and save it again with cbq_hf."
-            )
-        if int(version) > format_version:
-            raise CheckpointError(
-                f"{os.path.basename(path)} has format version {version}, newer than this cbq_hf supports "
-                f"({format_version}); upgrade cbq_hf."
-            )
-        saved_sig = meta.get(META_CONFIG)
-        if saved_sig is not None:
-            saved = json.loads(saved_sig)
-            diff = {k: (saved.get(k), v) for k, v in signature.items() if saved.get(k) != v}
-            if diff:
+        handles: dict[str, object] = {}
+        listed: dict[str, str] = {}
+        present: dict[str, tuple[str, tuple[int, ...]]] = {}
+        for path in files:
+            f = handles[path] = stack.enter_context(_open(path))
+            meta = f.metadata() or {}
+            version = meta.get(META_VERSION)
+            if version is None:
                 raise CheckpointError(
-                    "the checkpoint's quantization_config disagrees with the settings its tensors were saved "
-                    f"with: {', '.join(f'{k}: config {v!r} vs tensors {s!r}' for k, (s, v) in diff.items())}. "
-                    "Restore the original config.json."
+                    f"{os.path.basename(path)} has no '{META_VERSION}' metadata: it was not written by cbq_hf's "
+                    f"save_pretrained (or was rewritten by another tool). Quantize and save it again with cbq_hf."
                 )
-        listed.update(json.loads(meta.get(META_CHECKSUMS, "{}")))
-        for name in f.keys():
-            present[name] = (path, tuple(f.get_slice(name).get_shape()))
-    missing = sorted(set(listed) - set(present))
-    if missing:
-        raise CheckpointError(
-            f"{len(missing)} tensor(s) listed in the checkpoint metadata are missing from its files (first: "
-            f"{missing[:3]}); the checkpoint is incomplete. Save or download it again."
-        )
-    unlisted = sorted(set(present) - set(listed))
-    if unlisted:
-        raise CheckpointError(
-            f"tensor(s) {unlisted[:3]} are not listed in the checkpoint's checksums; the file was modified after "
-            f"saving."
-        )
-    for name, shape in expected_shapes.items():
-        if name not in present:
+            if int(version) > FORMAT_VERSION:
+                raise CheckpointError(
+                    f"{os.path.basename(path)} has format version {version}, newer than this cbq_hf supports "
+                    f"({FORMAT_VERSION}); upgrade cbq_hf."
+                )
+            saved_sig = meta.get(META_CONFIG)
+            if saved_sig is not None:
+                saved = json.loads(saved_sig)
+                diff = {k: (saved.get(k), v) for k, v in signature.items() if saved.get(k) != v}
+                if diff:
+                    raise CheckpointError(
+                        "the checkpoint's quantization_config disagrees with the settings its tensors were saved "
+                        f"with: {', '.join(f'{k}: config {v!r} vs tensors {s!r}' for k, (s, v) in diff.items())}. "
+                        "Restore the original config.json."
+                    )
+            listed.update(json.loads(meta.get(META_CHECKSUMS, "{}")))
+            for name in f.keys():
+                present[name] = (path, tuple(f.get_slice(name).get_shape()))
+        missing = sorted(set(listed) - set(present))
+        if missing:
             raise CheckpointError(
-                f"packed tensor {name!r} is missing: the checkpoint does not match its quantization_config "
-                f"(or was saved from a different model)."
+                f"{len(missing)} tensor(s) listed in the checkpoint metadata are missing from its files (first: "
+                f"{missing[:3]}); the checkpoint is incomplete. Save or download it again."
             )
-        if present[name][1] != tuple(shape):
+        unlisted = sorted(set(present) - set(listed))
+        if unlisted:
             raise CheckpointError(
-                f"packed tensor {name!r} has shape {list(present[name][1])} but the quantization_config "
-                f"({signature}) implies {list(shape)}; config.json and the weights disagree."
+                f"tensor(s) {unlisted[:3]} are not listed in the checkpoint's checksums; the file was modified after "
+                f"saving."
             )
-    bad = []
-    by_file: dict[str, list[str]] = {}
-    for name, (path, _) in present.items():
-        by_file.setdefault(path, []).append(name)
-    for path, names in by_file.items():
-        f = handles[path]
-        for name in names:
-            try:
-                digest = tensor_digest(f.get_tensor(name))
-            except Exception as e:
-                raise CheckpointError(f"cannot read tensor {name!r} from {path}: {e}") from e
-            if digest != listed[name]:
-                bad.append(name)
-    if bad:
-        raise CheckpointError(
-            f"checksum mismatch for {len(bad)} tensor(s) (first: {bad[:3]}): the checkpoint is corrupted. "
-            f"Save or download it again."
-        )
+        for name, shape in expected_shapes.items():
+            if name not in present:
+                raise CheckpointError(
+                    f"packed tensor {name!r} is missing: the checkpoint does not match its quantization_config "
+                    f"(or was saved from a different model)."
+                )
+            if present[name][1] != tuple(shape):
+                raise CheckpointError(
+                    f"packed tensor {name!r} has shape {list(present[name][1])} but the quantization_config "
+                    f"({signature}) implies {list(shape)}; config.json and the weights disagree."
+                )
+        bad = []
+        by_file: dict[str, list[str]] = {}
+        for name, (path, _) in present.items():
+            by_file.setdefault(path, []).append(name)
+        for path, names in by_file.items():
+            f = handles[path]
+            for name in names:
+                try:
+                    digest = tensor_digest(f.get_tensor(name))
+                except Exception as e:
+                    raise CheckpointError(f"cannot read tensor {name!r} from {path}: {e}") from e
+                if digest != listed[name]:
+                    bad.append(name)
+        if bad:
+            raise CheckpointError(
+                f"checksum mismatch for {len(bad)} tensor(s) (first: {bad[:3]}): the checkpoint is corrupted. "
+                f"Save or download it again."
+            )
 
 
 # ---------------------------------------------------------------------------------------------- atomic save
