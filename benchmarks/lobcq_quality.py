@@ -8,7 +8,8 @@ lobcq-w4a4-universal-cbq-n16x256 (twice that many calibration samples), lobcq-w4
 -sq065 (the n8x256 row with SmoothQuant-style smoothing of every input channel, smooth_alpha 0.5 / 0.65) and -sqauto
 (smooth_alpha="auto": searched per input group), and that row with 4 epochs (-n8x256e4-sqauto) or lr 3e-2 / 5e-2
 (-n8x256lr3-sqauto / -n8x256lr5-sqauto), the lr 3e-2 row with seeds 1 and 2 (-seed1 / -seed2), with 16 x 256
-calibration tokens (-n16x256lr3-sqauto[-seedN]; 32 x 256: -n32x256lr3-sqauto) and with the token-normalised window loss (-n8x256lr3-sqauto-tn[-seedN]).
+calibration tokens (-n16x256lr3-sqauto[-seedN]; 32 x 256: -n32x256lr3-sqauto) and with the token-normalised window loss (-n8x256lr3-sqauto-tn[-seedN]) or the blocks' norm weights
+trained with lr_norm 1e-3 / 3e-3 (-n8x256lr3-sqauto-ln1[-seedN] / -ln3[-seedN]).
 Results accumulate in benchmarks/results/<--results>.json (default lobcq_quality; a row already there with the same
 number of windows is skipped unless --redo) and are rendered to <--results>.md; keep runs with different --windows
 in different files, since the table compares every row with the fp32 row of the same file. --save DIR keeps each
@@ -93,6 +94,11 @@ ROWS: dict[str, dict | None] = {
     **{f"lobcq-w4a4-universal-cbq-n8x256lr3-sqauto-tn{'-seed%d' % seed if seed else ''}": dict(
         method="cbq", format="lobcq", act_bits=4, lobcq_codebooks="universal", smooth_alpha="auto", seed=seed,
         token_normalized_loss=True, **{**CBQ_BUDGET_MAIN, "lr": 3e-2}) for seed in (0, 1, 2)},
+    # the lr 3e-2 smoothed row with the blocks' norm weights trained in the windows (lr_norm 1e-3 / 3e-3)
+    **{f"lobcq-w4a4-universal-cbq-n8x256lr3-sqauto-ln{tag}{'-seed%d' % seed if seed else ''}": dict(
+        method="cbq", format="lobcq", act_bits=4, lobcq_codebooks="universal", smooth_alpha="auto", seed=seed,
+        lr_norm=lr_norm, **{**CBQ_BUDGET_MAIN, "lr": 3e-2})
+       for tag, lr_norm in (("1", 1e-3), ("3", 3e-3)) for seed in (0, 1, 2, 3)},
     "lobcq-w4a4-universal-cbq-n8x256lr5-sqauto": dict(method="cbq", format="lobcq", act_bits=4,
                                                       lobcq_codebooks="universal", smooth_alpha="auto",
                                                       **{**CBQ_BUDGET_MAIN, "lr": 5e-2}),

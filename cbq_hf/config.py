@@ -84,6 +84,10 @@ class CBQConfig(QuantizationConfigMixin):
         batch_size: calibration samples per optimisation step.
         lr: learning rate of the rounding parameters (LoRA factors).
         lr_scale: learning rate of the step sizes and activation clipping ratios.
+        lr_norm: learning rate of each decoder block's own float vector parameters (RMSNorm / LayerNorm weights and
+            biases: the per-channel scales that feed the quantized linears) while its windows train, by the same
+            reconstruction loss; 0 (default) leaves them as they are (after CFP / smoothing folding). They stay
+            float in the checkpoint. method="cbq" only.
         lora_rank: rank r of the LoRA-Rounding offsets V = A1 @ A2.
         loss_weight_accumulated / loss_weight_homologous: weights of the two reconstruction terms
             (quantized window on X_q vs full precision on X_fp; quantized vs full precision both on X_q).
@@ -151,6 +155,7 @@ class CBQConfig(QuantizationConfigMixin):
         batch_size: int = 4,
         lr: float = 1e-2,
         lr_scale: float = 1e-3,
+        lr_norm: float = 0.0,
         lora_rank: int = 5,
         loss_weight_accumulated: float = 1.0,
         loss_weight_homologous: float = 1.0,
@@ -203,6 +208,7 @@ class CBQConfig(QuantizationConfigMixin):
         self.batch_size = batch_size
         self.lr = lr
         self.lr_scale = lr_scale
+        self.lr_norm = lr_norm
         self.lora_rank = lora_rank
         self.loss_weight_accumulated = loss_weight_accumulated
         self.loss_weight_homologous = loss_weight_homologous
@@ -277,6 +283,7 @@ class CBQConfig(QuantizationConfigMixin):
         _check_int("batch_size", self.batch_size, 1)
         _check_float("lr", self.lr, 0.0)
         _check_float("lr_scale", self.lr_scale, 0.0)
+        _check_float("lr_norm", self.lr_norm, 0.0)
         _check_int("lora_rank", self.lora_rank, 1)
         for name in ("loss_weight_accumulated", "loss_weight_homologous", "kl_weight", "rounding_reg_weight",
                      "cfp_lambda2"):
@@ -298,6 +305,10 @@ class CBQConfig(QuantizationConfigMixin):
                 raise ValueError(
                     f"CBQConfig: `smooth_alpha` needs calibration activations, which method={self.method!r} does not "
                     f"collect; use method='cbq' or leave smooth_alpha=None.")
+        if self.lr_norm > 0 and self.method != "cbq":
+            raise ValueError(
+                f"CBQConfig: `lr_norm`={self.lr_norm} trains the blocks' norm weights during CBQ calibration, which "
+                f"method={self.method!r} does not run; use method='cbq' or leave lr_norm=0.")
         for name in ("use_cfp", "use_lora_rounding", "learn_weight_scales", "learn_act_clipping", "use_homologous",
                      "use_kl", "token_normalized_loss"):
             _check_bool(name, getattr(self, name))

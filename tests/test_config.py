@@ -15,6 +15,7 @@ from cbq_hf import CBQConfig
         ("dataset", ""), ("dataset", 3.0), ("modules_to_not_convert", [""]), ("lobcq_num_codebooks", 12),
         ("lobcq_codebooks", "global"), ("calibration_device", ""), ("smooth_alpha", 0.0), ("smooth_alpha", 1.0),
         ("smooth_alpha", "0.5"), ("smooth_alpha", "best"), ("token_normalized_loss", "yes"),
+        ("lr_norm", -1e-3), ("lr_norm", "1e-3"),
     ],
 )
 def test_invalid_field_names_the_field(field, value):
@@ -41,6 +42,12 @@ def test_smooth_alpha_needs_activation_quantization_and_calibration():
         CBQConfig(smooth_alpha=0.5, act_bits=4, method="rtn")
     assert CBQConfig(smooth_alpha=0.5, act_bits=4).smooth_alpha == 0.5
     assert CBQConfig(smooth_alpha="auto", act_bits=8).smooth_alpha == "auto"
+
+
+def test_lr_norm_needs_calibration():
+    with pytest.raises(ValueError, match="method='cbq'"):
+        CBQConfig(lr_norm=1e-3, method="rtn")
+    assert CBQConfig(lr_norm=1e-3).lr_norm == 1e-3 and CBQConfig(method="rtn").lr_norm == 0.0
 
 
 def test_unknown_field_is_refused():

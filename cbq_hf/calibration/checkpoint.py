@@ -52,7 +52,7 @@ IGNORED_FIELDS = ("checkpoint_dir", "run_info", "calibration_device", "tokenizer
                   "modules_to_not_convert", "activation_storage")
 #: Config fields added after calibration checkpoints existed, with their defaults: part of the identity only when
 #: set to another value, so a checkpoint written before a field existed still resumes with the field at its default.
-OPTIONAL_FIELDS = {"smooth_alpha": None, "token_normalized_loss": False}
+OPTIONAL_FIELDS = {"smooth_alpha": None, "token_normalized_loss": False, "lr_norm": 0.0}
 #: Keys of the model's config.json that do not describe the model itself.
 _VOLATILE_MODEL_KEYS = ("_name_or_path", "transformers_version", "quantization_config", "_commit_hash")
 #: Values sampled from every tensor for the model fingerprint.

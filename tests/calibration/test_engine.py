@@ -232,3 +232,44 @@ def test_resume_after_interruption(monkeypatch, tmp_path, calib_ids):
     rep = calibrate(resumed, cfg, calib_ids, progress=False)
     assert calls[3:] == [2] and rep["resumed_from_window"] == 2 and len(rep["windows"]) == 3
     torch.testing.assert_close(_logits(resumed, calib_ids), _logits(full, calib_ids), rtol=0, atol=0)
+
+
+def _norm_weights(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for n, p in model.named_parameters() if n.endswith("layernorm.weight")]
+
+
+def test_lr_norm_trains_the_norm_weights(calib_ids):
+    from helpers import tiny_llama
+
+    fixed = tiny_llama(layers=2).eval()
+    calibrate(fixed, _cfg(epochs=2, use_cfp=False), calib_ids, progress=False)
+    trained = tiny_llama(layers=2).eval()
+    rep = calibrate(trained, _cfg(epochs=2, use_cfp=False, lr_norm=1e-2), calib_ids, progress=False)
+    assert rep["windows"][0]["status"] == "ok"
+    before = _norm_weights(fixed)  # no CFP, no lr_norm: the norms are the float model's
+    assert all(torch.equal(a, b) for a, b in zip(before, _norm_weights(tiny_llama(layers=2))))
+    moved = [float((a - b).abs().max()) for a, b in zip(_norm_weights(trained), before)]
+    assert all(m > 0 for m in moved), moved
+    assert not any(p.requires_grad for p in trained.model.layers.parameters())  # trainable only in the windows
+    assert torch.isfinite(_logits(trained, calib_ids)).all()
+
+
+def test_lr_norm_reverted_window_restores_the_norms(monkeypatch, calib_ids):
+    """A window whose loss rises is put back at its start: the norm weights too."""
+    from helpers import tiny_llama
+
+    real = engine.window_loss
+    calls = {"eval": 0}
+
+    def rising(*args, **kwargs):  # the end-of-window evaluation reports a worse loss than the start
+        out = real(*args, **kwargs)
+        if not torch.is_grad_enabled():
+            calls["eval"] += 1
+            return out * (1.0 + calls["eval"])
+        return out
+
+    monkeypatch.setattr(engine, "window_loss", rising)
+    model = tiny_llama(layers=2).eval()
+    rep = calibrate(model, _cfg(epochs=2, use_cfp=False, lr_norm=1e-1), calib_ids, progress=False)
+    assert rep["windows"][0]["status"] == "reverted"
+    assert all(torch.equal(a, b) for a, b in zip(_norm_weights(model), _norm_weights(tiny_llama(layers=2))))
