@@ -238,3 +238,38 @@ def test_dequantize_into_equals_the_reference_weight(bits, group):
         out = torch.full((19, 203), float("nan"), dtype=dtype)
         build.load().dequantize_into(lin.qweight, lin.scales, lin.zeros, spec.slot_bits, spec.group_len(203), out)
         assert torch.equal(out, ref.to(dtype))
+
+
+@pytest.mark.parametrize("act_bits", [None, 8, 4], ids=lambda a: f"a{a}")
+@pytest.mark.parametrize("n", [8, 24, 56, 200], ids=lambda n: f"n{n}")  # 1, 3, 7, 25 panels: every remainder
+def test_weight_streams_change_no_number(act_bits, n):
+    """The panels a thread streams at once (1, 2 or 4) change the speed only: the outputs are equal bit for bit."""
+    ops = build.load()
+    torch.manual_seed(n)
+    lin = make_linear(n, 576, 4, 128, act_bits=act_bits)
+    x = torch.randn(5, 576)
+    kernel = "cpu_packed" if act_bits is None else "cpu_int"
+    saved = ops.set_streams(4)
+    try:
+        outs = {}
+        for s in build.STREAM_CHOICES:
+            ops.set_streams(s)
+            outs[s] = _run(lin, x, kernel)
+    finally:
+        ops.set_streams(saved)
+    assert torch.equal(outs[1], outs[2]) and torch.equal(outs[1], outs[4])
+    with torch.no_grad():
+        assert_close(outs[1], reference.linear(lin, x), magnitude(lin, x), torch.float32)
+    with pytest.raises(RuntimeError, match="streams must be 1, 2 or 4"):
+        ops.set_streams(3)
+
+
+def test_weight_streams_by_vendor_and_environment(monkeypatch):
+    monkeypatch.delenv(build.STREAMS_ENV, raising=False)
+    assert build.weight_streams("AuthenticAMD") == 2
+    assert build.weight_streams("GenuineIntel") == 4 and build.weight_streams("") == 4
+    monkeypatch.setenv(build.STREAMS_ENV, "1")
+    assert build.weight_streams("AuthenticAMD") == 1
+    monkeypatch.setenv(build.STREAMS_ENV, "3")
+    with pytest.raises(ValueError, match="CBQ_HF_CPU_STREAMS='3' is not one of"):
+        build.weight_streams()

@@ -19,7 +19,8 @@
 //   Integer path (act_bits 2..8): x_k = integer activation codes; sum_k q_k x_k - z_g sum_k x_k is an exact int32
 //   (u8 x s8 `maddubs` pairs, or VNNI `dpbusd`: 512-bit with two rows per register in the AVX-512 build), scaled by
 //   s_g in float, and the token's step at the end.
-// Both paths walk four panels at once (run_panels), so the weights stream from four places in memory.
+// Both paths walk 1, 2 or 4 panels at once (run_panels, `set_streams`), so the weights stream from that many places
+// in memory.
 
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
@@ -267,7 +268,8 @@ inline void chunk_float(const uint8_t* w, const float* xc, FloatAcc& a) {
 // index, acc), then group_end(i, g, acc, out[i], meta_i) folds them into out[i] (meta_i: the panel's current meta
 // block, see meta_scales / meta_zeros). The panels are far apart in memory (see run_panels), so the weights arrive as NP concurrent
 // streams: one sequential stream is bounded by the hardware prefetcher's depth (~9 GB/s on one Sapphire Rapids core),
-// four reach ~12-13 GB/s.
+// four reach ~12-13 GB/s. On an AMD Zen 4 core two streams are best (W4A8 4096 x 4096: 0.355 ms vs 0.455 ms with
+// four); the Python side picks the count per CPU vendor (kernels/cpu/build.py, weight_streams).
 template <int SLOT, int NP, typename Acc, typename Out, typename ChunkFn, typename GroupEndFn>
 inline void panel_loop(const uint8_t* const* w0, const Geometry& g, ChunkFn chunk, GroupEndFn group_end, Out* out) {
   constexpr int CB = 64 * SLOT / 8;
@@ -609,19 +611,26 @@ struct KeepDenormals {
   }
 };
 
-// Panels each thread streams at once (see panel_groups).
-constexpr int kStreams = 4;
+// Panels each thread streams at once (see panel_groups): 1, 2 or 4, set at run time by `set_streams`.
+int g_streams = 4;
 
-// panel_fn(PanelSet<NP>, token m, out[NP]) for NP = kStreams or 1. A thread's panels [p0, p1) are cut into kStreams
-// contiguous ranges and walked in step (panels p0 + t, p0 + t + L, ...), so the streams are far apart in memory.
-template <typename PanelFn, typename TokenScale>
-void run_panels(const Geometry& g, const uint8_t* w, int64_t M, const float* bias, float* y, PanelFn panel_fn,
-                TokenScale token_scale) {
+int64_t set_streams(int64_t n) {
+  TORCH_CHECK(n == 1 || n == 2 || n == 4, "streams must be 1, 2 or 4");
+  const int old = g_streams;
+  g_streams = static_cast<int>(n);
+  return old;
+}
+
+// panel_fn(PanelSet<NP>, token m, out[NP]) for NP = S or 1. A thread's panels [p0, p1) are cut into S contiguous
+// ranges and walked in step (panels p0 + t, p0 + t + L, ...), so the streams are far apart in memory.
+template <int S, typename PanelFn, typename TokenScale>
+void run_panels_n(const Geometry& g, const uint8_t* w, int64_t M, const float* bias, float* y, PanelFn panel_fn,
+                  TokenScale token_scale) {
   const int64_t pb = g.panel_bytes();
   at::parallel_for(0, g.panels(), 4, [&](int64_t p0, int64_t p1) {
     const KeepDenormals keep;
     alignas(32) float out[kRows];
-    __m256 res[kStreams];
+    __m256 res[S];
     const auto store = [&](int64_t p, int64_t m, __m256 v) {
       _mm256_store_ps(out, v);
       const int64_t n0 = p * kRows, rows = std::min(kRows, g.N - n0);
@@ -635,17 +644,17 @@ void run_panels(const Geometry& g, const uint8_t* w, int64_t M, const float* bia
       for (int i = 0; i < NP; ++i) s.w[i] = w + ps[i] * pb;
       return s;
     };
-    const int64_t L = (p1 - p0) / kStreams;  // panels per stream; the remainder runs one at a time
+    const int64_t L = (p1 - p0) / S;  // panels per stream; the remainder runs one at a time
     for (int64_t t = 0; t < L; ++t) {
-      int64_t ps[kStreams];
-      for (int i = 0; i < kStreams; ++i) ps[i] = p0 + t + i * L;
-      const auto set = set_of(std::integral_constant<int, kStreams>{}, ps);
+      int64_t ps[S];
+      for (int i = 0; i < S; ++i) ps[i] = p0 + t + i * L;
+      const auto set = set_of(std::integral_constant<int, S>{}, ps);
       for (int64_t m = 0; m < M; ++m) {
         panel_fn(set, m, res);
-        for (int i = 0; i < kStreams; ++i) store(ps[i], m, res[i]);
+        for (int i = 0; i < S; ++i) store(ps[i], m, res[i]);
       }
     }
-    const int64_t rest = p0 + kStreams * L;
+    const int64_t rest = p0 + S * L;
     for (int64_t p = rest; p < p1; ++p) {
       const auto set = set_of(std::integral_constant<int, 1>{}, &p);
       for (int64_t m = 0; m < M; ++m) {
@@ -654,6 +663,14 @@ void run_panels(const Geometry& g, const uint8_t* w, int64_t M, const float* bia
       }
     }
   });
+}
+
+template <typename PanelFn, typename TokenScale>
+void run_panels(const Geometry& g, const uint8_t* w, int64_t M, const float* bias, float* y, PanelFn panel_fn,
+                TokenScale token_scale) {
+  if (g_streams == 1) run_panels_n<1>(g, w, M, bias, y, panel_fn, token_scale);
+  else if (g_streams == 2) run_panels_n<2>(g, w, M, bias, y, panel_fn, token_scale);
+  else run_panels_n<4>(g, w, M, bias, y, panel_fn, token_scale);
 }
 
 // Reused per-thread scratch (token arrangement): fresh buffers per call cost page faults for large M.
@@ -1094,12 +1111,15 @@ void dequantize_into(const at::Tensor& qweight, const at::Tensor& scales, const 
 
 TORCH_LIBRARY(cbq_hf_cpu, m) {
   m.def("quantize_act(Tensor x, float clip, int act_bits) -> (Tensor, Tensor)");
+  m.def("set_streams(int n) -> int");
   m.def("gemm_float(Tensor x, Tensor wpack, Tensor? bias, int slot, int N, int glen, int mode=-1) -> Tensor");
   m.def("gemm_int_act(Tensor x, float clip, int act_bits, Tensor wpack, Tensor? bias, int slot, int N, int glen) "
         "-> Tensor");
   m.def("repack(Tensor qweight, Tensor scales, Tensor zeros, int slot, int K, int glen) -> Tensor");
   m.def("dequantize_into(Tensor qweight, Tensor scales, Tensor zeros, int slot, int glen, Tensor(a!) out) -> ()");
 }
+
+TORCH_LIBRARY_IMPL(cbq_hf_cpu, CatchAll, m) { m.impl("set_streams", &set_streams); }
 
 TORCH_LIBRARY_IMPL(cbq_hf_cpu, CPU, m) {
   m.impl("quantize_act", &quantize_act);
