@@ -43,28 +43,26 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ops": the loaded op namespace, or "error": why it could not be built
 
 
-def cpu_flags() -> set[str]:
-    """Instruction-set flags of this CPU (Linux /proc/cpuinfo; empty elsewhere)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def cpu_vendor() -> str:
-    """The CPU's vendor id ("GenuineIntel", "AuthenticAMD", ...; empty where /proc/cpuinfo has none)."""
+def _cpuinfo_field(name: str) -> str:
+    """The value of the first `name` line of /proc/cpuinfo (Linux), or "" where there is none."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return ""
     for line in text.splitlines():
-        if line.startswith("vendor_id"):
+        if line.split(":", 1)[0].strip() == name:
             return line.split(":", 1)[1].strip()
     return ""
+
+
+def cpu_flags() -> set[str]:
+    """Instruction-set flags of this CPU (Linux /proc/cpuinfo; empty elsewhere)."""
+    return set(_cpuinfo_field("flags").split())
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor id ("GenuineIntel", "AuthenticAMD", ...; empty where /proc/cpuinfo has none)."""
+    return _cpuinfo_field("vendor_id")
 
 
 VARIANT_ENV = "CBQ_HF_CPU_VARIANT"
