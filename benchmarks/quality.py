@@ -59,6 +59,8 @@ ABLATIONS = {
     # not an ablation: the window loss with every token weighed by its relative error (attention-sink tokens with
     # massive activations no longer dominate it)
     "token-normalized loss": dict(token_normalized_loss=True),
+    # not an ablation: the blocks' norm weights trained with the rounding in every window
+    "lr_norm=1e-3": dict(lr_norm=1e-3),
 }
 SETTING_ORDER = list(SETTINGS)
 
