@@ -9,8 +9,8 @@ lobcq-w4a4-universal-cbq-n16x256 (twice that many calibration samples), lobcq-w4
 (smooth_alpha="auto": searched per input group), and that row with 4 epochs (-n8x256e4-sqauto) or lr 3e-2 / 5e-2
 (-n8x256lr3-sqauto / -n8x256lr5-sqauto), the lr 3e-2 row with seeds 1 and 2 (-seed1 / -seed2), with 16 x 256
 calibration tokens (-n16x256lr3-sqauto[-seedN]; 32 x 256: -n32x256lr3-sqauto) and with the token-normalised window loss (-n8x256lr3-sqauto-tn[-seedN]) or the blocks' norm weights
-trained with lr_norm 1e-3 / 3e-3 (-n8x256lr3-sqauto-ln1[-seedN] / -ln3[-seedN]), with windows of 3 blocks
-overlapping by 2 (-n8x256lr3-sqauto-w3) or an array-scale learning rate of 1e-2 (-n8x256lr3-sqauto-ls2).
+trained with lr_norm 1e-3 / 3e-3 (-n8x256lr3-sqauto-ln1[-seedN] / -ln3[-seedN]), with windows of 3 (4) blocks
+overlapping by 2 (3) (-n8x256lr3-sqauto-w3[-seedN] / -w4[-seedN]) or an array-scale learning rate of 1e-2 (-n8x256lr3-sqauto-ls2).
 Results accumulate in benchmarks/results/<--results>.json (default lobcq_quality; a row already there with the same
 number of windows is skipped unless --redo) and are rendered to <--results>.md; keep runs with different --windows
 in different files, since the table compares every row with the fp32 row of the same file. --save DIR keeps each
@@ -101,10 +101,10 @@ ROWS: dict[str, dict | None] = {
         lr_norm=lr_norm, **{**CBQ_BUDGET_MAIN, "lr": 3e-2})
        for tag, lr_norm in (("1", 1e-3), ("3", 3e-3)) for seed in (0, 1, 2, 3)},
     # the lr 3e-2 smoothed row with windows of 3 blocks overlapping by 2, or array-scale learning rate 1e-2
-    "lobcq-w4a4-universal-cbq-n8x256lr3-sqauto-w3": dict(method="cbq", format="lobcq", act_bits=4,
-                                                         lobcq_codebooks="universal", smooth_alpha="auto",
-                                                         window_size=3, window_overlap=2,
-                                                         **{**CBQ_BUDGET_MAIN, "lr": 3e-2}),
+    **{f"lobcq-w4a4-universal-cbq-n8x256lr3-sqauto-w{ws}{'-seed%d' % seed if seed else ''}": dict(
+        method="cbq", format="lobcq", act_bits=4, lobcq_codebooks="universal", smooth_alpha="auto", seed=seed,
+        window_size=ws, window_overlap=ws - 1, **{**CBQ_BUDGET_MAIN, "lr": 3e-2})
+       for ws in (3, 4) for seed in (0, 1, 2, 3)},
     "lobcq-w4a4-universal-cbq-n8x256lr3-sqauto-ls2": dict(method="cbq", format="lobcq", act_bits=4,
                                                           lobcq_codebooks="universal", smooth_alpha="auto",
                                                           **{**CBQ_BUDGET_MAIN, "lr": 3e-2, "lr_scale": 1e-2}),
