@@ -194,8 +194,13 @@ def calibrate(model: nn.Module, config, input_ids: torch.Tensor, progress: bool 
             for b in new:
                 _prepare_block(b, blocks[b], states[b], per_block[b], collectors[b], first_in[b], inputs, config,
                                fmt, device, gen, report["cfp"])
-            entry = _train_window(win, len(schedule), blocks, states, inputs, x_q, t_acc, t_hom, config, device,
-                                  gen)
+            vectors = _block_vectors(win, blocks, states) if config.lr_norm > 0 else []
+            try:
+                entry = _train_window(win, len(schedule), blocks, states, inputs, x_q, t_acc, t_hom, config,
+                                      device, gen, vectors)
+            finally:
+                for v in vectors:  # trained inside the window only: the frozen model's parameters need no grad
+                    v.requires_grad_(False)
             # Freeze the blocks leaving the window and advance the quantized stream through them.
             for b in win.frozen:
                 _freeze_block(blocks[b], states.pop(b), per_block[b], fmt, config, device)
@@ -350,7 +355,9 @@ def _block_vectors(win: Window, blocks: nn.ModuleList, states: dict[int, _BlockS
 
 def _train_window(win: Window, n_windows: int, blocks: nn.ModuleList, states: dict[int, _BlockState],
                   inputs: BlockInputs, x_q: Stream, t_acc: Stream, t_hom: Stream | None, config,
-                  device: torch.device, gen: torch.Generator) -> dict[str, Any]:
+                  device: torch.device, gen: torch.Generator, vectors: list[nn.Parameter]) -> dict[str, Any]:
+    """Train the window's quantizers (and `vectors`: the blocks' norm parameters, with lr_norm) on the window loss;
+    put everything back at its start when the loss ends higher or turns non-finite."""
     sims = _window_sims(win, states)
     kl = config.kl_weight if config.use_kl else 0.0
     label = f"window {win.index + 1}/{n_windows} (blocks {win.start}-{win.end - 1})"
@@ -368,73 +375,68 @@ def _train_window(win: Window, n_windows: int, blocks: nn.ModuleList, states: di
     def eval_loss() -> float:
         return sum(float(batch_loss(i)) for i in eval_ids) / len(eval_ids)
 
-    vectors = _block_vectors(win, blocks, states) if config.lr_norm > 0 else []
-    try:
-        snapshot = [sim.snapshot() for sim in sims]
-        vector_snapshot = [v.detach().clone() for v in vectors]
+    snapshot = [sim.snapshot() for sim in sims]
+    vector_snapshot = [v.detach().clone() for v in vectors]
 
-        def restore_start() -> None:
-            for sim, snap in zip(sims, snapshot):
-                sim.restore(snap)
-            with torch.no_grad():
-                for v, snap in zip(vectors, vector_snapshot):
-                    v.copy_(snap)
+    def restore_start() -> None:
+        for sim, snap in zip(sims, snapshot):
+            sim.restore(snap)
+        with torch.no_grad():
+            for v, snap in zip(vectors, vector_snapshot):
+                v.copy_(snap)
 
-        loss_start = eval_loss()
-        entry: dict[str, Any] = {"blocks": [win.start, win.end - 1], "loss_start": loss_start, "steps": 0,
-                                 "status": "ok"}
-        rounding = [p for sim in sims for p in sim.rounding_parameters()]
-        scales = [p for sim in sims for p in sim.scale_parameters()]
-        groups = [g for g in ({"params": rounding, "lr": config.lr}, {"params": scales, "lr": config.lr_scale},
-                              {"params": vectors, "lr": config.lr_norm}) if g["params"]]
-        total = config.epochs * len(inputs.batches)
-        if not math.isfinite(loss_start):
-            _fallback(restore_start, label, "its starting loss is not finite")
-            entry.update(status="nan_fallback", loss_end=loss_start)
-            return entry
-        if not groups or total == 0:
-            entry["loss_end"] = loss_start
-            return entry
-        opt = torch.optim.Adam(groups)
-        step = 0
-        failed = False
-        for _ in range(config.epochs):
-            for c_idx in torch.randperm(len(inputs.batches), generator=gen).tolist():
-                beta = config.beta_start + (config.beta_end - config.beta_start) * step / max(total - 1, 1)
-                loss = batch_loss(c_idx)
-                if config.use_lora_rounding and config.rounding_reg_weight > 0:
-                    reg = torch.stack([sim.regularizer(beta) for sim in sims]).mean()
-                    loss = loss + config.rounding_reg_weight * reg
-                if not torch.isfinite(loss):
-                    failed = True
-                    break
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-            if failed:
-                break
-        entry["steps"] = step
-        params_ok = all(torch.isfinite(p).all() for sim in sims for p in sim.parameters())
-        params_ok = params_ok and all(torch.isfinite(v).all() for v in vectors)
-        if failed or not params_ok:
-            _fallback(restore_start, label, "its loss became NaN/inf")
-            entry.update(status="nan_fallback", loss_end=loss_start)
-            return entry
-        loss_end = eval_loss()
-        if not math.isfinite(loss_end):
-            _fallback(restore_start, label, "its final loss is NaN/inf")
-            entry.update(status="nan_fallback", loss_end=loss_start)
-        elif loss_end > loss_start:
-            restore_start()
-            logger.info("%s: loss rose %.4g -> %.4g; keeping its starting point", label, loss_start, loss_end)
-            entry.update(status="reverted", loss_end=loss_start, loss_trained=loss_end)
-        else:
-            entry["loss_end"] = loss_end
+    loss_start = eval_loss()
+    entry: dict[str, Any] = {"blocks": [win.start, win.end - 1], "loss_start": loss_start, "steps": 0,
+                             "status": "ok"}
+    rounding = [p for sim in sims for p in sim.rounding_parameters()]
+    scales = [p for sim in sims for p in sim.scale_parameters()]
+    groups = [g for g in ({"params": rounding, "lr": config.lr}, {"params": scales, "lr": config.lr_scale},
+                          {"params": vectors, "lr": config.lr_norm}) if g["params"]]
+    total = config.epochs * len(inputs.batches)
+    if not math.isfinite(loss_start):
+        _fallback(restore_start, label, "its starting loss is not finite")
+        entry.update(status="nan_fallback", loss_end=loss_start)
         return entry
-    finally:
-        for v in vectors:  # trained here only: the frozen model's parameters need no grad
-            v.requires_grad_(False)
+    if not groups or total == 0:
+        entry["loss_end"] = loss_start
+        return entry
+    opt = torch.optim.Adam(groups)
+    step = 0
+    failed = False
+    for _ in range(config.epochs):
+        for c_idx in torch.randperm(len(inputs.batches), generator=gen).tolist():
+            beta = config.beta_start + (config.beta_end - config.beta_start) * step / max(total - 1, 1)
+            loss = batch_loss(c_idx)
+            if config.use_lora_rounding and config.rounding_reg_weight > 0:
+                reg = torch.stack([sim.regularizer(beta) for sim in sims]).mean()
+                loss = loss + config.rounding_reg_weight * reg
+            if not torch.isfinite(loss):
+                failed = True
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+        if failed:
+            break
+    entry["steps"] = step
+    params_ok = all(torch.isfinite(p).all() for sim in sims for p in sim.parameters())
+    params_ok = params_ok and all(torch.isfinite(v).all() for v in vectors)
+    if failed or not params_ok:
+        _fallback(restore_start, label, "its loss became NaN/inf")
+        entry.update(status="nan_fallback", loss_end=loss_start)
+        return entry
+    loss_end = eval_loss()
+    if not math.isfinite(loss_end):
+        _fallback(restore_start, label, "its final loss is NaN/inf")
+        entry.update(status="nan_fallback", loss_end=loss_start)
+    elif loss_end > loss_start:
+        restore_start()
+        logger.info("%s: loss rose %.4g -> %.4g; keeping its starting point", label, loss_start, loss_end)
+        entry.update(status="reverted", loss_end=loss_start, loss_trained=loss_end)
+    else:
+        entry["loss_end"] = loss_end
+    return entry
 
 
 def _fallback(restore_start: Callable[[], None], label: str, why: str) -> None:
