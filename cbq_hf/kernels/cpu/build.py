@@ -203,7 +203,6 @@ def load():
             return None
         _state["ops"] = torch.ops.cbq_hf_cpu
         _state["variant"] = variant
-        _state["streams"] = streams
         torch.ops.cbq_hf_cpu.set_streams(streams)
         logger.info("cbq_hf: loaded CPU kernels (%s, %d weight streams) from %s", variant, streams,
                     build_dir(variant))
