@@ -163,6 +163,26 @@ def test_fixed_mode_with_outliers_tiny_groups_and_zeros(bits, dtype):
     assert_close(y.to(x.dtype), reference.linear(lin, x), magnitude(lin, x), DTYPES[dtype])
 
 
+@pytest.mark.parametrize("bits", [2, 4], ids=lambda b: f"w{b}")
+def test_fixed_mode_keeps_small_values_beside_an_outlier(bits):
+    """A group holding a 1000x outlier takes four digits: its ordinary values keep ~2^-31 of the outlier, so the
+    outputs stay within 3e-7 of their magnitude (three digits everywhere: ~2.5e-6; MKL's fp32 F.linear: ~4e-7),
+    while the other groups of the same tokens take three."""
+    ops = build.load()
+    torch.manual_seed(0)
+    lin = make_linear(64, 512, bits, 128, input_scale=False, bias=False)
+    pan = paths.panels(lin)
+    x = torch.randn(4, 512)
+    x[:, 5] = 1000.0
+    y = ops.gemm_float(x, pan.wpack, None, pan.slot, 64, pan.glen, 2).double()
+    if build.loaded_variant() not in build.FIXED_VARIANTS:  # no fixed point in this build: mode 2 is convert
+        assert torch.equal(y, ops.gemm_float(x, pan.wpack, None, pan.slot, 64, pan.glen, 0).double())
+        return
+    ref = x.double() @ lin.dequantized_weight().double().T
+    mag = x.double().abs() @ lin.dequantized_weight().double().abs().T
+    assert float(((y - ref).abs() / mag).max()) < 3e-7
+
+
 def test_fixed_mode_non_finite_activations_run_as_convert():
     ops = build.load()
     lin = make_linear(16, 128, 4, 64, input_scale=False)

@@ -216,10 +216,11 @@ FLOAT_MODES = {"convert": 0, "auto": -1, "fixed": 2}
 #: Variants whose build has the fixed-point mode (elsewhere mode 2 runs as convert).
 FIXED_VARIANTS = {"avx512vnni"}
 #: Code widths for which those variants take the fixed-point mode without timing. It wins on weights streamed from
-#: memory, which a small timed call cannot show (it fits in L2, where both modes are equally fast): 4096 x 4096, one
-#: Sapphire Rapids core, 4-bit codes g128 cold 1.07 ms (fixed) vs 1.27 ms (convert), in L3 0.90 vs 0.99 ms; 2-bit
-#: codes g64 cold 1.45 vs 1.35 ms (slower: unpacking 2-bit codes and the per-group work of 64-code groups dominate).
-FIXED_SLOTS = {4}
+#: memory, which a small timed call cannot show (it fits in L2, where the modes are about equally fast): 4096 x 4096,
+#: one Sapphire Rapids core, weights cycled over more copies than L3 holds, 4-bit codes g128 0.64 ms (fixed) vs
+#: 0.87 ms (convert), 2-bit codes g64 0.82 vs 1.02 ms (session 10, with three-digit groups; with four digits
+#: everywhere 2-bit fixed was no faster than convert).
+FIXED_SLOTS = {2, 4}
 FLOAT_MODE_ENV = "CBQ_HF_CPU_FLOAT_MODE"
 
 

@@ -473,31 +473,37 @@ void panel_int(const PanelSet<NP>& ps, const int8_t* xc, const int32_t* csum, co
 // ------------------------------------------------------------------------------------------ fixed-point float path
 // kFixed (AVX-512 VNNI builds, 2- and 4-bit codes): float activations as fixed point, so the products run on the
 // integer dot-product units (64 per instruction) instead of one conversion + one FMA per 16 codes. Per token and
-// group g: step_g = max|x| / kFixedMax (a double), v_k = round(x_k / step_g), |v_k| <= kFixedMax < 2^31 (an error of
-// at most max|x| * 2^-32 per activation), written as kLimbs signed base-256 digits d_l in [-128, 127]. Per row and
-// group, each digit plane's sum_k q_k d_l is an exact int32 (dpbusd), and
+// group g: step_g = max|x| / F_L (a double), v_k = round(x_k / step_g), |v_k| <= F_L, written as L signed base-256
+// digits d_l in [-128, 127] (F_L = 127 * (256^L - 1) / 255, the largest L-digit value). Per row and group, each
+// digit plane's sum_k q_k d_l is an exact int32 (dpbusd), and
 //   T = sum_l 256^l sum_k q_k d_l - z_g sum_k v_k = sum_k (q_k - z_g) v_k
 // is exact in double (|T| <= 15 * 2^31 * group length < 2^53): the zero point cancels exactly, which the float
-// kernels' sum q x - z sum x does not (with a 1000x outlier in a group their error grows to ~1e-5 of the output's
-// magnitude; this path's stays at fp32 rounding). out = sum_g s_g step_g T in double, rounded to float once.
+// kernels' sum q x - z sum x does not. out = sum_g s_g step_g T in double, rounded to float once.
+// The only error is the rounding of x_k to a multiple of step_g, at most max|x| / (2 F_L) per activation. L is
+// chosen per group: 3 digits (F_3 ~ 2^23, three dot products per code pair instead of four: W4 4096 x 4096 0.63 ->
+// 0.57 ms, W2 0.88 -> 0.72 ms on a Sapphire Rapids core) when that bound summed over the group stays within 2^-21
+// of the group's sum |x| (len * max|x| <= kThreeDigitSpread * sum|x|: Gaussian groups always pass), else 4 digits
+// (F_4 ~ 2^31): a group with a 1000x outlier keeps its small values to ~2^-21 of the outlier instead of ~2^-13.
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 constexpr bool kHasFixed = true;
-constexpr int kLimbs = 4;  // panel_fixed pairs the planes (0, 1) and (2, 3)
-constexpr double kFixedMax = 127.0 * (1.0 + 256.0 + 65536.0 + 16777216.0);  // the largest kLimbs-digit value
+constexpr int kMaxLimbs = 4;  // digit planes stored per chunk (a 3-digit group leaves the fourth zero and unread)
+constexpr double kFixedMax3 = 127.0 * (1.0 + 256.0 + 65536.0);
+constexpr double kFixedMax4 = kFixedMax3 + 127.0 * 16777216.0;
+constexpr float kThreeDigitSpread = 8.f;
 // Longest group (codes) whose per-lane digit sums S stay within int32 after 256 * S_hi + S_lo: each lane adds 8
 // products |q d| <= 15 * 128 per 64 codes, so 257 * 15 * 128 * 8 * (Gp / 64) < 2^31 needs Gp <= 34752.
 constexpr int64_t kFixedMaxGroup = 32768;
 
 struct FixedAcc {
-  IntAcc p[kLimbs];  // digit plane l: registers j = rows 2j, 2j + 1 (see IntAcc)
+  IntAcc p[kMaxLimbs];  // digit plane l: registers j = rows 2j, 2j + 1 (see IntAcc)
 };
 
-// a += the 8 rows' chunks at wc times the chunk's kLimbs digit planes at x (kLimbs x 64 int8).
-template <int SLOT>
+// a += the 8 rows' chunks at wc times the chunk's first L digit planes at x (kMaxLimbs x 64 int8).
+template <int SLOT, int L>
 inline void chunk_fixed(const uint8_t* wc, const int8_t* x, FixedAcc& a) {
   constexpr int CB = 64 * SLOT / 8;
-  __m512i xlo[kLimbs], xhi[kLimbs];
-  for (int l = 0; l < kLimbs; ++l) {
+  __m512i xlo[L], xhi[L];
+  for (int l = 0; l < L; ++l) {
     xlo[l] = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64 * l)));
     xhi[l] = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64 * l + 32)));
   }
@@ -505,69 +511,88 @@ inline void chunk_fixed(const uint8_t* wc, const int8_t* x, FixedAcc& a) {
   for (int j = 0; j < 4; ++j) {
     __m512i lo, hi;
     split_pair<SLOT>(wc + 2 * j * CB, lo, hi);
-    for (int l = 0; l < kLimbs; ++l)
+    for (int l = 0; l < L; ++l)
       a.p[l].p[j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(a.p[l].p[j], lo, xlo[l]), hi, xhi[l]);
   }
 }
 
-// NP panels against one arranged token (xa: [Kp / 64][kLimbs][64] digits; gstep[g] = step_g; gv[g] = sum_k v_k):
-// out[i] = sum_g s_g step_g sum_k (q_k - z_g) v_k.
+// One token arranged for panel_fixed: xa [Kp / 64][kMaxLimbs][64] digits; per group g: step[g] = step_g, vsum[g] =
+// sum_k v_k, four[g] = whether it uses 4 digits.
+struct FixedToken {
+  const int8_t* xa;
+  const double* step;
+  const double* vsum;
+  const uint8_t* four;
+};
+
+// NP panels against one arranged token: out[i] = sum_g s_g step_g sum_k (q_k - z_g) v_k.
 template <int SLOT, int NP>
-void panel_fixed(const PanelSet<NP>& ps, const int8_t* xa, const double* gstep, const double* gv, const Geometry& g,
-                 __m256* out) {
+void panel_fixed(const PanelSet<NP>& ps, const FixedToken& t, const Geometry& g, __m256* out) {
   const __m512d base = _mm512_set1_pd(65536.0);
+  const int64_t cpg = g.chunks_per_group();
   __m512d acc[NP];
   panel_loop<SLOT, NP, FixedAcc>(
       ps.w, g,
-      [xa](const uint8_t* wc, int64_t c, FixedAcc& a) { chunk_fixed<SLOT>(wc, xa + c * kLimbs * kChunk, a); },
+      [&](const uint8_t* wc, int64_t c, FixedAcc& a) {
+        const int8_t* x = t.xa + c * kMaxLimbs * kChunk;
+        if (t.four[c / cpg]) chunk_fixed<SLOT, 4>(wc, x, a);
+        else chunk_fixed<SLOT, 3>(wc, x, a);
+      },
       [&](int, int64_t gi, const FixedAcc& a, __m512d& o, const uint8_t* meta) {
-        // Digit planes in pairs, per lane in int32: 256 * S_{2p+1} + S_{2p} (exact while the group has at most
-        // kFixedMaxGroup codes), so two lane reductions instead of four.
-        IntAcc pair[2];
-        for (int p = 0; p < 2; ++p)
-          for (int j = 0; j < 4; ++j)
-            pair[p].p[j] = _mm512_add_epi32(_mm512_slli_epi32(a.p[2 * p + 1].p[j], 8), a.p[2 * p].p[j]);
-        __m512d t = _mm512_fmadd_pd(_mm512_cvtepi32_pd(pair[1].rows()), base, _mm512_cvtepi32_pd(pair[0].rows()));
-        t = _mm512_fnmadd_pd(_mm512_cvtepi32_pd(load_zeros(meta_zeros(meta, gi))), _mm512_set1_pd(gv[gi]), t);
+        // Digit planes (0, 1) paired per lane in int32: 256 * S_1 + S_0 (exact while the group has at most
+        // kFixedMaxGroup codes), likewise (2, 3) for 4 digits, so two lane reductions instead of three or four.
+        IntAcc low, high;
+        for (int j = 0; j < 4; ++j) {
+          low.p[j] = _mm512_add_epi32(_mm512_slli_epi32(a.p[1].p[j], 8), a.p[0].p[j]);
+          high.p[j] = t.four[gi] ? _mm512_add_epi32(_mm512_slli_epi32(a.p[3].p[j], 8), a.p[2].p[j]) : a.p[2].p[j];
+        }
+        __m512d v = _mm512_fmadd_pd(_mm512_cvtepi32_pd(high.rows()), base, _mm512_cvtepi32_pd(low.rows()));
+        v = _mm512_fnmadd_pd(_mm512_cvtepi32_pd(load_zeros(meta_zeros(meta, gi))), _mm512_set1_pd(t.vsum[gi]), v);
         const __m512d ss = _mm512_mul_pd(_mm512_cvtps_pd(load_scales(meta_scales(meta, gi))),
-                                         _mm512_set1_pd(gstep[gi]));
-        o = _mm512_fmadd_pd(t, ss, o);
+                                         _mm512_set1_pd(t.step[gi]));
+        o = _mm512_fmadd_pd(v, ss, o);
       },
       acc);
   for (int i = 0; i < NP; ++i) out[i] = _mm512_cvtpd_ps(acc[i]);
 }
 
-// Arrange one token for panel_fixed: digit planes per chunk (zeros in the group padding), steps and sum v; 16
+// Arrange one token for panel_fixed (zeros in the group padding and in the unused fourth digit plane); 16
 // activations per step.
 template <typename T>
-void arrange_fixed(const T* x, const Geometry& g, int8_t* xa, double* gstep, double* gv) {
-  std::memset(xa, 0, g.Kp * kLimbs);
-  const __m512i vmax = _mm512_set1_epi32(static_cast<int32_t>(kFixedMax));
-  const __m512i vmin = _mm512_set1_epi32(-static_cast<int32_t>(kFixedMax));
+void arrange_fixed(const T* x, const Geometry& g, int8_t* xa, double* gstep, double* gv, uint8_t* four) {
+  std::memset(xa, 0, g.Kp * kMaxLimbs);
   for (int64_t gi = 0; gi < g.G; ++gi) {
     const T* xg = x + gi * g.glen;
     const int64_t len = std::min(g.glen, g.K - gi * g.glen);
-    __m512 m = _mm512_setzero_ps();
-    for (int64_t k = 0; k < len; k += 16)
-      m = _mm512_max_ps(m, _mm512_abs_ps(load16(xg + k, static_cast<int>(std::min<int64_t>(16, len - k)))));
+    __m512 m = _mm512_setzero_ps(), s = _mm512_setzero_ps();
+    for (int64_t k = 0; k < len; k += 16) {
+      const __m512 a = _mm512_abs_ps(load16(xg + k, static_cast<int>(std::min<int64_t>(16, len - k))));
+      m = _mm512_max_ps(m, a);
+      s = _mm512_add_ps(s, a);
+    }
     const float amax = _mm512_reduce_max_ps(m);
+    const bool use4 = static_cast<float>(len) * amax > kThreeDigitSpread * _mm512_reduce_add_ps(s);
+    const double fmax = use4 ? kFixedMax4 : kFixedMax3;
+    const int limbs = use4 ? 4 : 3;
+    const __m512i vmax = _mm512_set1_epi32(static_cast<int32_t>(fmax));
+    const __m512i vmin = _mm512_set1_epi32(-static_cast<int32_t>(fmax));
     // In double: a float step would underflow to zero for groups whose largest |x| is below ~3e-36.
-    const double step = amax > 0.f ? static_cast<double>(amax) / kFixedMax : 1.0;
+    const double step = amax > 0.f ? static_cast<double>(amax) / fmax : 1.0;
     const __m512d inv = _mm512_set1_pd(1.0 / step);
     __m512d vsum = _mm512_setzero_pd();
-    int8_t* dst = xa + gi * g.Gp * kLimbs;
+    int8_t* dst = xa + gi * g.Gp * kMaxLimbs;
     for (int64_t k = 0; k < len; k += 16) {
       const int n = static_cast<int>(std::min<int64_t>(16, len - k));
       const __m512 xf = load16(xg + k, n);
-      // round(x / step) in double (nearest-even), clamped to the kLimbs-digit range
+      // round(x / step) in double (nearest-even), clamped to the L-digit range
       const __m256i vl = _mm512_cvtpd_epi32(_mm512_mul_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(xf)), inv));
       const __m256i vh = _mm512_cvtpd_epi32(
           _mm512_mul_pd(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(xf), 1))), inv));
       __m512i v = _mm512_min_epi32(_mm512_max_epi32(_mm512_inserti64x4(_mm512_castsi256_si512(vl), vh, 1), vmin), vmax);
       vsum = _mm512_add_pd(vsum, _mm512_add_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(v)),
                                                _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(v, 1))));
-      int8_t* c = dst + (k / kChunk) * kLimbs * kChunk + k % kChunk;  // 16 codes never straddle a chunk
-      for (int l = 0; l < kLimbs; ++l) {
+      int8_t* c = dst + (k / kChunk) * kMaxLimbs * kChunk + k % kChunk;  // 16 codes never straddle a chunk
+      for (int l = 0; l < limbs; ++l) {
         // digit = the low byte as a signed value; v = (v - digit) / 256 exactly
         _mm_storeu_si128(reinterpret_cast<__m128i*>(c + l * kChunk), _mm512_cvtepi32_epi8(v));
         const __m512i d = _mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24);
@@ -576,6 +601,7 @@ void arrange_fixed(const T* x, const Geometry& g, int8_t* xa, double* gstep, dou
     }
     gstep[gi] = step;
     gv[gi] = _mm512_reduce_add_pd(vsum);  // exact: integers below 2^53
+    four[gi] = use4;
   }
 }
 #else
@@ -827,6 +853,35 @@ float max_abs(const T* x, int64_t n) {
 
 // mode: kConvert, kDenormal, or -1 = kDenormal when every |x| < kDenormalMaxAbsX (always true for bf16-range LLM
 // activations in practice), else kConvert.
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// gemm_float's fixed-point mode (see panel_fixed).
+at::Tensor gemm_fixed(const at::Tensor& x, const PanelWeights& pw, int64_t M, int64_t N, bool is_f32) {
+  const Geometry& g = pw.g;
+  int8_t* xf = scratch<int8_t>(M * g.Kp * kMaxLimbs, 0);
+  double* gstep = scratch<double>(M * g.G, 1);
+  double* gv = scratch<double>(M * g.G, 0);
+  uint8_t* four = scratch<uint8_t>(M * g.G, 0);
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      int8_t* xm = xf + m * g.Kp * kMaxLimbs;
+      const int64_t o = m * g.G;
+      if (is_f32) arrange_fixed(x.data_ptr<float>() + m * g.K, g, xm, gstep + o, gv + o, four + o);
+      else arrange_fixed(x.data_ptr<at::BFloat16>() + m * g.K, g, xm, gstep + o, gv + o, four + o);
+    }
+  });
+  auto y = at::empty(out_sizes(x, N), x.options().dtype(at::kFloat));
+  run_sub8(
+      pw, M, y.data_ptr<float>(),
+      [&](auto s, const auto& set, int64_t m, __m256* out) {
+        const int64_t o = m * g.G;
+        panel_fixed<decltype(s)::value>(set, FixedToken{xf + m * g.Kp * kMaxLimbs, gstep + o, gv + o, four + o}, g,
+                                        out);
+      },
+      [&](int64_t) { return 1.f; });
+  return y;
+}
+#endif
+
 at::Tensor gemm_float(const at::Tensor& x, const at::Tensor& wpack, const std::optional<at::Tensor>& bias, int64_t slot,
                       int64_t N, int64_t glen, int64_t mode) {
   check_cpu(x, "x");
@@ -849,26 +904,7 @@ at::Tensor gemm_float(const at::Tensor& x, const at::Tensor& wpack, const std::o
     if (!kHasFixed || g.slot == 8 || g.Gp > kFixedMaxGroup || !std::isfinite(amax)) mode = kConvert;
   }
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-  if (mode == kFixed) {
-    int8_t* xf = scratch<int8_t>(M * g.Kp * kLimbs, 0);
-    double* gstep = scratch<double>(M * g.G, 1);
-    double* gv = scratch<double>(M * g.G, 0);
-    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-      for (int64_t m = m0; m < m1; ++m) {
-        int8_t* xm = xf + m * g.Kp * kLimbs;
-        if (is_f32) arrange_fixed(x.data_ptr<float>() + m * g.K, g, xm, gstep + m * g.G, gv + m * g.G);
-        else arrange_fixed(x.data_ptr<at::BFloat16>() + m * g.K, g, xm, gstep + m * g.G, gv + m * g.G);
-      }
-    });
-    auto y = at::empty(out_sizes(x, N), x.options().dtype(at::kFloat));
-    run_sub8(
-        pw, M, y.data_ptr<float>(),
-        [&](auto s, const auto& set, int64_t m, __m256* out) {
-          panel_fixed<decltype(s)::value>(set, xf + m * g.Kp * kLimbs, gstep + m * g.G, gv + m * g.G, g, out);
-        },
-        [&](int64_t) { return 1.f; });
-    return y;
-  }
+  if (mode == kFixed) return gemm_fixed(x, pw, M, N, is_f32);
 #endif
   const int md = static_cast<int>(mode);
   float* xa = scratch<float>(M * g.Kp, 0);
