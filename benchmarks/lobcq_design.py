@@ -81,11 +81,19 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=120_000, help="training blocks per candidate")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--write", action="store_true", help=f"write the best set to cbq_hf/formats/{UNIVERSAL_FILE}")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lobcq_design.json"))
+    ap.add_argument("--block-len", type=int, default=LOBCQSpec.block_len, help="values per block (Lb)")
+    ap.add_argument("--array-len", type=int, default=LOBCQSpec.array_len, help="values per scaled array (La)")
+    ap.add_argument("--num-codebooks", type=int, default=LOBCQSpec.num_codebooks)
+    ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/lobcq_design[-<key>].json; "
+                    "the key is added for a non-default spec)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(0)
-    spec = LOBCQSpec()
+    spec = LOBCQSpec(block_len=args.block_len, array_len=args.array_len, num_codebooks=args.num_codebooks)
+    key = universal_key(spec.block_len, spec.array_len, spec.num_codebooks, spec.codebook_bits)
+    if args.out is None:
+        suffix = "" if spec == LOBCQSpec() else f"-{key}"
+        args.out = str(ROOT / "benchmarks" / "results" / f"lobcq_design{suffix}.json")
     from cbq_hf.demo import demo_model_path
 
     path = demo_model_path()
@@ -131,18 +139,21 @@ def main() -> None:
     logging.info("best: %s", best)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"spec": spec.__dict__, "best": best, "candidates": results}, indent=1))
-    if args.write:
-        key = universal_key(spec.block_len, spec.array_len, spec.num_codebooks, spec.codebook_bits)
+    if args.write:  # add (or replace) this spec's set; the other shipped sets stay
+        target = ROOT / "cbq_hf" / "formats" / UNIVERSAL_FILE
+        sets = json.loads(target.read_text(encoding="utf-8")).get("sets", {}) if target.exists() else {}
+        sets[key] = {"source": best, "heldout_weight_sqnr_db": results[best]["heldout_weight_sqnr_db"],
+                     "heldout_act_sqnr_db": results[best]["heldout_act_sqnr_db"],
+                     "codebooks": results[best]["codebooks"]}
         doc = {
             "description": "Universal LO-BCQ codebooks (int entries, rows sorted ascending), designed by "
                            "benchmarks/lobcq_design.py; keyed by L<block_len>-A<array_len>-N<num_codebooks>-"
                            "B<codebook_bits>.",
-            "sets": {key: {"source": best, "heldout_weight_sqnr_db": results[best]["heldout_weight_sqnr_db"],
-                           "heldout_act_sqnr_db": results[best]["heldout_act_sqnr_db"],
-                           "codebooks": results[best]["codebooks"]}},
+            "sets": dict(sorted(sets.items())),
         }
-        target = ROOT / "cbq_hf" / "formats" / UNIVERSAL_FILE
-        target.write_text(json.dumps(doc, indent=1) + "\n")
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        tmp.replace(target)
         logging.info("wrote %s", target)
     assert math.isfinite(results[best]["mean_sqnr_db"])
 

@@ -263,11 +263,16 @@ def test_weight_only_leaves_activations_untouched():
     assert "act_codebooks" not in fmt.buffer_specs(8, 64)
 
 
-def test_shipped_universal_codebooks_are_valid():
+@pytest.mark.parametrize("array_len", [64, 32])
+def test_shipped_universal_codebooks_are_valid(array_len, caplog):
+    """The default spec and the 32-value arrays variant ship designed sets (no Gaussian fallback warning)."""
     sets = _shipped_sets()
-    key = universal_key(8, 64, 16, 6)
+    key = universal_key(8, array_len, 16, 6)
     assert key in sets
-    cb = universal_codebooks(8, 64, 16, 6)
+    with caplog.at_level("WARNING"):
+        cb = universal_codebooks(8, array_len, 16, 6)
+    assert "designing a set from Gaussian samples" not in caplog.text
+    assert torch.equal(cb, torch.tensor(sets[key]["codebooks"], dtype=torch.int8))
     assert cb.shape == (16, 16) and cb.dtype == torch.int8
     assert torch.equal(cb, cb.sort(-1).values) and int(cb.abs().max()) <= 31
 
