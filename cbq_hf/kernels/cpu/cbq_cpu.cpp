@@ -480,10 +480,10 @@ void panel_int(const PanelSet<NP>& ps, const int8_t* xc, const int32_t* csum, co
 // is exact in double (|T| <= 15 * 2^31 * group length < 2^53): the zero point cancels exactly, which the float
 // kernels' sum q x - z sum x does not. out = sum_g s_g step_g T in double, rounded to float once.
 // The only error is the rounding of x_k to a multiple of step_g, at most max|x| / (2 F_L) per activation. L is
-// chosen per group: 3 digits (F_3 ~ 2^23, three dot products per code pair instead of four: W4 4096 x 4096 0.63 ->
-// 0.57 ms, W2 0.88 -> 0.72 ms on a Sapphire Rapids core) when that bound summed over the group stays within 2^-21
-// of the group's sum |x| (len * max|x| <= kThreeDigitSpread * sum|x|: Gaussian groups always pass), else 4 digits
-// (F_4 ~ 2^31): a group with a 1000x outlier keeps its small values to ~2^-21 of the outlier instead of ~2^-13.
+// chosen per group: 3 digits (F_3 ~ 2^23, a quarter fewer dot products: 4096 x 4096 from DRAM on a Sapphire Rapids
+// core, W4 g128 ~0.70 -> ~0.65 ms, W2 g64 ~0.96 -> ~0.82 ms) when that bound summed over the group stays within
+// 2^-21 of the group's sum |x| (len * max|x| <= kThreeDigitSpread * sum|x|: Gaussian groups always pass), else 4
+// digits (F_4 ~ 2^31): beside a 1000x outlier the ordinary values keep ~2^-22 of their size instead of ~2^-14.
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 constexpr bool kHasFixed = true;
 constexpr int kMaxLimbs = 4;  // digit planes stored per chunk (a 3-digit group leaves the fourth zero and unread)
@@ -851,8 +851,6 @@ float max_abs(const T* x, int64_t n) {
   return m;
 }
 
-// mode: kConvert, kDenormal, or -1 = kDenormal when every |x| < kDenormalMaxAbsX (always true for bf16-range LLM
-// activations in practice), else kConvert.
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 // gemm_float's fixed-point mode (see panel_fixed).
 at::Tensor gemm_fixed(const at::Tensor& x, const PanelWeights& pw, int64_t M, int64_t N, bool is_f32) {
@@ -882,6 +880,8 @@ at::Tensor gemm_fixed(const at::Tensor& x, const PanelWeights& pw, int64_t M, in
 }
 #endif
 
+// mode: kConvert, kDenormal, or -1 = kDenormal when every |x| < kDenormalMaxAbsX (always true for bf16-range LLM
+// activations in practice), else kConvert; kFixed (AVX-512 VNNI builds) runs gemm_fixed.
 at::Tensor gemm_float(const at::Tensor& x, const at::Tensor& wpack, const std::optional<at::Tensor>& bias, int64_t slot,
                       int64_t N, int64_t glen, int64_t mode) {
   check_cpu(x, "x");
