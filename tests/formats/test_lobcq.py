@@ -287,15 +287,16 @@ def test_config_builds_the_lobcq_format():
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-@pytest.mark.parametrize("mode,act_bits", [("universal", 4), ("per_layer", 4), ("universal", None)],
-                         ids=["universal-w4a4", "per_layer-w4a4", "universal-w4a16"])
-def test_tiny_llama_quantize_save_reload_generate(tmp_path, llama_dir, mode, act_bits):
+@pytest.mark.parametrize("mode,act_bits,array_len", [("universal", 4, 64), ("per_layer", 4, 64),
+                                                     ("universal", None, 64), ("universal", 4, 32)],
+                         ids=["universal-w4a4", "per_layer-w4a4", "universal-w4a16", "universal-w4a4-a32"])
+def test_tiny_llama_quantize_save_reload_generate(tmp_path, llama_dir, mode, act_bits, array_len):
     from transformers import AutoModelForCausalLM
 
     from cbq_hf.nn.linear import CBQLinear
 
     cfg = cbq_hf.CBQConfig(method="rtn", format="lobcq", act_bits=act_bits, group_size=-1, lobcq_codebooks=mode,
-                           lobcq_iters=3)
+                           lobcq_iters=3, lobcq_array_len=array_len)
     model = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=cfg)
     ref = AutoModelForCausalLM.from_pretrained(llama_dir)
     ids = torch.randint(0, 128, (2, 12))
@@ -307,6 +308,9 @@ def test_tiny_llama_quantize_save_reload_generate(tmp_path, llama_dir, mode, act
     assert len(q) == 14 and all(m.fmt.name == "lobcq" for m in q)
     if mode == "per_layer":  # at least one layer got its own codebooks
         assert any(not torch.equal(m.codebooks, q[0].fmt.universal()) for m in q)
+    if act_bits is not None:  # the shipped universal set of this spec encodes the activations
+        shipped = universal_codebooks(8, array_len, 16, 6)
+        assert all(m.fmt.spec.array_len == array_len and torch.equal(m.act_codebooks, shipped) for m in q)
     model.save_pretrained(tmp_path / "q")
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     for a, b in zip(q, [m for m in back.modules() if isinstance(m, CBQLinear)]):
@@ -316,3 +320,4 @@ def test_tiny_llama_quantize_save_reload_generate(tmp_path, llama_dir, mode, act
     out = back.generate(ids[:1, :4], max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 8)
     assert back.config.quantization_config.format == "lobcq"
+    assert back.config.quantization_config.lobcq_array_len == array_len
