@@ -10,8 +10,8 @@ lobcq-w4a4-universal-cbq-n16x256 (twice that many calibration samples), lobcq-w4
 (-n8x256lr3-sqauto / -n8x256lr5-sqauto), the lr 3e-2 row with seeds 1 and 2 (-seed1 / -seed2), with 16 x 256
 calibration tokens (-n16x256lr3-sqauto[-seedN]; 32 x 256: -n32x256lr3-sqauto) and with the token-normalised window loss (-n8x256lr3-sqauto-tn[-seedN]) or the blocks' norm weights
 trained with lr_norm 1e-3 / 3e-3 (-n8x256lr3-sqauto-ln1[-seedN] / -ln3[-seedN]), with windows of 3 (4) blocks
-overlapping by 2 (3) (-n8x256lr3-sqauto-w3[-seedN] / -w4[-seedN]) or an array-scale learning rate of 1e-2 (-n8x256lr3-sqauto-ls2); block arrays of 32 values
-(lobcq-w4a4-universal-a32 RTN, -n8x256lr3-sqauto-w3-a32[-seedN] CBQ).
+overlapping by 2 (3) (-n8x256lr3-sqauto-w3[-seedN] / -w4[-seedN]) or an array-scale learning rate of 1e-2 (-n8x256lr3-sqauto-ls2);
+block arrays of 32 values (lobcq-w4a4-universal-a32 RTN, -n8x256lr3-sqauto-w3-a32[-seedN] CBQ).
 Results accumulate in benchmarks/results/<--results>.json (default lobcq_quality; a row already there with the same
 number of windows is skipped unless --redo) and are rendered to <--results>.md; keep runs with different --windows
 in different files, since the table compares every row with the fp32 row of the same file. --save DIR keeps each

@@ -246,6 +246,27 @@ def test_float_mode_is_timed_once_per_slot_and_can_be_forced(monkeypatch):
             build._state["float_mode"] = saved
 
 
+@pytest.mark.parametrize("vendor,fixed_slots", [("GenuineIntel", {2, 4}), ("AuthenticAMD", {4})])
+def test_fixed_point_is_taken_per_vendor_without_timing(vendor, fixed_slots, monkeypatch):
+    """On a VNNI build the fixed-point mode is taken for 2- and 4-bit codes on Intel, 4-bit only on AMD (2-bit codes
+    are timed there); 8-bit codes are always timed."""
+    monkeypatch.delenv(build.FLOAT_MODE_ENV, raising=False)
+    monkeypatch.setattr(build, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(build, "loaded_variant", lambda: "avx512vnni")
+    timed = []
+    monkeypatch.setattr(build, "_time_float_mode",
+                        lambda ops, mode, slot, reps=5: timed.append(slot) or 1e-3 * (mode + 2))
+    saved = build._state.pop("float_mode", None)
+    try:
+        chosen = {slot: build.float_mode(slot) for slot in (2, 4, 8)}
+    finally:
+        build._state.pop("float_mode", None)
+        if saved is not None:
+            build._state["float_mode"] = saved
+    assert {s for s, m in chosen.items() if m == build.FLOAT_MODES["fixed"]} == fixed_slots
+    assert set(timed) == {2, 4, 8} - fixed_slots
+
+
 @pytest.mark.parametrize("group", [64, 37, 100, -1], ids=lambda g: f"g{g}")
 @pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"w{b}")
 def test_dequantize_into_equals_the_reference_weight(bits, group):

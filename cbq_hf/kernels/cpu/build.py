@@ -219,8 +219,11 @@ FIXED_VARIANTS = {"avx512vnni"}
 #: memory, which a small timed call cannot show (it fits in L2, where the modes are about equally fast): 4096 x 4096,
 #: one Sapphire Rapids core, weights cycled over more copies than L3 holds, 4-bit codes g128 0.64 ms (fixed) vs
 #: 0.87 ms (convert), 2-bit codes g64 0.82 vs 1.02 ms (session 10, with three-digit groups; with four digits
-#: everywhere 2-bit fixed was no faster than convert).
-FIXED_SLOTS = {2, 4}
+#: everywhere 2-bit fixed was no faster than convert). 2-bit codes only on Intel, where that was measured: on AMD
+#: Zen 4 the timed choice (denormal, 0.73 ms) beat four-digit fixed point (0.86 ms) and three digits were not
+#: measured there.
+FIXED_SLOTS = {4}
+VENDOR_FIXED_SLOTS = {"GenuineIntel": {2, 4}}
 FLOAT_MODE_ENV = "CBQ_HF_CPU_FLOAT_MODE"
 
 
@@ -249,9 +252,10 @@ def float_mode(slot: int = 4) -> int:
     as a denormal float (no conversion: ~1.3x faster where denormal operands run at full speed, on AMD Zen, but Intel
     cores take a microcode assist per denormal operand: 140 ms instead of ~1.5 ms per 4096 x 4096 call on a Sapphire
     Rapids core), or (AVX-512 VNNI builds) fixed point on the integer dot-product units, which is taken for the code
-    widths in FIXED_SLOTS (see there). Between the first two the faster is picked by timing a small call in each (a
-    few ms, once per slot). All give the reference's sums within fp32 rounding. ``CBQ_HF_CPU_FLOAT_MODE=
-    convert|auto|fixed`` fixes the choice instead (fixed runs as convert where it is unavailable).
+    widths in VENDOR_FIXED_SLOTS / FIXED_SLOTS (see there). Between the first two the faster is picked by timing a
+    small call in each (a few ms, once per slot). All give the reference's sums within fp32 rounding.
+    ``CBQ_HF_CPU_FLOAT_MODE=convert|auto|fixed`` fixes the choice instead (fixed runs as convert where it is
+    unavailable).
     """
     modes: dict[int, int] = _state.setdefault("float_mode", {})  # type: ignore[assignment]
     if slot in modes:
@@ -266,7 +270,7 @@ def float_mode(slot: int = 4) -> int:
     elif ops is None:
         mode = FLOAT_MODES["convert"]
     else:
-        if loaded_variant() in FIXED_VARIANTS and slot in FIXED_SLOTS:
+        if loaded_variant() in FIXED_VARIANTS and slot in VENDOR_FIXED_SLOTS.get(cpu_vendor(), FIXED_SLOTS):
             best, times = "fixed", {}
         else:
             _time_float_mode(ops, 0, slot, reps=1)  # warm-up: first touch of the scratch buffers
