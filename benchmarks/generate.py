@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 import cbq_hf  # noqa: E402
 from cbq_hf.demo import demo_model_path  # noqa: E402
 from cbq_hf.kernels.dispatch import force_kernel  # noqa: E402
+from cbq_hf.kernels.cpu import paths as cpu_paths  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 CONFIGS = {
@@ -122,8 +123,8 @@ def worker(name: str, path: str, batches: list[int], new_tokens: int, threads: i
                 row["reference_tokens"] = ref_tokens
         row["rss_run_mb"] = rss_mb() - rss0
         row["kernels"] = sorted(kernels)  # paths of the timed runs' last step (not the reference comparison)
-        row["repacked_mb"] = sum(m._kernel_cache["cpu_panels"].nbytes() for m in model.modules()
-                                 if isinstance(m, cbq_hf.CBQLinear) and "cpu_panels" in m._kernel_cache) / 2**20
+        row["repacked_mb"] = sum(cpu_paths.repacked_bytes(m) for m in model.modules()
+                                 if isinstance(m, cbq_hf.CBQLinear)) / 2**20
     return row
 
 

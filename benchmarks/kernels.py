@@ -39,6 +39,7 @@ CONFIGS = [
     ("W4A16 g128 fp32", 4, 128, None, torch.float32, "cpu_packed"),
     ("W4A16 g128 bf16", 4, 128, None, torch.bfloat16, "cpu_packed"),
     ("W2A16 g64 fp32", 2, 64, None, torch.float32, "cpu_packed"),
+    ("W2A16 g64 fp32", 2, 64, None, torch.float32, "cpu_lut2"),
     ("W4A8 g128 fp32", 4, 128, 8, torch.float32, "cpu_int"),
     ("W2A8 g64 fp32", 2, 64, 8, torch.float32, "cpu_int"),
     ("W4A4 g128 fp32", 4, 128, 4, torch.float32, "cpu_int"),
@@ -48,6 +49,7 @@ CONFIGS = [
     ("W4A8 g128 fp32", 4, 128, 8, torch.float32, "cpu_dequant"),
     ("W4A16 g128 fp32", 4, 128, None, torch.float32, "auto"),
     ("W4A8 g128 fp32", 4, 128, 8, torch.float32, "auto"),
+    ("W2A16 g64 fp32", 2, 64, None, torch.float32, "auto"),
 ]
 #: The same questions on a CUDA GPU (--device cuda): the Triton paths, half-precision activations.
 GPU_CONFIGS = [
@@ -159,8 +161,9 @@ def bench_shape(k: int, n: int, ms: list[int], paths: list[str] | None, reps: in
             call()  # repack, build, warm the code path
             chosen = mods[counter["i"] % len(mods)].last_kernel
             if path.startswith("cpu_") or (path == "auto" and device == "cpu"):
+                repack = cpu_paths.lut2_weights if chosen == "cpu_lut2" else cpu_paths.panels
                 for mod in mods:  # repack every copy before timing (without a full-size call per copy)
-                    cpu_paths.panels(mod)
+                    repack(mod)
             cands.append((label, path if path != "auto" else f"auto->{chosen}", call))
         times: dict[int, list[float]] = {i: [] for i in range(len(cands))}
         start = time.perf_counter()

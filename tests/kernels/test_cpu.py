@@ -39,7 +39,8 @@ def test_weight_only_paths_match_reference(bits, shape, m, dtype):
     lin = make_linear(n, k, bits, g, sym=(bits + n) % 2 == 0, bias=m != 3)
     x = torch.randn(2, m, k).to(DTYPES[dtype]) if m == 3 else torch.randn(m, k).to(DTYPES[dtype])
     ref = reference.linear(lin, x)
-    for kernel in ("cpu_packed", "cpu_dequant"):
+    lut2 = ("cpu_lut2",) if bits == 2 and paths.lut2_available() else ()  # AVX-512 builds (see test_lut2_*)
+    for kernel in ("cpu_packed", "cpu_dequant") + lut2:
         y = _run(lin, x, kernel)
         assert y.dtype == x.dtype and y.shape == ref.shape
         assert_close(y, ref, magnitude(lin, x), DTYPES[dtype])
@@ -314,3 +315,57 @@ def test_weight_streams_by_vendor_and_environment(monkeypatch):
     monkeypatch.setenv(build.STREAMS_ENV, "3")
     with pytest.raises(ValueError, match="CBQ_HF_CPU_STREAMS='3' is not one of"):
         build.weight_streams()
+
+
+def test_lut2_is_the_2bit_decode_path_of_avx512_builds():
+    """The table-lookup path exists exactly in the AVX-512 build; there automatic selection takes it for 2-bit weights
+    with float activations (not for 4-bit weights, nor with act_bits), elsewhere the float path runs."""
+    assert paths.lut2_available() == (build.loaded_variant() == "avx512vnni")
+    x = torch.randn(1, 576)
+    w2, w4, w2a8 = make_linear(64, 576, 2, 64), make_linear(64, 576, 4, 128), make_linear(64, 576, 2, 64, act_bits=8)
+    with torch.no_grad():
+        w2(x), w4(x), w2a8(x)
+    assert w2.last_kernel == ("cpu_lut2" if paths.lut2_available() else "cpu_packed")
+    assert (w4.last_kernel, w2a8.last_kernel) == ("cpu_packed", "cpu_int")
+    with pytest.raises(RuntimeError, match="'cpu_lut2' was forced but cannot run"):
+        _run(w4, x, "cpu_lut2")
+
+
+@pytest.mark.parametrize("n,k,glen", [(16, 64, 64), (17, 200, 64), (3, 72, 72), (40, 1100, 48), (5, 576, 100)])
+def test_lut2_layout_size_and_streams(n, k, glen):
+    """The table layout has the size `layout.lut2_bytes` gives (what the fake op reports under torch.compile), and
+    the blocks a thread streams at once (1, 2 or 4) change no output bit."""
+    if not paths.lut2_available():
+        with pytest.raises(RuntimeError, match="needs an AVX-512 build"):
+            build.load().gemm_lut2(torch.randn(1, 8), torch.zeros(64, dtype=torch.uint8), None, 1, 8, 1)
+        return
+    from cbq_hf.kernels.cpu.layout import lut2_bytes
+
+    torch.manual_seed(n + k)
+    lin = make_linear(n, k, 2, glen if glen != k else -1, input_scale=False)
+    lw = paths.lut2_weights(lin)
+    assert lw.wlut.numel() == lut2_bytes(n, k, lw.glen)
+    x = torch.randn(7, k)
+    ops = build.load()
+    outs = [ops.gemm_lut2(x, lw.wlut, lw.bias, n, lw.glen, s) for s in (1, 2, 4)]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    with torch.no_grad():
+        assert_close(outs[0], reference.linear(lin, x), magnitude(lin, x), torch.float32)
+    with pytest.raises(RuntimeError, match="does not match the 2-bit table layout"):
+        ops.gemm_lut2(x, lw.wlut[:-1], lw.bias, n, lw.glen, 4)
+    with pytest.raises(RuntimeError, match="streams must be 1, 2 or 4"):
+        ops.gemm_lut2(x, lw.wlut, lw.bias, n, lw.glen, 3)
+
+
+def test_lut2_non_finite_activations_propagate_like_the_reference():
+    """A NaN or inf activation makes every output of its token non-finite, as in the reference (where an inf times a
+    zero code difference gives NaN, the table's 0 * inf gives NaN too: the float path does the same)."""
+    lin = make_linear(32, 128, 2, 64, bias=False, input_scale=False)
+    x = torch.randn(2, 128)
+    x[0, 5] = float("nan")
+    x[1, 70] = float("inf")
+    with torch.no_grad():
+        ref = reference.linear(lin, x)
+        y = lin(x)  # the automatic path (cpu_lut2 on AVX-512 builds)
+    assert not bool(torch.isfinite(ref).any()) and not bool(torch.isfinite(y).any())
+    assert torch.equal(torch.isnan(y[0]), torch.isnan(ref[0]))

@@ -23,8 +23,9 @@ from ...paths import cache_dir
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cbq_cpu.cpp")
-#: Every source of the extension: the uniform-format kernels, and the LO-BCQ ones (ops in the same namespace).
-SOURCES = (SOURCE, Path(__file__).with_name("lobcq_cpu.cpp"))
+#: Every source of the extension: the uniform-format kernels, the 2-bit table-lookup kernel and the LO-BCQ ones
+#: (ops in the same namespace).
+SOURCES = (SOURCE, Path(__file__).with_name("lut2_cpu.cpp"), Path(__file__).with_name("lobcq_cpu.cpp"))
 
 _COMMON_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-DNDEBUG"]
 #: Compiler flags per variant, best first. All use the same source; `dot_u8s8` picks VNNI when the flags allow it.
@@ -163,6 +164,15 @@ def _register_fakes() -> None:
     @torch.library.register_fake(lib + "dequantize_into")
     def _(qweight, scales, zeros, slot, glen, out):
         return None
+
+    @torch.library.register_fake(lib + "gemm_lut2")
+    def _(x, wlut, bias, N, glen, streams):
+        return x.new_empty((*x.shape[:-1], N), dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "lut2_repack")
+    def _(qweight, scales, zeros, K, glen):
+        from .layout import lut2_bytes
+        return qweight.new_empty((lut2_bytes(qweight.shape[0], K, glen),))
 
     @torch.library.register_fake(lib + "lobcq_gemm")
     def _(x, qweight, selectors, scales, tensor_scale, codebooks, e4m3, bias, block_len, array_len, sel_bits):

@@ -1,4 +1,5 @@
-"""Repack the on-disk uniform layout into the CPU kernels' panel layout (see the header of `cbq_cpu.cpp`).
+"""Repack the on-disk uniform layout into the CPU kernels' panel layout (see the header of `cbq_cpu.cpp`), or for
+2-bit codes into the table layout of the `cpu_lut2` path (`lut2_cpu.cpp`).
 
 Done once per module at first use (the C++ op ``cbq_hf_cpu::repack``, linear in the weight size) and kept in
 ``module._kernel_cache``; the saved checkpoint layout never changes.
@@ -52,3 +53,38 @@ def repack(ops, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
         slot=slot,
         glen=glen,
     )
+
+
+LUT2_ROWS = 16  # rows per block of the 2-bit table layout (one 512-bit register of 32-bit lanes)
+LUT2_WORD_CODES = 16  # 2-bit codes per 32-bit word
+LUT2_META_BYTES = 64  # fp16 scales + uint8 zeros of a block's group, padded
+
+
+def lut2_bytes(out_features: int, in_features: int, glen: int) -> int:
+    """Bytes of the 2-bit table layout (see the header of `lut2_cpu.cpp`): per block of 16 rows and group, a meta
+    record and the group's codes padded to whole 16-code words."""
+    groups = -(-in_features // glen)
+    words = -(-glen // LUT2_WORD_CODES)
+    return -(-out_features // LUT2_ROWS) * groups * (LUT2_META_BYTES + words * LUT2_ROWS * 4)
+
+
+@dataclass(frozen=True)
+class Lut2Weights:
+    """Weights of one 2-bit linear in the table layout of the `cpu_lut2` path."""
+
+    wlut: torch.Tensor  # uint8 [lut2_bytes]
+    bias: torch.Tensor | None  # float32 [N]
+    glen: int
+
+    def nbytes(self) -> int:
+        return self.wlut.numel() * self.wlut.element_size()
+
+
+def repack_lut2(ops, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: UniformSpec,
+                in_features: int, bias: torch.Tensor | None = None) -> Lut2Weights:
+    """Table layout of one 2-bit linear from its packed buffers (see `repack`)."""
+    if spec.slot_bits != 2:
+        raise ValueError(f"the table layout takes 2-bit codes, got {spec.slot_bits}-bit slots")
+    glen = spec.group_len(in_features)
+    wlut = ops.lut2_repack(qweight.contiguous(), scales.contiguous(), zeros.contiguous(), in_features, glen)
+    return Lut2Weights(wlut=wlut, bias=None if bias is None else bias.detach().float().contiguous(), glen=glen)
