@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/generate.py [--new-tokens 128] [--batches 1 8] [--threads 1]
 
 Greedy `generate()`; tokens/s = batch * new tokens / wall time (prefill included), the median of --repeats timed
-calls (default 3; single calls vary by ~20% on the shared VMs). For the W4A16 configs the greedy
+calls (default 3; single calls vary by ~20% on the shared VMs). For the weight-only configs (W4A16, W2A16) the greedy
 output is compared with the reference path (CBQ_KERNEL=reference). "+ int8 head" also quantizes the output head
 (`CBQConfig(lm_head_bits=8)`; the other configs keep it fp32, as the quality tables do). Reports checkpoint size on disk and resident memory.
 Every config runs in its own process (clean resident-memory numbers); a quantized config is first quantized (RTN)
@@ -115,7 +115,7 @@ def worker(name: str, path: str, batches: list[int], new_tokens: int, threads: i
             row[f"tok_s_b{b}"] = statistics.median(rates)
             row[f"tok_s_b{b}_runs"] = rates
             kernels |= {m.last_kernel for m in model.modules() if isinstance(m, cbq_hf.CBQLinear) and m.last_kernel}
-            if name.startswith("W4A16") and b == 1:
+            if name.startswith(("W4A16", "W2A16")) and b == 1:
                 # the reference path is ~30x slower than the kernels: compare the first `ref_tokens` greedy tokens
                 with force_kernel("reference"):
                     _, ref = run(model, tok, b, ref_tokens)
@@ -137,7 +137,7 @@ def main() -> None:
                     help="timed generate() calls per config and batch; the median is reported (all in the JSON)")
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
     ap.add_argument("--ref-tokens", type=int, default=32,
-                    help="greedy tokens compared with the (slow) reference path for W4A16 at batch 1")
+                    help="greedy tokens compared with the (slow) reference path for W4A16 / W2A16 at batch 1")
     ap.add_argument("--out", default="generate", help="file stem under benchmarks/results/")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--prepare", default=None, help=argparse.SUPPRESS)

@@ -5,8 +5,8 @@
 // sums q_a x_a + q_b x_b form one 512-bit register, and one `vpermps` looks up the partial sums of 16 rows at once
 // (the 4-bit index of each row in its 32-bit lane). Per 32 weights that is a permute, an add and a shift, where
 // the float path converts codes and multiplies them (4096 x 4096 g64 streamed from DRAM on a Sapphire Rapids
-// core: ~0.6 ms against ~1.2 ms; see docs/benchmarks_kernels.md). For 4-bit codes one code is the whole index,
-// which measured no faster than the fixed-point path, so this path is 2-bit only.
+// core, benchmarks/kernels.py: 0.72-0.93 ms against 1.21-1.50 ms; docs/benchmarks_kernels.md). For 4-bit codes
+// one code is the whole index, which measured no faster than the fixed-point path, so this path is 2-bit only.
 //
 // Layout (built by `lut2_repack` from the on-disk layout at first use, never saved):
 //   * rows are taken in blocks of 16 (the last block padded with zero rows); groups of `glen` codes are padded with
@@ -137,15 +137,16 @@ void build_tables(const T* x, const LutGeometry& g, float* tab, float* xsum) {
 template <int NB>
 inline void blocks_token(const uint8_t* const* w, const float* tab, const float* xsum, const LutGeometry& g,
                          __m512* out) {
+  const int64_t gw = g.Gw;
   for (int b = 0; b < NB; ++b) out[b] = _mm512_setzero_ps();
   for (int64_t gi = 0; gi < g.G; ++gi) {
-    // two accumulators per block (even / odd pairs): shorter add chains, and each sums half as many terms
-    __m512 acc[NB][2];
-    for (int b = 0; b < NB; ++b) acc[b][0] = acc[b][1] = _mm512_setzero_ps();
-    const float* tg = tab + gi * g.Gw * 8 * 16;
+    // one accumulator per block: two (even / odd pairs) measured no faster and made GCC spill in the inner loop
+    __m512 acc[NB];
+    for (int b = 0; b < NB; ++b) acc[b] = _mm512_setzero_ps();
+    const float* tg = tab + gi * gw * 8 * 16;
     const uint8_t* rec[NB];
     for (int b = 0; b < NB; ++b) rec[b] = w[b] + gi * g.group_bytes;
-    for (int64_t wi = 0; wi < g.Gw; ++wi) {
+    for (int64_t wi = 0; wi < gw; ++wi) {
       __m512i W[NB];
       for (int b = 0; b < NB; ++b) {
         const uint8_t* p = rec[b] + kMetaBytes + wi * 64;
@@ -157,7 +158,7 @@ inline void blocks_token(const uint8_t* const* w, const float* tab, const float*
       for (int j = 0; j < 8; ++j) {
         const __m512 T = _mm512_loadu_ps(t + j * 16);
         for (int b = 0; b < NB; ++b) {
-          acc[b][j & 1] = _mm512_add_ps(acc[b][j & 1], _mm512_permutexvar_ps(W[b], T));
+          acc[b] = _mm512_add_ps(acc[b], _mm512_permutexvar_ps(W[b], T));
           W[b] = _mm512_srli_epi32(W[b], 4);
         }
       }
@@ -166,7 +167,7 @@ inline void blocks_token(const uint8_t* const* w, const float* tab, const float*
     for (int b = 0; b < NB; ++b) {
       const __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec[b])));
       const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rec[b] + 32))));
-      out[b] = _mm512_fmadd_ps(sc, _mm512_fnmadd_ps(z, xs, _mm512_add_ps(acc[b][0], acc[b][1])), out[b]);
+      out[b] = _mm512_fmadd_ps(sc, _mm512_fnmadd_ps(z, xs, acc[b]), out[b]);
     }
   }
 }
