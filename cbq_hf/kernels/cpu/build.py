@@ -26,6 +26,8 @@ SOURCE = Path(__file__).with_name("cbq_cpu.cpp")
 #: Every source of the extension: the uniform-format kernels, the 2-bit table-lookup kernel and the LO-BCQ ones
 #: (ops in the same namespace).
 SOURCES = (SOURCE, Path(__file__).with_name("lut2_cpu.cpp"), Path(__file__).with_name("lobcq_cpu.cpp"))
+#: Headers they include (part of the build's cache key: a changed header must rebuild).
+HEADERS = (Path(__file__).with_name("cpu_common.h"),)
 
 _COMMON_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-DNDEBUG"]
 #: Compiler flags per variant, best first. All use the same source; `dot_u8s8` picks VNNI when the flags allow it.
@@ -115,8 +117,8 @@ def select_variant(flags: set[str] | None = None) -> str | None:
 
 
 def build_dir(variant: str) -> Path:
-    """Where a variant's build lives: keyed by torch version and a hash of the source and flags."""
-    digest = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES)
+    """Where a variant's build lives: keyed by torch version and a hash of the sources, headers and flags."""
+    digest = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES + HEADERS)
                             + " ".join(VARIANT_FLAGS[variant]).encode()).hexdigest()[:12]
     tv = torch.__version__.replace("+", "_")
     return cache_dir() / "kernels" / f"cpu-{variant}-torch{tv}-{digest}"

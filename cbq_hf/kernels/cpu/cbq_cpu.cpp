@@ -31,6 +31,8 @@
 
 #include <immintrin.h>
 
+#include "cpu_common.h"
+
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -126,15 +128,6 @@ inline int x_exponent(int slot, int v, int mode) {
 
 // Factor that turns the kernel's sums into sum q x.
 inline float output_scale(int mode) { return mode == kDenormal ? std::ldexp(1.f, 149 - kDenormalXExp) : 1.f; }
-
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-// 16 activations (count n <= 16, the rest read as zero) as float32 lanes.
-inline __m512 load16(const float* x, int n) { return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), x); }
-inline __m512 load16(const at::BFloat16* x, int n) {
-  const __m256i h = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), x);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-#endif
 
 // ------------------------------------------------------------------------------------------ reductions
 // out lane r = sum of the 8 lanes of p[r].
@@ -699,14 +692,6 @@ void run_panels(const Geometry& g, const uint8_t* w, int64_t M, const float* bia
   else run_panels_n<4>(g, w, M, bias, y, panel_fn, token_scale);
 }
 
-// Reused per-thread scratch (token arrangement): fresh buffers per call cost page faults for large M.
-template <typename T>
-T* scratch(int64_t n, int which) {
-  thread_local std::vector<T> buf[2];
-  if (static_cast<int64_t>(buf[which].size()) < n) buf[which].resize(n);
-  return buf[which].data();
-}
-
 // ------------------------------------------------------------------------------------------ activation quantizer
 // Bit-for-bit the reference: step = max(amax * clip / qmax, 1e-8); code = clamp(round_half_even(x / step)).
 template <typename T>
@@ -758,11 +743,6 @@ void quantize_rows(const T* x, int64_t M, int64_t K, float clip, int act_bits, i
 }
 
 // ------------------------------------------------------------------------------------------ op wrappers
-void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-}
-
 // x [..., K] as M = (product of the leading dims) rows of K values; the GEMMs take any leading dims, so a
 // CBQLinear passes its [batch, tokens, K] input as it is (a Python reshape/view per call costs more than a decode
 // GEMV of a small projection).

@@ -24,6 +24,8 @@
 
 #include <immintrin.h>
 
+#include "cpu_common.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -188,11 +190,6 @@ RowDecoder row_decoder(const LobcqWeights& w) {
   if (w.block_len == 8 && w.array_len % 16 == 0) return decode_row_16;
 #endif
   return decode_row;
-}
-
-void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
 LobcqWeights lobcq_weights(const at::Tensor& qweight, const std::optional<at::Tensor>& selectors,

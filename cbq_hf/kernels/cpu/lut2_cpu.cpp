@@ -29,6 +29,8 @@
 
 #include <immintrin.h>
 
+#include "cpu_common.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -53,11 +55,6 @@ struct LutGeometry {
   }
   int64_t pairs() const { return G * Gw * kWordCodes / 2; }  // table entries of 16 floats per token
 };
-
-void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-}
 
 // The table layout from the on-disk layout: qweight uint8 [N, ceil(K / 4)] (code k at bits 2 (k % 4) of byte k / 4),
 // scales fp16 [N, G], zeros uint8 [N, G].
@@ -102,12 +99,6 @@ at::Tensor lut2_repack(const at::Tensor& qweight, const at::Tensor& scales, cons
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 constexpr bool kHasLut2 = true;
-
-inline __m512 load16(const float* x, int n) { return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), x); }
-inline __m512 load16(const at::BFloat16* x, int n) {
-  const __m256i h = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), x);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
 
 // One token's tables (tab [pairs][16]) and group sums (xsum [G]).
 template <typename T>
@@ -203,13 +194,6 @@ void run_blocks(const LutGeometry& g, const uint8_t* wl, int64_t M, const float*
     }
     for (int64_t b = b0 + S * L; b < b1; ++b) run(std::integral_constant<int, 1>{}, &b);
   });
-}
-
-template <typename T>
-T* scratch(int64_t n, int which) {
-  thread_local std::vector<T> buf[2];
-  if (static_cast<int64_t>(buf[which].size()) < n) buf[which].resize(n);
-  return buf[which].data();
 }
 #else
 constexpr bool kHasLut2 = false;

@@ -135,26 +135,26 @@ def prefer_dequant(module, x: torch.Tensor) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def panels(module) -> Panels:
-    """The module's weights in the panel layout (repacked once, cached in ``module._kernel_cache``)."""
-    pan = module._kernel_cache.get("cpu_panels")
-    if pan is None:
+def _repacked(module, key: str, repack_fn):
+    """The module's weights in a kernel layout, built by `repack_fn` from its packed buffers once and cached in
+    ``module._kernel_cache[key]`` (cleared whenever the buffers are replaced or moved)."""
+    cached = module._kernel_cache.get(key)
+    if cached is None:
         b = module.packed_buffers()
-        pan = repack(build.load(), b["qweight"], b["scales"], b["zeros"], module.fmt.spec, module.in_features,
-                     module.bias)
-        module._kernel_cache["cpu_panels"] = pan
-    return pan
+        cached = repack_fn(build.load(), b["qweight"], b["scales"], b["zeros"], module.fmt.spec, module.in_features,
+                           module.bias)
+        module._kernel_cache[key] = cached
+    return cached
+
+
+def panels(module) -> Panels:
+    """The module's weights in the panel layout (repacked once)."""
+    return _repacked(module, "cpu_panels", repack)
 
 
 def lut2_weights(module) -> Lut2Weights:
-    """The module's 2-bit weights in the table layout (repacked once, cached in ``module._kernel_cache``)."""
-    lw = module._kernel_cache.get("cpu_lut2")
-    if lw is None:
-        b = module.packed_buffers()
-        lw = repack_lut2(build.load(), b["qweight"], b["scales"], b["zeros"], module.fmt.spec, module.in_features,
-                         module.bias)
-        module._kernel_cache["cpu_lut2"] = lw
-    return lw
+    """The module's 2-bit weights in the table layout of `cpu_lut2` (repacked once)."""
+    return _repacked(module, "cpu_lut2", repack_lut2)
 
 
 def repacked_bytes(module) -> int:

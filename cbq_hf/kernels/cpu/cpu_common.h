@@ -1,0 +1,37 @@
+// Helpers shared by the CPU kernel sources (cbq_cpu.cpp, lut2_cpu.cpp, lobcq_cpu.cpp): argument checks, loading 16
+// activations as float32 lanes, and reused per-thread scratch buffers. Internal to each translation unit.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+// Reused per-thread scratch (token arrangement, tables): fresh buffers per call cost page faults for large M.
+template <typename T>
+T* scratch(int64_t n, int which) {
+  thread_local std::vector<T> buf[2];
+  if (static_cast<int64_t>(buf[which].size()) < n) buf[which].resize(n);
+  return buf[which].data();
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// 16 activations (count n <= 16, the rest read as zero) as float32 lanes.
+inline __m512 load16(const float* x, int n) { return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), x); }
+inline __m512 load16(const at::BFloat16* x, int n) {
+  const __m256i h = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), x);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#endif
+
+}  // namespace
