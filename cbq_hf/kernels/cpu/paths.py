@@ -9,8 +9,9 @@ Paths (automatic choice in this order; each can be forced by name):
   the reference's), then int8 x uint8 dot products (AVX2 ``maddubs``, VNNI ``dpbusd`` when built for it) with exact
   int32 sums per group.
 - ``cpu_lut2``: 2-bit weights with float activations (no ``act_bits``) on AVX-512 builds: per token a table of the
-  16 partial sums of every pair of activations, looked up for 16 rows at once by the codes (`lut2_cpu.cpp`); about
-  2x faster than ``cpu_packed`` on a 2-bit decode GEMV. Exact w.r.t. the dequantized weights up to float rounding.
+  16 partial sums of every pair of activations, looked up for 16 rows at once by the codes (`lut2_cpu.cpp`);
+  1.6-1.8x faster than ``cpu_packed`` on a 2-bit decode GEMV (docs/benchmarks_kernels.md, session 11). Exact
+  w.r.t. the dequantized weights up to float rounding.
 - ``cpu_packed``: every other case (fp32/bf16/fp16 activations, 8-bit weights, act_bits with 8-bit weights on
   simulated-quantized inputs): float FMA straight from the packed codes, exact w.r.t. the dequantized weights.
 """
