@@ -640,8 +640,8 @@ int64_t set_streams(int64_t n) {
   return old;
 }
 
-// panel_fn(PanelSet<NP>, token m, out[NP]) for NP = S or 1. A thread's panels [p0, p1) are cut into S contiguous
-// ranges and walked in step (panels p0 + t, p0 + t + L, ...), so the streams are far apart in memory.
+// panel_fn(PanelSet<NP>, token m, out[NP]) for NP = S or 1, a thread's panels [p0, p1) walked S at a time
+// (walk_streams).
 template <int S, typename PanelFn, typename TokenScale>
 void run_panels_n(const Geometry& g, const uint8_t* w, int64_t M, const float* bias, float* y, PanelFn panel_fn,
                   TokenScale token_scale) {
@@ -663,24 +663,14 @@ void run_panels_n(const Geometry& g, const uint8_t* w, int64_t M, const float* b
       for (int i = 0; i < NP; ++i) s.w[i] = w + ps[i] * pb;
       return s;
     };
-    const int64_t L = (p1 - p0) / S;  // panels per stream; the remainder runs one at a time
-    for (int64_t t = 0; t < L; ++t) {
-      int64_t ps[S];
-      for (int i = 0; i < S; ++i) ps[i] = p0 + t + i * L;
-      const auto set = set_of(std::integral_constant<int, S>{}, ps);
+    walk_streams<S>(p0, p1, [&](auto np_c, const int64_t* ps) {
+      constexpr int NP = decltype(np_c)::value;
+      const auto set = set_of(np_c, ps);
       for (int64_t m = 0; m < M; ++m) {
         panel_fn(set, m, res);
-        for (int i = 0; i < S; ++i) store(ps[i], m, res[i]);
+        for (int i = 0; i < NP; ++i) store(ps[i], m, res[i]);
       }
-    }
-    const int64_t rest = p0 + S * L;
-    for (int64_t p = rest; p < p1; ++p) {
-      const auto set = set_of(std::integral_constant<int, 1>{}, &p);
-      for (int64_t m = 0; m < M; ++m) {
-        panel_fn(set, m, res);
-        store(p, m, res[0]);
-      }
-    }
+    });
   });
 }
 

@@ -1,5 +1,6 @@
 // Helpers shared by the CPU kernel sources (cbq_cpu.cpp, lut2_cpu.cpp, lobcq_cpu.cpp): argument checks, loading 16
-// activations as float32 lanes, and reused per-thread scratch buffers. Internal to each translation unit.
+// activations as float32 lanes, reused per-thread scratch buffers, and the walk of weight units in concurrent streams.
+// Internal to each translation unit.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -8,6 +9,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -23,6 +25,20 @@ T* scratch(int64_t n, int which) {
   thread_local std::vector<T> buf[2];
   if (static_cast<int64_t>(buf[which].size()) < n) buf[which].resize(n);
   return buf[which].data();
+}
+
+// Walks one thread's weight units [u0, u1) (panels, blocks) S at a time: the range is cut into S contiguous parts
+// walked in step (units u0 + t, u0 + t + L, ...), so the weights arrive as S concurrent streams from places far apart
+// in memory; the remainder runs one at a time. fn(std::integral_constant<int, NP>, const int64_t* units), NP = S or 1.
+template <int S, typename Fn>
+void walk_streams(int64_t u0, int64_t u1, Fn fn) {
+  const int64_t L = (u1 - u0) / S;  // units per stream
+  for (int64_t t = 0; t < L; ++t) {
+    int64_t units[S];
+    for (int i = 0; i < S; ++i) units[i] = u0 + t + i * L;
+    fn(std::integral_constant<int, S>{}, static_cast<const int64_t*>(units));
+  }
+  for (int64_t u = u0 + S * L; u < u1; ++u) fn(std::integral_constant<int, 1>{}, static_cast<const int64_t*>(&u));
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)

@@ -128,16 +128,15 @@ void build_tables(const T* x, const LutGeometry& g, float* tab, float* xsum) {
 template <int NB>
 inline void blocks_token(const uint8_t* const* w, const float* tab, const float* xsum, const LutGeometry& g,
                          __m512* out) {
-  const int64_t gw = g.Gw;
   for (int b = 0; b < NB; ++b) out[b] = _mm512_setzero_ps();
   for (int64_t gi = 0; gi < g.G; ++gi) {
     // one accumulator per block: two (even / odd pairs) measured no faster and made GCC spill in the inner loop
     __m512 acc[NB];
     for (int b = 0; b < NB; ++b) acc[b] = _mm512_setzero_ps();
-    const float* tg = tab + gi * gw * 8 * 16;
+    const float* tg = tab + gi * g.Gw * 8 * 16;
     const uint8_t* rec[NB];
     for (int b = 0; b < NB; ++b) rec[b] = w[b] + gi * g.group_bytes;
-    for (int64_t wi = 0; wi < gw; ++wi) {
+    for (int64_t wi = 0; wi < g.Gw; ++wi) {
       __m512i W[NB];
       for (int b = 0; b < NB; ++b) {
         const uint8_t* p = rec[b] + kMetaBytes + wi * 64;
@@ -163,7 +162,7 @@ inline void blocks_token(const uint8_t* const* w, const float* tab, const float*
   }
 }
 
-// Every block for every token; a thread's blocks [b0, b1) are cut into S contiguous ranges walked in step.
+// Every block for every token, S blocks at a time (walk_streams).
 template <int S>
 void run_blocks(const LutGeometry& g, const uint8_t* wl, int64_t M, const float* tab, const float* xsum,
                 const float* bias, float* y) {
@@ -186,13 +185,7 @@ void run_blocks(const LutGeometry& g, const uint8_t* wl, int64_t M, const float*
         for (int i = 0; i < NB; ++i) store(blk[i], m, out[i]);
       }
     };
-    const int64_t L = (b1 - b0) / S;
-    for (int64_t t = 0; t < L; ++t) {
-      int64_t blk[S];
-      for (int i = 0; i < S; ++i) blk[i] = b0 + t + i * L;
-      run(std::integral_constant<int, S>{}, blk);
-    }
-    for (int64_t b = b0 + S * L; b < b1; ++b) run(std::integral_constant<int, 1>{}, &b);
+    walk_streams<S>(b0, b1, run);
   });
 }
 #else
