@@ -66,9 +66,25 @@ def force_kernel(name: str | None) -> Iterator[None]:
         _forced = old
 
 
+ENV = "CBQ_KERNEL"
+# os.environ.get costs ~2 us per call (it encodes the key and decodes the value), a tenth of a small decode GEMV;
+# the mapping's own dict (bytes keys on POSIX) is read directly where CPython has one, and still sees every change
+# made through os.environ (monkeypatch.setenv included).
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(ENV) if _ENV_DATA is not None and hasattr(os.environ, "encodekey") else None
+
+
+def _env_forced() -> str | None:
+    """The kernel named by ``CBQ_KERNEL`` (None when unset or empty)."""
+    if _ENV_KEY is None:
+        return os.environ.get(ENV) or None
+    value = _ENV_DATA.get(_ENV_KEY)
+    return os.environ.decodevalue(value) if value else None
+
+
 def _select(module, x: torch.Tensor) -> tuple[str, Callable, Callable | None]:
     """(name, fn(module, x), bound fn(x) or None) of the path for this call."""
-    forced = _forced or os.environ.get("CBQ_KERNEL") or None
+    forced = _forced or _env_forced()
     if forced == "reference":
         return "reference", reference.linear, None
     for path in _PATHS:
@@ -83,11 +99,11 @@ def _select(module, x: torch.Tensor) -> tuple[str, Callable, Callable | None]:
                                f"(format={module.fmt.name}, act_bits={module.fmt.act_bits}, dtype={x.dtype}, "
                                f"device={x.device})")
     if forced is not None:
-        raise ValueError(f"CBQ_KERNEL={forced!r} is not a kernel; available: {available_kernels()}")
+        raise ValueError(f"{ENV}={forced!r} is not a kernel; available: {available_kernels()}")
     return "reference", reference.linear, None
 
 
-#: Distinct (forced, dtype, device, rows) selections remembered per module; prefill with many prompt lengths would
+#: Distinct (forced, dtype, device, shape) selections remembered per module; prefill with many prompt lengths would
 #: otherwise grow the memo without bound.
 _MEMO_SIZE = 32
 
@@ -95,12 +111,12 @@ _MEMO_SIZE = 32
 def linear(module, x: torch.Tensor) -> torch.Tensor:
     """Forward of a `CBQLinear` through the selected kernel path.
 
-    The choice depends only on the forced name, x's dtype, device and row count, and on the module's format and
-    buffers; it is remembered per module in ``module._kernel_cache`` (cleared whenever the buffers are replaced or
-    moved), because asking every path's `supports`/`prefer` costs more than a small decode GEMV (~20 us per call).
+    The choice depends only on the forced name, x's dtype, device and row count (the memo keys on x's shape, which
+    fixes the rows and is cheaper to read), and on the module's format and buffers; it is remembered per module in
+    ``module._kernel_cache`` (cleared whenever the buffers are replaced or moved), because asking every path's
+    `supports`/`prefer` costs more than a small decode GEMV (~20 us per call).
     """
-    forced = _forced or os.environ.get("CBQ_KERNEL") or None
-    key = (forced, x.dtype, x.device, x.numel() // max(x.shape[-1], 1))
+    key = (_forced or _env_forced(), x.dtype, x.device, x.shape)
     cache = module._kernel_cache
     memo = cache.get("dispatch")
     if memo is None:

@@ -117,12 +117,56 @@ def test_kernels_keep_the_leading_dims(act_bits):
 
 
 def test_ops_trace_under_torch_compile():
+    """One graph, no break: the bound forward calls the traceable op while compiling, not the pybind binding."""
     lin = make_linear(16, 128, 4, 64, input_scale=False)
     x = torch.randn(2, 128)
     with force_kernel("cpu_packed"):
         eager = lin(x)
-        compiled = torch.compile(lambda t: lin(t), backend="eager", fullgraph=False)(x)
+        compiled = torch.compile(lambda t: lin(t), backend="eager", fullgraph=True)(x)
     assert torch.allclose(eager, compiled)
+
+
+def test_direct_bindings_equal_the_ops_and_are_what_eager_calls(monkeypatch):
+    """The pybind entry points (no dispatcher) are the ops' functions: same numbers, bit for bit, and the bound eager
+    forward goes through them (under torch.compile the op is traced instead: test_ops_trace_under_torch_compile)."""
+    ops, direct = build.load(), build.direct()
+    assert direct is not None
+    lin = make_linear(40, 200, 4, 64)
+    pan = paths.panels(lin)
+    x = torch.randn(3, 200)
+    for mode in (0, 2):
+        args = (x, pan.wpack, pan.bias, pan.slot, 40, pan.glen, mode)
+        assert torch.equal(direct.gemm_float(*args), ops.gemm_float(*args))
+    args = (x, 0.9, 8, pan.wpack, pan.bias, pan.slot, 40, pan.glen)
+    assert torch.equal(direct.gemm_int_act(*args), ops.gemm_int_act(*args))
+    if paths.lut2_available():
+        lin2 = make_linear(40, 200, 2, 64)
+        lw = paths.lut2_weights(lin2)
+        args = (x, lw.wlut, lw.bias, 40, lw.glen, 4)
+        assert torch.equal(direct.gemm_lut2(*args), ops.gemm_lut2(*args))
+    calls = []
+    monkeypatch.setattr(direct, "gemm_float", lambda *a: calls.append(a) or ops.gemm_float(*a), raising=True)
+    fresh = make_linear(8, 64, 4, 64)
+    with torch.no_grad(), force_kernel("cpu_packed"):
+        fresh(torch.randn(1, 64))
+    assert len(calls) == 1
+
+
+def test_without_bindings_the_paths_call_the_ops(monkeypatch):
+    """A build without Python headers has no direct bindings (build.direct() is None): the bound forwards call the
+    torch ops instead, with the same numbers."""
+    torch.manual_seed(0)
+    lin = make_linear(40, 200, 4, 64)
+    x = torch.randn(3, 200)
+    with torch.no_grad(), force_kernel("cpu_packed"):
+        fast = lin(x)
+    monkeypatch.setitem(build._state, "direct", None)
+    assert build.direct() is None
+    assert paths.eager_or_op("gemm_float") is build.load().gemm_float.default
+    torch.manual_seed(0)
+    slow = make_linear(40, 200, 4, 64)  # same buffers as lin, fresh kernel memo
+    with torch.no_grad(), force_kernel("cpu_packed"):
+        assert torch.equal(slow(x), fast)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"w{b}")

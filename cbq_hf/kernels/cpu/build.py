@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import platform
+import sysconfig
 import threading
 import time
 from pathlib import Path
@@ -24,8 +25,9 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cbq_cpu.cpp")
 #: Every source of the extension: the uniform-format kernels, the 2-bit table-lookup kernel and the LO-BCQ ones
-#: (ops in the same namespace).
-SOURCES = (SOURCE, Path(__file__).with_name("lut2_cpu.cpp"), Path(__file__).with_name("lobcq_cpu.cpp"))
+#: (ops in the same namespace), and the Python bindings of the decode GEMMs (`direct()`).
+BINDINGS = Path(__file__).with_name("bindings.cpp")
+SOURCES = (SOURCE, Path(__file__).with_name("lut2_cpu.cpp"), Path(__file__).with_name("lobcq_cpu.cpp"), BINDINGS)
 #: Headers they include (part of the build's cache key: a changed header must rebuild).
 HEADERS = (Path(__file__).with_name("cpu_common.h"),)
 
@@ -116,29 +118,41 @@ def select_variant(flags: set[str] | None = None) -> str | None:
     return None
 
 
-def build_dir(variant: str) -> Path:
+def python_headers_available() -> bool:
+    """Whether this Python's C headers are installed (the bindings need them; the ops alone do not)."""
+    return Path(sysconfig.get_paths()["include"], "Python.h").is_file()
+
+
+def _sources(bindings: bool) -> tuple[Path, ...]:
+    return SOURCES if bindings else tuple(src for src in SOURCES if src != BINDINGS)
+
+
+def build_dir(variant: str, bindings: bool = True) -> Path:
     """Where a variant's build lives: keyed by torch version and a hash of the sources, headers and flags."""
-    digest = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES + HEADERS)
+    digest = hashlib.sha256(b"".join(src.read_bytes() for src in _sources(bindings) + HEADERS)
                             + " ".join(VARIANT_FLAGS[variant]).encode()).hexdigest()[:12]
     tv = torch.__version__.replace("+", "_")
-    return cache_dir() / "kernels" / f"cpu-{variant}-torch{tv}-{digest}"
+    return cache_dir() / "kernels" / f"cpu-{variant}{'' if bindings else '-ops'}-torch{tv}-{digest}"
 
 
-def _build(variant: str) -> None:
-    """Compile (or reuse) and load the extension; registers ``torch.ops.cbq_hf_cpu``."""
+def _build(variant: str, bindings: bool):
+    """Compile (or reuse) and load the extension; registers ``torch.ops.cbq_hf_cpu``. Returns the Python module of
+    the bindings (bindings.cpp), or None when built without them (no Python headers: the ops alone, called through
+    the dispatcher, ~5 us slower per call)."""
     from torch.utils import cpp_extension
 
-    path = build_dir(variant)
+    path = build_dir(variant, bindings)
     path.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(
+    module = cpp_extension.load(
         name=f"cbq_hf_cpu_{variant}",
-        sources=[str(src) for src in SOURCES],
+        sources=[str(src) for src in _sources(bindings)],
         extra_cflags=_COMMON_FLAGS + VARIANT_FLAGS[variant],
         extra_ldflags=["-fopenmp"],
         build_directory=str(path),
-        is_python_module=False,
+        is_python_module=bindings,
         verbose=False,
     )
+    return module if bindings else None
 
 
 def _register_fakes() -> None:
@@ -203,7 +217,11 @@ def load():
         try:
             if variant is None:
                 raise RuntimeError(f"this CPU ({platform.machine()}) has no AVX2/FMA support")
-            _build(variant)
+            bindings = python_headers_available()
+            if not bindings:
+                logger.info("cbq_hf: no Python headers (Python.h); building the CPU kernels without their direct "
+                            "bindings")
+            direct_module = _build(variant, bindings)
             _register_fakes()
         except Exception as exc:  # noqa: BLE001 - any build failure means: use the reference path
             _state["error"] = f"{type(exc).__name__}: {exc}".strip()
@@ -214,11 +232,19 @@ def load():
             )
             return None
         _state["ops"] = torch.ops.cbq_hf_cpu
+        _state["direct"] = direct_module
         _state["variant"] = variant
         torch.ops.cbq_hf_cpu.set_streams(streams)
         logger.info("cbq_hf: loaded CPU kernels (%s, %d weight streams) from %s", variant, streams,
-                    build_dir(variant))
+                    build_dir(variant, direct_module is not None))
         return _state["ops"]
+
+
+def direct():
+    """The decode GEMMs ``gemm_float``, ``gemm_int_act`` and ``gemm_lut2`` as plain Python bindings (same functions
+    and arguments as the ops, without the op dispatcher's ~5 us per call; bindings.cpp), or None where `load()` is.
+    Eager code only: torch.compile traces the ops (see `paths.eager_or_op`)."""
+    return _state.get("direct") if load() is not None else None
 
 
 #: ``mode`` argument of ``gemm_float``: 0 = convert the codes (vcvtdq2ps), -1 = reinterpret them as denormal floats

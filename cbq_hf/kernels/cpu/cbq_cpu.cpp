@@ -1115,6 +1115,19 @@ void dequantize_into(const at::Tensor& qweight, const at::Tensor& scales, const 
 
 }  // namespace
 
+// Direct entry points for the Python bindings (bindings.cpp): the same functions as the ops below, called without
+// the dispatcher.
+namespace cbq_hf_cpu_direct {
+at::Tensor gemm_float(const at::Tensor& x, const at::Tensor& wpack, const std::optional<at::Tensor>& bias, int64_t slot,
+                      int64_t N, int64_t glen, int64_t mode) {
+  return ::gemm_float(x, wpack, bias, slot, N, glen, mode);
+}
+at::Tensor gemm_int_act(const at::Tensor& x, double clip, int64_t act_bits, const at::Tensor& wpack,
+                        const std::optional<at::Tensor>& bias, int64_t slot, int64_t N, int64_t glen) {
+  return ::gemm_int_act(x, clip, act_bits, wpack, bias, slot, N, glen);
+}
+}  // namespace cbq_hf_cpu_direct
+
 TORCH_LIBRARY(cbq_hf_cpu, m) {
   m.def("quantize_act(Tensor x, float clip, int act_bits) -> (Tensor, Tensor)");
   m.def("set_streams(int n) -> int");

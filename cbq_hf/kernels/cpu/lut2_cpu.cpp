@@ -239,6 +239,13 @@ bool lut2_available() { return kHasLut2; }
 
 }  // namespace
 
+namespace cbq_hf_cpu_direct {  // see cbq_cpu.cpp
+at::Tensor gemm_lut2(const at::Tensor& x, const at::Tensor& wlut, const std::optional<at::Tensor>& bias, int64_t N,
+                     int64_t glen, int64_t streams) {
+  return ::gemm_lut2(x, wlut, bias, N, glen, streams);
+}
+}  // namespace cbq_hf_cpu_direct
+
 TORCH_LIBRARY_FRAGMENT(cbq_hf_cpu, m) {
   m.def("lut2_repack(Tensor qweight, Tensor scales, Tensor zeros, int K, int glen) -> Tensor");
   m.def("gemm_lut2(Tensor x, Tensor wlut, Tensor? bias, int N, int glen, int streams) -> Tensor");
