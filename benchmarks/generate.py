@@ -1,6 +1,6 @@
 """End-to-end decode speed of the demo model (SmolLM2-135M) in fp32, bf16 and RTN-quantized CBQ formats.
 
-    .venv/bin/python benchmarks/generate.py [--new-tokens 128] [--batches 1 8] [--threads 1]
+    .venv/bin/python benchmarks/generate.py [--new-tokens 128] [--batches 1 8] [--threads 1] [--rounds 3]
 
 Greedy `generate()`; tokens/s = batch * new tokens / wall time (prefill included), the median of --repeats timed
 calls (default 3; single calls vary by ~20% on the shared VMs). For the weight-only configs (W4A16, W2A16) the greedy
@@ -9,7 +9,9 @@ output is compared with the reference path (CBQ_KERNEL=reference). "+ int8 head"
 Every config runs in its own process (clean resident-memory numbers); a quantized config is first quantized (RTN)
 and saved by a separate process, then the timed process loads the saved checkpoint, as a deployment would.
 RSS load = resident memory added by `from_pretrained`; RSS run = added by the end of the runs (includes the kernels'
-repacked weights and workspaces). Writes benchmarks/results/generate.{json,md}.
+repacked weights and workspaces). --rounds R runs the configs in turn R times and reports the median of the
+per-round ratios to fp32 (a slow spell of the shared machine then hits every config alike). Writes
+benchmarks/results/generate.{json,md}.
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ def worker(name: str, path: str, batches: list[int], new_tokens: int, threads: i
             row[f"tok_s_b{b}"] = statistics.median(rates)
             row[f"tok_s_b{b}_runs"] = rates
             kernels |= {m.last_kernel for m in model.modules() if isinstance(m, cbq_hf.CBQLinear) and m.last_kernel}
-            if name.startswith(("W4A16", "W2A16")) and b == 1:
+            if name.startswith(("W4A16", "W2A16")) and b == 1 and ref_tokens > 0:
                 # the reference path is ~30x slower than the kernels: compare the first `ref_tokens` greedy tokens
                 with force_kernel("reference"):
                     _, ref = run(model, tok, b, ref_tokens)
@@ -125,6 +127,23 @@ def worker(name: str, path: str, batches: list[int], new_tokens: int, threads: i
         row["kernels"] = sorted(kernels)  # paths of the timed runs' last step (not the reference comparison)
         row["repacked_mb"] = sum(cpu_paths.repacked_bytes(m) for m in model.modules()
                                  if isinstance(m, cbq_hf.CBQLinear)) / 2**20
+    return row
+
+
+def merge_rounds(runs: list[dict], fp32_runs: list[dict | None], batches: list[int]) -> dict:
+    """One config's row over the rounds: the first round's row (memory, greedy check), tok/s = median of every timed
+    call, and per batch the ratio to fp32 of each round (``x_fp32_b{b}_rounds``) with its median (``x_fp32_b{b}``)."""
+    row = dict(runs[0])
+    row["rounds"] = len(runs)
+    for b in batches:
+        rates = [t for run in runs for t in run[f"tok_s_b{b}_runs"]]
+        row[f"tok_s_b{b}_runs"] = rates
+        row[f"tok_s_b{b}"] = statistics.median(rates)
+        ratios = [run[f"tok_s_b{b}"] / base[f"tok_s_b{b}"] for run, base in zip(runs, fp32_runs) if base]
+        if ratios:
+            row[f"x_fp32_b{b}_rounds"] = ratios
+            row[f"x_fp32_b{b}"] = statistics.median(ratios)
+    row["kernels"] = sorted({k for run in runs for k in run["kernels"]})
     return row
 
 
@@ -138,6 +157,10 @@ def main() -> None:
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
     ap.add_argument("--ref-tokens", type=int, default=32,
                     help="greedy tokens compared with the (slow) reference path for W4A16 / W2A16 at batch 1")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every config this many times, in turn (fresh processes each round), so a slow spell "
+                         "of the shared machine hits all configs alike; the ratios to fp32 are computed per round "
+                         "and their median is reported (tok/s: the median over all rounds' calls)")
     ap.add_argument("--out", default="generate", help="file stem under benchmarks/results/")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--prepare", default=None, help=argparse.SUPPRESS)
@@ -156,25 +179,36 @@ def main() -> None:
     load_before = " ".join(f"{v:.2f}" for v in os.getloadavg())
     me = [sys.executable, str(Path(__file__).resolve())]
     with tempfile.TemporaryDirectory() as tmp:
+        paths = {}
         for name in args.configs:
-            path = src
+            paths[name] = src
             if CONFIGS[name] is not None:
-                path = str(Path(tmp) / name.replace(" ", "_"))
-                subprocess.run(me + ["--prepare", name, "--path", path], check=True)
-            res = subprocess.run(me + ["--worker", name, "--path", path, "--threads", str(args.threads),
-                                       "--new-tokens", str(args.new_tokens), "--ref-tokens", str(args.ref_tokens),
-                                       "--repeats", str(args.repeats),
-                                       "--batches", *map(str, args.batches)],
-                                 check=True, capture_output=True, text=True)
-            row = json.loads(next(line[4:] for line in res.stdout.splitlines() if line.startswith("ROW ")))
-            rows.append(row)
-            print(row, flush=True)
+                paths[name] = str(Path(tmp) / name.replace(" ", "_"))
+                subprocess.run(me + ["--prepare", name, "--path", paths[name]], check=True)
+        rounds: list[dict[str, dict]] = []
+        for r in range(args.rounds):
+            by_name = {}
+            for name in args.configs:
+                # the greedy comparison with the slow reference path runs in the first round only
+                ref_tokens = args.ref_tokens if r == 0 else 0
+                res = subprocess.run(me + ["--worker", name, "--path", paths[name], "--threads", str(args.threads),
+                                           "--new-tokens", str(args.new_tokens), "--ref-tokens", str(ref_tokens),
+                                           "--repeats", str(args.repeats), "--batches", *map(str, args.batches)],
+                                     check=True, capture_output=True, text=True)
+                by_name[name] = json.loads(next(line[4:] for line in res.stdout.splitlines()
+                                                if line.startswith("ROW ")))
+                print(f"round {r + 1}: {by_name[name]}", flush=True)
+            rounds.append(by_name)
+    rows = [merge_rounds([rnd[name] for rnd in rounds], [rnd.get("fp32") for rnd in rounds], args.batches)
+            for name in args.configs]
     base = next((r for r in rows if r["config"] == "fp32"), None)
     meta = {"command": "python " + " ".join(sys.argv), "threads": args.threads, "load_before": load_before,
             "load_after": " ".join(f"{v:.2f}" for v in os.getloadavg())}
     lines = ["# End-to-end generate() speed, SmolLM2-135M", "", f"Command: `{meta['command']}`", "",
              f"{args.threads} thread(s); load average before {load_before}, after {meta['load_after']} "
-             "(2 shared cores).", "",
+             "(2 shared cores)."
+             + (f" {args.rounds} rounds: `x fp32` is the median of the per-round ratios (their range in brackets)."
+                if args.rounds > 1 else ""), "",
              "| config | " + " | ".join(f"tok/s b{b} | x fp32 b{b}" for b in args.batches)
              + " | checkpoint MB | RSS load MB | RSS run MB | repacked MB | greedy == reference (first N tokens) "
              "| kernels |",
@@ -182,8 +216,10 @@ def main() -> None:
     for r in rows:
         cells = []
         for b in args.batches:
-            ratio = r[f"tok_s_b{b}"] / base[f"tok_s_b{b}"] if base else float("nan")
-            cells += [f"{r[f'tok_s_b{b}']:.1f}", f"{ratio:.2f}"]
+            ratio = r.get(f"x_fp32_b{b}", float("nan"))
+            per_round = r.get(f"x_fp32_b{b}_rounds", [])
+            spread = f" ({min(per_round):.2f}-{max(per_round):.2f})" if len(per_round) > 1 else ""
+            cells += [f"{r[f'tok_s_b{b}']:.1f}", f"{ratio:.2f}{spread}"]
         lines.append(f"| {r['config']} | " + " | ".join(cells) + f" | {r['checkpoint_mb']:.1f} | "
                      f"{r['rss_load_mb']:.0f} | {r['rss_run_mb']:.0f} | {r['repacked_mb']:.1f} | "
                      f"{r.get('greedy_equals_reference', '')}"
