@@ -228,16 +228,35 @@ def test_fixed_mode_keeps_small_values_beside_an_outlier(bits):
     assert float(((y - ref).abs() / mag).max()) < 3e-7
 
 
-def test_fixed_mode_non_finite_activations_run_as_convert():
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")], ids=str)
+@pytest.mark.parametrize("where", [7, 99], ids=lambda k: f"k{k}")
+def test_fixed_mode_non_finite_activations_run_as_convert(where, bad, dtype):
+    """One non-finite activation anywhere (k=99: the ragged tail of a 100-wide row, 16 lanes per check) sends the
+    whole call to the convert mode, whose output carries it like the reference's."""
     ops = build.load()
-    lin = make_linear(16, 128, 4, 64, input_scale=False)
+    lin = make_linear(16, 100, 4, 64, input_scale=False)
     pan = paths.panels(lin)
-    x = torch.randn(3, 128)
-    x[0, 7], x[2, 100] = float("inf"), float("nan")
+    x = torch.randn(3, 100)
+    x[1, where] = bad
+    x = x.to(DTYPES[dtype])
     fixed = ops.gemm_float(x, pan.wpack, pan.bias, pan.slot, 16, pan.glen, 2)
     convert = ops.gemm_float(x, pan.wpack, pan.bias, pan.slot, 16, pan.glen, 0)
     torch.testing.assert_close(fixed, convert, rtol=0, atol=0, equal_nan=True)
-    assert not torch.isfinite(fixed).all()
+    assert not torch.isfinite(fixed[1]).any() and torch.isfinite(fixed[[0, 2]]).all()
+
+
+@pytest.mark.skipif(build.select_variant() not in build.FIXED_VARIANTS, reason="build without the fixed-point mode")
+def test_finite_activations_take_the_fixed_mode():
+    """The non-finite check lets finite calls through: the fixed-point sums round differently from convert's."""
+    ops = build.load()
+    lin = make_linear(64, 576, 4, 128, input_scale=False)
+    pan = paths.panels(lin)
+    x = torch.randn(2, 576)
+    fixed = ops.gemm_float(x, pan.wpack, pan.bias, pan.slot, 64, pan.glen, 2)
+    convert = ops.gemm_float(x, pan.wpack, pan.bias, pan.slot, 64, pan.glen, 0)
+    assert not torch.equal(fixed, convert)
+    torch.testing.assert_close(fixed, convert)
 
 
 @pytest.fixture
