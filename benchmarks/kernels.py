@@ -43,6 +43,9 @@ CONFIGS = [
     ("W4A8 g128 fp32", 4, 128, 8, torch.float32, "cpu_int"),
     ("W2A8 g64 fp32", 2, 64, 8, torch.float32, "cpu_int"),
     ("W4A4 g128 fp32", 4, 128, 4, torch.float32, "cpu_int"),
+    ("W4A8 g128 fp32", 4, 128, 8, torch.float32, "cpu_amx"),
+    ("W2A8 g64 fp32", 2, 64, 8, torch.float32, "cpu_amx"),
+    ("W4A4 g128 fp32", 4, 128, 4, torch.float32, "cpu_amx"),
     ("W4A16 g128 fp32", 4, 128, None, torch.float32, "cpu_dequant"),
     ("W4A16 g128 bf16", 4, 128, None, torch.bfloat16, "cpu_dequant"),
     ("W2A16 g64 fp32", 2, 64, None, torch.float32, "cpu_dequant"),
@@ -144,8 +147,11 @@ def bench_shape(k: int, n: int, ms: list[int], paths: list[str] | None, reps: in
         cands.append(("dense fp32", "F.linear", lambda: F.linear(x32, cyc(dense32))))
         cands.append(("dense bf16", "F.linear", lambda: F.linear(x16, cyc(dense16))))
         for label, bits, group, act, dt, path in configs:
-            if path == "cpu_dequant" and m == 1:
-                continue  # dequantizing the whole matrix for one token is never the choice (>= 20x slower)
+            if path in ("cpu_dequant", "cpu_amx") and m == 1:
+                continue  # a whole-matrix dequantization, or a 16-token tile, for one token is never the choice
+            if (path == "cpu_amx" and not cpu_paths.amx_available()) or (
+                    path == "cpu_lut2" and not cpu_paths.lut2_available()):
+                continue  # this CPU or build does not have the path
             mods = layers[(bits, group, act)]
             x = xs[dt]
 

@@ -57,8 +57,46 @@ def test_activation_quantized_paths_match_reference(act_bits, bits, shape, m, dt
     x = torch.randn(m, k).to(DTYPES[dtype])
     ref = reference.linear(lin, x)
     kernels = ["cpu_packed", "cpu_dequant"] + (["cpu_int"] if bits != 8 else [])
+    kernels += ["cpu_amx"] if bits != 8 and paths.amx_available() else []  # bit for bit cpu_int: test_amx_*
     for kernel in kernels:
         assert_close(_run(lin, x, kernel), ref, magnitude(lin, x), DTYPES[dtype])
+
+
+def _amx_or_refused(lin, x) -> bool:
+    """True where cpu_amx can run; elsewhere (no AMX-INT8, an AVX2 build, tile state not granted) checks that it is
+    never chosen and that forcing it is refused, and returns False."""
+    if paths.amx_available():
+        return True
+    assert not paths.supports_amx(lin, x)
+    with pytest.raises(RuntimeError, match="cannot run"):
+        _run(lin, x, "cpu_amx")
+    return False
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 15, 16, 37, 130], ids=lambda m: f"m{m}")
+@pytest.mark.parametrize("shape", [(40, 200, 64), (24, 1100, 32), (130, 576, 128), (8, 72, -1), (300, 256, 100)],
+                         ids=_ids)
+@pytest.mark.parametrize("bits,act_bits", [(4, 8), (4, 4), (3, 8), (2, 8), (2, 4)], ids=lambda v: str(v))
+def test_amx_equals_the_vnni_integer_kernel_bit_for_bit(bits, act_bits, shape, m, dtype):
+    """The AMX tiles compute cpu_int's numbers exactly: same codes, same int32 group sums, same float folding; over
+    row counts that are not multiples of 16 (partial weight and token tiles), K not a multiple of 64, odd panel
+    counts (N = 8, 40, 130, 300 rows) and whole-row groups."""
+    n, k, g = shape
+    lin = make_linear(n, k, bits, g, act_bits=act_bits, sym=bits % 2 == 0)
+    x = torch.randn(m, k).to(DTYPES[dtype])
+    if _amx_or_refused(lin, x):
+        assert torch.equal(_run(lin, x, "cpu_amx"), _run(lin, x, "cpu_int"))
+
+
+def test_amx_keeps_leading_dims_and_bias():
+    lin = make_linear(24, 200, 4, 64, act_bits=8)
+    x = torch.randn(2, 17, 200)
+    if not _amx_or_refused(lin, x):
+        return
+    y = _run(lin, x, "cpu_amx")
+    assert y.shape == (2, 17, 24)
+    assert torch.equal(y.reshape(34, 24), _run(lin, x.reshape(34, 200), "cpu_int"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -246,16 +284,16 @@ def test_fixed_mode_non_finite_activations_run_as_convert(where, bad, dtype):
     assert not torch.isfinite(fixed[1]).any() and torch.isfinite(fixed[[0, 2]]).all()
 
 
-@pytest.mark.skipif(build.select_variant() not in build.FIXED_VARIANTS, reason="build without the fixed-point mode")
 def test_finite_activations_take_the_fixed_mode():
-    """The non-finite check lets finite calls through: the fixed-point sums round differently from convert's."""
+    """The non-finite check lets finite calls through: the fixed-point sums round differently from convert's (builds
+    without the fixed-point mode run mode 2 as convert: the same numbers)."""
     ops = build.load()
     lin = make_linear(64, 576, 4, 128, input_scale=False)
     pan = paths.panels(lin)
     x = torch.randn(2, 576)
     fixed = ops.gemm_float(x, pan.wpack, pan.bias, pan.slot, 64, pan.glen, 2)
     convert = ops.gemm_float(x, pan.wpack, pan.bias, pan.slot, 64, pan.glen, 0)
-    assert not torch.equal(fixed, convert)
+    assert torch.equal(fixed, convert) == (build.loaded_variant() not in build.FIXED_VARIANTS)
     assert_close(fixed, reference.linear(lin, x), magnitude(lin, x), torch.float32)
 
 

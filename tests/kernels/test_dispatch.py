@@ -14,14 +14,27 @@ from kernel_helpers import make_linear
 needs_kernels = pytest.mark.skipif(build.select_variant() is None, reason="CPU without AVX2/FMA")
 
 
+@pytest.fixture(params=[False, True], ids=["no-amx", "amx"])
+def amx(request, monkeypatch):
+    """Run a test as on a CPU without AMX, and (where this one has it) with AMX."""
+    if request.param and not paths.amx_available():
+        pytest.skip("no AMX-INT8 tile units here (or Linux did not grant them)")
+    monkeypatch.setitem(paths._workspace_flags, "amx", request.param)
+    return request.param
+
+
 @needs_kernels
 @pytest.mark.parametrize(("bits", "act_bits", "m", "expected"), [
     (4, None, 1, "cpu_packed"), (4, None, paths.DEQUANT_MIN_M, "cpu_dequant"),
-    (4, 8, 1, "cpu_int"), (4, 8, paths.DEQUANT_MIN_M_INT[4] - 1, "cpu_int"),
-    (4, 8, paths.DEQUANT_MIN_M_INT[4], "cpu_dequant"),
+    (4, 8, 1, "cpu_int"), (4, 8, paths.AMX_MIN_M - 1, "cpu_int"), (4, 8, paths.AMX_MIN_M, "cpu_int"),
+    (4, 8, paths.DEQUANT_MIN_M_INT[4] - 1, "cpu_int"), (4, 8, paths.DEQUANT_MIN_M_INT[4], "cpu_dequant"),
     (2, 8, paths.DEQUANT_MIN_M_INT[2] - 1, "cpu_int"), (2, 8, paths.DEQUANT_MIN_M_INT[2], "cpu_dequant"),
 ])
-def test_automatic_choice_by_rows(bits, act_bits, m, expected):
+def test_automatic_choice_by_rows(bits, act_bits, m, expected, amx):
+    """Where AMX is available, activation-quantized formats take cpu_amx from AMX_MIN_M rows on, and never the
+    dequantize path."""
+    if amx and act_bits is not None and m >= paths.AMX_MIN_M:
+        expected = "cpu_amx"
     lin = make_linear(8, 64, bits, 32, act_bits=act_bits)
     lin(torch.randn(m, 64))
     assert lin.last_kernel == expected
@@ -31,8 +44,10 @@ def test_automatic_choice_by_rows(bits, act_bits, m, expected):
 @pytest.mark.parametrize("native", [True, False], ids=["bf16-matrix-units", "emulated-bf16"])
 def test_bf16_inputs_switch_earlier_only_with_native_bf16_gemm(native, monkeypatch):
     """bf16 prefill moves to dequantize + bf16 GEMM from DEQUANT_MIN_M_BF16 rows where the CPU has bf16 matrix
-    units; elsewhere bf16 inputs keep the float32 limits (and the fp32 GEMM)."""
+    units; elsewhere bf16 inputs keep the float32 limits (and the fp32 GEMM). (Without AMX integer units: with them
+    the activation-quantized formats take cpu_amx, see test_automatic_choice_by_rows.)"""
     monkeypatch.setitem(paths._workspace_flags, "bf16_native", native)
+    monkeypatch.setitem(paths._workspace_flags, "amx", False)
     lin = make_linear(8, 64, 4, 32)
     m = paths.DEQUANT_MIN_M_BF16
     assert m < paths.DEQUANT_MIN_M
@@ -67,7 +82,7 @@ def test_forced_kernel_that_cannot_run_raises():
 
 
 def test_no_compiler_falls_back_to_reference_with_one_warning(monkeypatch, caplog):
-    def broken(variant):
+    def broken(variant, bindings):
         raise RuntimeError("no C++ compiler found")
 
     monkeypatch.setattr(build, "_state", {})

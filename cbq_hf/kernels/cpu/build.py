@@ -24,12 +24,13 @@ from ...paths import cache_dir
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cbq_cpu.cpp")
-#: Every source of the extension: the uniform-format kernels, the 2-bit table-lookup kernel and the LO-BCQ ones
-#: (ops in the same namespace), and the Python bindings of the decode GEMMs (`direct()`).
+#: Every source of the extension: the uniform-format kernels, the 2-bit table-lookup kernel, the AMX integer GEMM and
+#: the LO-BCQ kernels (ops in the same namespace), and the Python bindings of the decode GEMMs (`direct()`).
 BINDINGS = Path(__file__).with_name("bindings.cpp")
-SOURCES = (SOURCE, Path(__file__).with_name("lut2_cpu.cpp"), Path(__file__).with_name("lobcq_cpu.cpp"), BINDINGS)
+SOURCES = (SOURCE, Path(__file__).with_name("lut2_cpu.cpp"), Path(__file__).with_name("amx_cpu.cpp"),
+           Path(__file__).with_name("lobcq_cpu.cpp"), BINDINGS)
 #: Headers they include (part of the build's cache key: a changed header must rebuild).
-HEADERS = (Path(__file__).with_name("cpu_common.h"),)
+HEADERS = (Path(__file__).with_name("cpu_common.h"), Path(__file__).with_name("panel_layout.h"))
 
 _COMMON_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-DNDEBUG"]
 #: Compiler flags per variant, best first. All use the same source; `dot_u8s8` picks VNNI when the flags allow it.
@@ -189,6 +190,10 @@ def _register_fakes() -> None:
     def _(qweight, scales, zeros, K, glen):
         from .layout import lut2_bytes
         return qweight.new_empty((lut2_bytes(qweight.shape[0], K, glen),))
+
+    @torch.library.register_fake(lib + "gemm_int_amx")
+    def _(codes, steps, like, wpack, bias, slot, N, glen):
+        return like.new_empty((*like.shape[:-1], N), dtype=torch.float32)
 
     @torch.library.register_fake(lib + "lobcq_gemm")
     def _(x, qweight, selectors, scales, tensor_scale, codebooks, e4m3, bias, block_len, array_len, sel_bits):
