@@ -236,13 +236,19 @@ void amx_int(const Geometry& g, const uint8_t* w, const int8_t* xt, const int32_
           }
         }
         const int64_t toks = std::min<int64_t>(kTile, M - mt * kTile);
+        // y[m, n0 .. n0 + 15] = acc * step_m + bias (a multiply, then an add: cpu_int's rounding), 16 rows at once:
+        // lane r of token t is acc[i][16 r + t]
+        const __m512i rows_idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14,
+                                                                      15), _mm512_set1_epi32(kTile));
         for (int i = 0; i < kBlock; ++i) {
           const int64_t n0 = (blk * kBlock + i) * kTile;
-          const int64_t rows = std::min<int64_t>(kTile, g.N - n0);
+          if (n0 >= g.N) break;
+          const __mmask16 live = static_cast<__mmask16>((1u << std::min<int64_t>(kTile, g.N - n0)) - 1);
+          const __m512 b = bias ? _mm512_maskz_loadu_ps(live, bias + n0) : _mm512_setzero_ps();
           for (int64_t t = 0; t < toks; ++t) {
             const int64_t m = mt * kTile + t;
-            float* yr = y + m * g.N + n0;
-            for (int64_t r = 0; r < rows; ++r) yr[r] = acc[i][r * kTile + t] * steps[m] + (bias ? bias[n0 + r] : 0.f);
+            const __m512 v = _mm512_i32gather_ps(rows_idx, acc[i] + t, 4);
+            _mm512_mask_storeu_ps(y + m * g.N + n0, live, _mm512_add_ps(_mm512_mul_ps(v, _mm512_set1_ps(steps[m])), b));
           }
         }
       }
@@ -257,7 +263,6 @@ bool amx_available() {
   return amx_ready();
 #else
   return false;
-#endif
 }
 
 // y [..., N] from token codes [M, K] (int8, from quantize_act) with per-token steps [M], against the panel layout.

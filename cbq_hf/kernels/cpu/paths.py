@@ -55,8 +55,12 @@ DEQUANT_MIN_M_LUT2 = 96
 DEQUANT_MIN_M_LUT2_BF16 = 24
 DEQUANT_MIN_M_INT = {4: 2048, 2: 512}
 #: Rows from which the AMX integer GEMM (`cpu_amx`) is chosen over the VNNI panel kernel (`cpu_int`) for
-#: activation-quantized formats, where AMX is available. See docs/benchmarks_kernels.md, session 12.
-AMX_MIN_M = 16
+#: activation-quantized formats, where AMX is available (session 12, one Sapphire Rapids core, W4A8 g128, hot weights,
+#: /tmp timing script): 4096 x 4096 AMX 2.21 / 2.21 / 2.43 / 3.41 ms at M = 4 / 8 / 16 / 32 against VNNI 1.56 / 2.85
+#: / 5.21 / 10.27 ms; 576 x 1536 0.13 / 0.13 / 0.16 / 0.24 against 0.09 / 0.18 / 0.35 / 0.68 ms. Below ~8 rows the
+#: AMX kernel's fixed cost (unpacking every weight once per call) dominates. With cold weights see
+#: docs/benchmarks_kernels.md (session 12).
+AMX_MIN_M = 8
 NEVER = 1 << 62
 DEQUANT_MIN_M_INT_BF16 = 96
 _BF16_MATRIX_FLAGS = {"amx_bf16", "avx512_bf16"}
