@@ -263,6 +263,7 @@ bool amx_available() {
   return amx_ready();
 #else
   return false;
+#endif
 }
 
 // y [..., N] from token codes [M, K] (int8, from quantize_act) with per-token steps [M], against the panel layout.
