@@ -48,14 +48,13 @@ constexpr int64_t kTile = 16;       // weight rows and tokens per tile
 constexpr int64_t kTileBytes = 1024;  // 16 rows x 64 bytes, every tile used here
 
 #if CBQ_HAS_AMX
-// The tile configuration (palette 1): tiles 0-3 (int32 sums of kBlock = 4 weight tiles), 4 (weight codes) and 5
-// (token codes), 16 rows of 64 bytes each.
+// The tile configuration (palette 1): all eight tiles 16 rows of 64 bytes (see kBlock for their use).
 struct alignas(64) TileConfig {
   uint8_t palette_id = 1;
   uint8_t start_row = 0;
   uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64};
-  uint8_t rows[16] = {16, 16, 16, 16, 16, 16};
+  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
 };
 
 bool request_amx() {
@@ -151,34 +150,52 @@ void arrange_tokens(const int8_t* codes, int64_t M, const Geometry& g, int8_t* x
   });
 }
 
-// Weight tiles per pass over a token tile: each token tile is loaded once per chunk for kBlock weight tiles, whose
-// int32 sums sit in tiles 0 .. kBlock - 1 (tile 4: weight codes, tile 5: token codes).
-constexpr int kBlock = 4;
+// Weight tiles per pass over a token tile: each token tile is loaded once per chunk for kBlock weight tiles. Their
+// int32 sums alternate between two sets of tiles, 0-2 (even groups) and 3-5 (odd groups), so that the next group's
+// products are issued before this group's sums are stored and folded (tile 6: weight codes, tile 7: token codes).
+constexpr int kBlock = 3;
 
 // (GCC's tile intrinsics are macros that paste the tile number into the instruction: literals only.)
 #define CBQ_DOT_TILE(I, a)  \
   do {                      \
-    _tile_loadd(4, a, 64);  \
-    _tile_dpbusd(I, 4, 5);  \
+    _tile_loadd(6, a, 64);  \
+    _tile_dpbusd(I, 6, 7);  \
   } while (0)
+
+// Zero, then accumulate group gi's chunks into the sum tiles T0, T0 + 1, T0 + 2 (token tile at xm, weight tiles at
+// slab + i * stride).
+#define CBQ_DOT_GROUP(T0, T1, T2, slab, stride, xm, gi, cpg)                \
+  do {                                                                      \
+    _tile_zero(T0);                                                         \
+    _tile_zero(T1);                                                         \
+    _tile_zero(T2);                                                         \
+    for (int64_t ch_ = 0; ch_ < (cpg); ++ch_) {                             \
+      const int64_t c_ = (gi) * (cpg) + ch_;                                \
+      _tile_loadd(7, (xm) + c_ * kTileBytes, 64);                           \
+      CBQ_DOT_TILE(T0, (slab) + c_ * kTileBytes);                           \
+      CBQ_DOT_TILE(T1, (slab) + (stride) + c_ * kTileBytes);                \
+      CBQ_DOT_TILE(T2, (slab) + 2 * (stride) + c_ * kTileBytes);            \
+    }                                                                       \
+  } while (0)
+
+inline void dot_group(int set, const uint8_t* slab, int64_t stride, const int8_t* xm, int64_t gi, int64_t cpg) {
+  if (set == 0) CBQ_DOT_GROUP(0, 1, 2, slab, stride, xm, gi, cpg);
+  else CBQ_DOT_GROUP(3, 4, 5, slab, stride, xm, gi, cpg);
+}
 
 // The largest padded group (codes) for which every group bracket and its parts stay below 2^24 in magnitude (codes
 // and zero points < 2^8, activation codes |c| <= 2^7), so that the bracket computed in float is the exact int32.
 constexpr int64_t kFloatBracketMaxGroup = 512;
 
-// Zero, then accumulate group gi's chunks into the sum tiles 0-3 (token tile at xm, weight tiles at slab + i * stride).
-inline void dot_group(const uint8_t* slab, int64_t stride, const int8_t* xm, int64_t gi, int64_t cpg) {
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  for (int64_t ch = 0; ch < cpg; ++ch) {
-    const int64_t c = gi * cpg + ch;
-    _tile_loadd(5, xm + c * kTileBytes, 64);
-    CBQ_DOT_TILE(0, slab + c * kTileBytes);
-    CBQ_DOT_TILE(1, slab + stride + c * kTileBytes);
-    CBQ_DOT_TILE(2, slab + 2 * stride + c * kTileBytes);
-    CBQ_DOT_TILE(3, slab + 3 * stride + c * kTileBytes);
+inline void store_group(int set, int32_t (*cb)[kTile * kTile]) {
+  if (set == 0) {
+    _tile_stored(0, cb[0], 64);
+    _tile_stored(1, cb[1], 64);
+    _tile_stored(2, cb[2], 64);
+  } else {
+    _tile_stored(3, cb[0], 64);
+    _tile_stored(4, cb[1], 64);
+    _tile_stored(5, cb[2], 64);
   }
 }
 
@@ -206,16 +223,14 @@ void amx_int(const Geometry& g, const uint8_t* w, const int8_t* xt, const int32_
         const int8_t* xm = xt + mt * chunks * kTileBytes;
         const int32_t* cs = csum + mt * g.G * kTile;
         std::memset(acc, 0, sizeof(acc));
-        // Software pipeline: group gi + 1's tile products are issued before group gi's sums are folded, so the
-        // tile unit and the vector units work at the same time.
-        dot_group(slab, slab_bytes, xm, 0, cpg);
+        // Software pipeline: group gi + 1's tile products are issued before group gi's sums are stored and folded,
+        // so neither the tile unit waits for a store nor the vector units for the tiles.
+        dot_group(0, slab, slab_bytes, xm, 0, cpg);
         for (int64_t gi = 0; gi < g.G; ++gi) {
-          int32_t(*cb)[kTile * kTile] = cbuf[gi & 1];
-          _tile_stored(0, cb[0], 64);
-          _tile_stored(1, cb[1], 64);
-          _tile_stored(2, cb[2], 64);
-          _tile_stored(3, cb[3], 64);
-          if (gi + 1 < g.G) dot_group(slab, slab_bytes, xm, gi + 1, cpg);
+          const int set = static_cast<int>(gi & 1);
+          int32_t(*cb)[kTile * kTile] = cbuf[set];
+          if (gi + 1 < g.G) dot_group(1 - set, slab, slab_bytes, xm, gi + 1, cpg);
+          store_group(set, cb);
           const __m512i csv = _mm512_loadu_si512(cs + gi * kTile);
           const __m512 csf = _mm512_cvtepi32_ps(csv);
           for (int i = 0; i < kBlock; ++i) {
@@ -274,21 +289,14 @@ at::Tensor gemm_int_amx(const at::Tensor& codes, const at::Tensor& steps, const 
   TORCH_CHECK(amx_available(), "gemm_int_amx needs a CPU with AMX-INT8 and an AVX-512 build of the cbq_hf kernels");
   check_cpu(codes, "codes");
   check_cpu(steps, "steps");
-  check_cpu(wpack, "wpack");
   TORCH_CHECK(codes.scalar_type() == at::kChar && codes.dim() == 2, "codes must be int8 [M, K]");
   TORCH_CHECK(slot == 2 || slot == 4, "the AMX integer kernel takes 2- or 4-bit slots");
   const int64_t M = codes.size(0), K = codes.size(1);
   TORCH_CHECK(steps.scalar_type() == at::kFloat && steps.numel() == M, "steps must be float32 [M]");
   TORCH_CHECK(like.size(-1) == K && like.numel() / K == M, "like must be [..., K] with M rows");
-  const Geometry g(K, N, glen, static_cast<int>(slot));
-  TORCH_CHECK(wpack.scalar_type() == at::kByte && wpack.numel() == g.panels() * g.panel_bytes(),
-              "wpack does not match the panel layout");
-  const float* b = nullptr;
-  if (bias) {
-    check_cpu(*bias, "bias");
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == N, "bias must be float [N]");
-    b = bias->data_ptr<float>();
-  }
+  const PanelWeights pw = panel_weights(K, wpack, bias, slot, N, glen);
+  const Geometry& g = pw.g;
+  const float* b = pw.bias;
   std::vector<int64_t> sizes = like.sizes().vec();
   sizes.back() = N;
   auto y = at::empty(sizes, like.options().dtype(at::kFloat));
@@ -298,7 +306,7 @@ at::Tensor gemm_int_amx(const at::Tensor& codes, const at::Tensor& steps, const 
   auto cs = at::empty({mtiles * g.G * kTile}, codes.options().dtype(at::kInt));
   arrange_tokens(codes.data_ptr<int8_t>(), M, g, xt.data_ptr<int8_t>(), cs.data_ptr<int32_t>());
   const auto run = [&](auto slot_c, auto float_c) {
-    amx_int<decltype(slot_c)::value, decltype(float_c)::value>(g, wpack.data_ptr<uint8_t>(), xt.data_ptr<int8_t>(),
+    amx_int<decltype(slot_c)::value, decltype(float_c)::value>(g, pw.w, xt.data_ptr<int8_t>(),
                                                                cs.data_ptr<int32_t>(), steps.data_ptr<float>(), M, b,
                                                                y.data_ptr<float>());
   };
@@ -315,6 +323,7 @@ at::Tensor gemm_int_amx(const at::Tensor& codes, const at::Tensor& steps, const 
 
 #if CBQ_HAS_AMX
 #undef CBQ_DOT_TILE
+#undef CBQ_DOT_GROUP
 #pragma GCC pop_options
 #endif
 

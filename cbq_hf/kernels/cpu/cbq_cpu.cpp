@@ -716,28 +716,6 @@ std::tuple<at::Tensor, at::Tensor> quantize_act(const at::Tensor& x, double clip
   return {codes, steps};
 }
 
-// The checked geometry and raw pointers of the panel weights shared by both GEMMs.
-struct PanelWeights {
-  Geometry g;
-  const uint8_t* w;
-  const float* bias;
-};
-
-PanelWeights panel_weights(int64_t K, const at::Tensor& wpack, const std::optional<at::Tensor>& bias, int64_t slot,
-                           int64_t N, int64_t glen) {
-  const Geometry g(K, N, glen, static_cast<int>(slot));
-  check_cpu(wpack, "wpack");
-  TORCH_CHECK(wpack.scalar_type() == at::kByte && wpack.numel() == g.panels() * g.panel_bytes(),
-              "wpack does not match the panel layout");
-  const float* b = nullptr;
-  if (bias) {
-    check_cpu(*bias, "bias");
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == N, "bias must be float [N]");
-    b = bias->data_ptr<float>();
-  }
-  return {g, wpack.data_ptr<uint8_t>(), b};
-}
-
 template <typename Fn>
 void with_slot(int slot, Fn fn) {
   if (slot == 2) fn(std::integral_constant<int, 2>{});

@@ -9,6 +9,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -17,6 +18,14 @@ namespace {
 void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+// The data of an optional float32 bias [N] (checked), or nullptr.
+inline const float* bias_data(const std::optional<at::Tensor>& bias, int64_t N) {
+  if (!bias) return nullptr;
+  check_cpu(*bias, "bias");
+  TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == N, "bias must be float [N]");
+  return bias->data_ptr<float>();
 }
 
 // Reused per-thread scratch (token arrangement, tables): fresh buffers per call cost page faults for large M.

@@ -233,12 +233,7 @@ at::Tensor lobcq_gemm(const at::Tensor& x, const at::Tensor& qweight, const std:
   TORCH_CHECK(K > 0, "x must have K > 0");
   const LobcqWeights w =
       lobcq_weights(qweight, selectors, scales, tensor_scale, codebooks, e4m3, K, block_len, array_len, sel_bits);
-  const float* b = nullptr;
-  if (bias) {
-    check_cpu(*bias, "bias");
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == w.N, "bias must be float32 [N]");
-    b = bias->data_ptr<float>();
-  }
+  const float* b = bias_data(bias, w.N);
   const int64_t M = x.numel() / K, N = w.N;
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = N;

@@ -207,12 +207,7 @@ at::Tensor gemm_lut2(const at::Tensor& x, const at::Tensor& wlut, const std::opt
   const LutGeometry g(K, N, glen);
   TORCH_CHECK(wlut.scalar_type() == at::kByte && wlut.numel() == g.blocks * g.block_bytes,
               "wlut does not match the 2-bit table layout");
-  const float* b = nullptr;
-  if (bias) {
-    check_cpu(*bias, "bias");
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == N, "bias must be float [N]");
-    b = bias->data_ptr<float>();
-  }
+  const float* b = bias_data(bias, N);
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = N;
   auto y = at::empty(sizes, x.options().dtype(at::kFloat));

@@ -15,7 +15,10 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Half.h>
 
+#include "cpu_common.h"
+
 #include <cstdint>
+#include <optional>
 
 namespace {
 
@@ -64,6 +67,22 @@ inline void code_position(int slot, int c, int& byte, int& shift) {
   } else {
     byte = c; shift = 0;
   }
+}
+
+// The checked geometry and raw pointers of panel weights (wpack, see above) and their optional float bias [N].
+struct PanelWeights {
+  Geometry g;
+  const uint8_t* w;
+  const float* bias;
+};
+
+inline PanelWeights panel_weights(int64_t K, const at::Tensor& wpack, const std::optional<at::Tensor>& bias,
+                                  int64_t slot, int64_t N, int64_t glen) {
+  const Geometry g(K, N, glen, static_cast<int>(slot));
+  check_cpu(wpack, "wpack");
+  TORCH_CHECK(wpack.scalar_type() == at::kByte && wpack.numel() == g.panels() * g.panel_bytes(),
+              "wpack does not match the panel layout");
+  return {g, wpack.data_ptr<uint8_t>(), bias_data(bias, N)};
 }
 
 }  // namespace
