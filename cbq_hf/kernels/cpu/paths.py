@@ -138,7 +138,10 @@ def dequant_min_rows(module, x: torch.Tensor) -> int:
     bf16 = _bf16_gemm(x)
     slot = getattr(getattr(module.fmt, "spec", None), "slot_bits", None)  # LO-BCQ formats have no slots
     if module.fmt.act_bits is not None and slot in (2, 4) and amx_available():
-        return NEVER  # cpu_amx beats dequantize + any dense GEMM at every M measured
+        # cpu_amx: exact integer sums, 4-5x faster than dequantize + fp32 GEMM at M = 64-512; dequantize + bf16 GEMM
+        # (bf16 inputs) rounds the weights to bf16 and was 62 vs 38 ms at 4096x4096, M=512 in session 12's first
+        # run (dense bf16 is faster in some runs of the day: docs/benchmarks_kernels.md)
+        return NEVER
     if module.fmt.act_bits is not None:
         if bf16:
             return DEQUANT_MIN_M_INT_BF16
