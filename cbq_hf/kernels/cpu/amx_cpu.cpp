@@ -6,8 +6,9 @@
 // One TDPBUSD multiplies a tile of 16 weight rows x 64 codes (unsigned bytes, unpacked from the panel layout of
 // panel_layout.h into an L2-resident slab once per 16 rows) by a tile of 64 codes x 16 tokens (signed bytes, "VNNI"
 // order: row kq holds codes 4 kq .. 4 kq + 3 of each of the 16 tokens), accumulating 16 x 16 int32 sums: 16384
-// multiply-adds per instruction where a 512-bit VPDPBUSD does 64. The group's int32 tile is then stored and folded
-// into 16 float accumulators (registers, lanes = tokens) with AVX-512.
+// multiply-adds per instruction where a 512-bit VPDPBUSD does 64. Three weight tiles share each token tile; their
+// group sums are stored and folded into float accumulators ([rows][tokens] per weight tile, in L1) with AVX-512
+// while the next group's products run in a second set of tiles (kBlock).
 //
 // AMX needs Linux to grant the process the tile state (arch_prctl ARCH_REQ_XCOMP_PERM), which `amx_available` asks
 // for once; CPUs or kernels without it report false and the Python side never calls gemm_int_amx.
