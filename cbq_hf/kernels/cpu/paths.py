@@ -88,12 +88,18 @@ def supports_packed(module, x: torch.Tensor) -> bool:
     return _supports_common(module, x)
 
 
+def _build_reports(key: str, op_name: str) -> bool:
+    """The loaded kernels' answer to the no-argument op `op_name` (False where none are loaded), asked once and kept
+    in ``_workspace_flags[key]``."""
+    if key not in _workspace_flags:
+        ops = build.load()
+        _workspace_flags[key] = ops is not None and bool(getattr(ops, op_name)())
+    return _workspace_flags[key]
+
+
 def lut2_available() -> bool:
     """Whether the loaded CPU kernels have the 2-bit table-lookup path (AVX-512 builds)."""
-    if "lut2" not in _workspace_flags:
-        ops = build.load()
-        _workspace_flags["lut2"] = ops is not None and bool(ops.lut2_available())
-    return _workspace_flags["lut2"]
+    return _build_reports("lut2", "lut2_available")
 
 
 def supports_lut2(module, x: torch.Tensor) -> bool:
@@ -111,10 +117,7 @@ def supports_int(module, x: torch.Tensor) -> bool:
 def amx_available() -> bool:
     """Whether the loaded CPU kernels can use the AMX tile units (AMX-INT8 CPU, AVX-512 build, Linux granted the
     tile state): the `cpu_amx` path."""
-    if "amx" not in _workspace_flags:
-        ops = build.load()
-        _workspace_flags["amx"] = ops is not None and bool(ops.amx_available())
-    return _workspace_flags["amx"]
+    return _build_reports("amx", "amx_available")
 
 
 def supports_amx(module, x: torch.Tensor) -> bool:
@@ -137,7 +140,7 @@ def dequant_min_rows(module, x: torch.Tensor) -> int:
     """Rows from which `cpu_dequant` beats the packed kernels for this module and input (see DEQUANT_MIN_M)."""
     bf16 = _bf16_gemm(x)
     slot = getattr(getattr(module.fmt, "spec", None), "slot_bits", None)  # LO-BCQ formats have no slots
-    if module.fmt.act_bits is not None and slot in (2, 4) and amx_available():
+    if supports_amx(module, x):
         # cpu_amx: exact integer sums, 4-5x faster than dequantize + fp32 GEMM at M = 64-512; dequantize + bf16 GEMM
         # (bf16 inputs) rounds the weights to bf16 and was 62 vs 38 ms at 4096x4096, M=512 in session 12's first
         # run (dense bf16 is faster in some runs of the day: docs/benchmarks_kernels.md)
