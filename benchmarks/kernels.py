@@ -201,6 +201,9 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
         f"load average before {meta['load_before']}, after {meta['load_after']} (2 cores shared with other "
         f"jobs: absolute times are noisy, ratios come from interleaved calls in the same run).",
         "",
+        f"torch float32 matmul precision: {meta.get('fp32_matmul', 'highest')}"
+        + (" (float32 GEMMs, dense fp32 included, run in bf16)" if meta.get("fp32_matmul") == "medium" else "") + ".",
+        "",
         "Median time per call with weights cycled over several copies (not cache-hot). `x fp32` = speed-up over "
         "dense fp32 `F.linear`, `x bf16` = over dense bf16 `F.linear` (higher is faster).",
         "",
@@ -226,6 +229,9 @@ def main() -> None:
                     help="torch threads (default 1, as in the issue: the 2 cores are shared, 2-thread runs are noisy)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="cuda: the Triton paths on the GPU, against dense fp32/bf16 cuBLAS")
+    ap.add_argument("--fp32-matmul", default="highest", choices=["highest", "medium"],
+                    help="torch.set_float32_matmul_precision for the run: 'medium' lets float32 GEMMs (dense fp32 "
+                         "and cpu_dequant with float32 inputs alike) run in bf16")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="kernels", help="file stem under benchmarks/results/")
     ap.add_argument("--no-docs", action="store_true", help="do not overwrite docs/benchmarks_kernels.md")
@@ -235,6 +241,7 @@ def main() -> None:
     if args.quick:
         shapes, ms = [(4096, 4096)], [1, 512]
     torch.set_num_threads(args.threads)
+    torch.set_float32_matmul_precision(args.fp32_matmul)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible to torch")
     if args.device == "cpu" and build.load() is None:
@@ -246,6 +253,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "fp32_matmul": args.fp32_matmul,
         "load_before": " ".join(f"{v:.2f}" for v in os.getloadavg()),
     }
     try:

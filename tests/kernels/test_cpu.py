@@ -62,6 +62,28 @@ def test_activation_quantized_paths_match_reference(act_bits, bits, shape, m, dt
         assert_close(_run(lin, x, kernel), ref, magnitude(lin, x), DTYPES[dtype])
 
 
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.float16], ids=str)
+def test_dequant_follows_the_bf16_fp32_matmul_setting(in_dtype, monkeypatch):
+    """Default: float32 GEMM (the reference's numbers). Under torch's bf16 float32-matmul setting, on a CPU with bf16
+    matrix units: the bf16 GEMM a dense layer gets, i.e. exactly F.linear of the bf16-rounded input, weight and bias,
+    returned in the input's dtype."""
+    monkeypatch.setitem(paths._workspace_flags, "bf16_native", True)
+    lin = make_linear(24, 576, 4, 128, input_scale=False)
+    x = torch.randn(64, 576).to(in_dtype)
+    exact = _run(lin, x, "cpu_dequant")
+    assert_close(exact, reference.linear(lin, x), magnitude(lin, x), in_dtype)  # (float16: bf16's looser bound)
+    old = torch.backends.mkldnn.matmul.fp32_precision
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    try:
+        y = _run(lin, x, "cpu_dequant")
+        expected = torch.nn.functional.linear(x.bfloat16(), lin.dequantized_weight().bfloat16(), lin.bias.bfloat16())
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = old
+    assert y.dtype == in_dtype
+    torch.testing.assert_close(y, expected.to(in_dtype), rtol=0, atol=0)
+    assert not torch.equal(y, exact)
+
+
 def _amx_or_refused(lin, x) -> bool:
     """True where cpu_amx can run; elsewhere (no AMX-INT8, an AVX2 build, tile state not granted) checks that it is
     never chosen and that forcing it is refused, and returns False."""

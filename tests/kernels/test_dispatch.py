@@ -128,3 +128,34 @@ def test_remembered_choice_follows_rows_forcing_and_reloaded_weights(monkeypatch
     other = make_linear(8, 64, 4, 32)
     lin.load_state_dict(other.state_dict())
     torch.testing.assert_close(lin(x), other(x), rtol=0, atol=0)
+
+
+@pytest.fixture
+def fp32_matmul_bf16():
+    """torch's float32 matmuls on the CPU in bf16 (as after ``torch.set_float32_matmul_precision("medium")``) for
+    the test, restored after it."""
+    old = torch.backends.mkldnn.matmul.fp32_precision
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = old
+
+
+@needs_kernels
+@pytest.mark.parametrize("native", [True, False], ids=["bf16-matrix-units", "emulated-bf16"])
+def test_fp32_inputs_follow_torchs_bf16_matmul_setting(native, monkeypatch, fp32_matmul_bf16):
+    """Under the bf16 float32-matmul setting, float32 inputs switch to dequantize + bf16 GEMM at the bf16 crossover,
+    as bf16 inputs do; without bf16 matrix units the setting changes nothing here."""
+    monkeypatch.setitem(paths._workspace_flags, "bf16_native", native)
+    monkeypatch.setitem(paths._workspace_flags, "amx", False)
+    assert paths.fp32_matmul_in_bf16()
+    lin = make_linear(8, 64, 4, 32)
+    lin(torch.randn(paths.DEQUANT_MIN_M_BF16, 64))
+    assert lin.last_kernel == ("cpu_dequant" if native else "cpu_packed")
+
+
+def test_fp32_matmul_setting_is_read_from_torch(fp32_matmul_bf16):
+    assert paths.fp32_matmul_in_bf16()
+    torch.backends.mkldnn.matmul.fp32_precision = "ieee"  # what set_float32_matmul_precision("highest") sets
+    assert not paths.fp32_matmul_in_bf16()
