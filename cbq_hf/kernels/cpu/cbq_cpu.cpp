@@ -986,17 +986,58 @@ inline __m512i codes16(const uint8_t* qr, int64_t k) {
 
 inline void store16(float* o, __m512 v) { _mm512_storeu_ps(o, v); }
 
-inline void store16(at::BFloat16* o, __m512 v) {
+// 16 floats rounded to bfloat16 (nearest even, as to_bf16), as 16-bit lanes.
+inline __m256i bf16_lanes(__m512 v) {
   const __m512i b = _mm512_castps_si512(v);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
   const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), odd), 16);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm512_cvtepi32_epi16(r));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+inline void store16(at::BFloat16* o, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), bf16_lanes(v));
+}
+
+// 4-bit groups by table lookup: a group has only 16 distinct values q s - z s (q = 0..15), computed once per group
+// exactly as the arithmetic path computes them (same products, same rounding), then one permute per 32 (bf16) or
+// 16 (float32) codes replaces the per-code convert / multiply / subtract / round. To bf16 on one Sapphire Rapids
+// core (A/B in one process, session 13): 576 x 1536 (fits L2) 0.35 -> 0.19 ms; 4096 x 4096 8.2 -> 7.1 ms, where
+// writing the 32 MB workspace (~5 GB/s) is the limit, not the arithmetic. Float32 output: no change (writes).
+inline __m512 group_values4(float sc, float zs) {
+  const __m512 q = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  return _mm512_sub_ps(_mm512_mul_ps(q, _mm512_set1_ps(sc)), _mm512_set1_ps(zs));
+}
+
+// The 32 4-bit codes in 16 bytes of a row (code 2b in the low nibble of byte b) as 16-bit lanes, in code order.
+inline __m512i codes32_u16(const uint8_t* p) {
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm512_or_si512(_mm512_and_si512(b, _mm512_set1_epi32(0xF)),
+                         _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0xF0)), 12));
+}
+
+// Codes k .. k1 - 32 .. of one 4-bit group (k even) by lookup; returns the first code not written.
+inline int64_t lookup_group4(const uint8_t* qr, int64_t k, int64_t k1, __m512 values, at::BFloat16* orow) {
+  const __m512i table = _mm512_castsi256_si512(bf16_lanes(values));
+  for (; k + 32 <= k1; k += 32)
+    _mm512_storeu_si512(orow + k, _mm512_permutexvar_epi16(codes32_u16(qr + k / 2), table));
+  return k;
+}
+
+inline int64_t lookup_group4(const uint8_t* qr, int64_t k, int64_t k1, __m512 values, float* orow) {
+  for (; k + 32 <= k1; k += 32) {
+    const __m512i c = codes32_u16(qr + k / 2);
+    _mm512_storeu_ps(orow + k, _mm512_permutexvar_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(c)), values));
+    _mm512_storeu_ps(orow + k + 16,
+                     _mm512_permutexvar_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(c, 1)), values));
+  }
+  return k;
 }
 #endif
 
 // W_hat rows n0..n1 of the on-disk layout into o [N, K] (float32 or bfloat16): (q - z) * s, computed as q s - z s,
 // both products exact in float32 (codes < 2^8 times fp16 scales), so the value is the reference's exactly before
-// the optional rounding to bfloat16. Eight codes per step inside a group, scalar at ragged group edges.
+// the optional rounding to bfloat16. On AVX-512 4-bit groups go by table lookup
+// (lookup_group4), other codes 16 or 8 per step; scalar at ragged group edges.
 template <int SLOT, typename OutT>
 void dequantize_rows(const uint8_t* q, int64_t rb, const at::Half* s, const uint8_t* z, int64_t K, int64_t G,
                      int64_t glen, int64_t n0, int64_t n1, OutT* o) {
@@ -1011,6 +1052,7 @@ void dequantize_rows(const uint8_t* q, int64_t rb, const at::Half* s, const uint
       int64_t k = k0;
       if (k0 % per_byte == 0) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
+        if constexpr (SLOT == 4) k = lookup_group4(qr, k, k1, group_values4(sc, zs), orow);
         const __m512 ws = _mm512_set1_ps(sc), wz = _mm512_set1_ps(zs);
         for (; k + 16 <= k1; k += 16)
           store16(orow + k, _mm512_sub_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(codes16<SLOT>(qr, k)), ws), wz));
