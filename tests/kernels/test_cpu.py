@@ -391,17 +391,20 @@ def test_fixed_point_is_taken_per_vendor_without_timing(vendor, fixed_slots, mon
     assert set(timed) == {2, 4, 8} - fixed_slots
 
 
+@pytest.mark.parametrize("shape", [(19, 203), (520, 1100)], ids=lambda s: f"n{s[0]}k{s[1]}")
 @pytest.mark.parametrize("group", [64, 37, 100, -1], ids=lambda g: f"g{g}")
 @pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"w{b}")
-def test_dequantize_into_equals_the_reference_weight(bits, group):
-    """Exact in float32 (vector steps inside groups, scalar steps at odd group starts such as 37 for 2/4-bit
-    codes), and the same values rounded to nearest-even in bfloat16."""
-    lin = make_linear(19, 203, bits, group, input_scale=False)
+def test_dequantize_into_equals_the_reference_weight(bits, group, shape):
+    """Exact in float32 (table lookups and vector steps inside groups, scalar steps at odd group starts such as 37
+    for 2/4-bit codes), and the same values rounded to nearest-even in bfloat16. 520 x 1100 outputs (>= 1 MB) are
+    written with streaming stores where a row's address allows (odd K: rows alternate aligned and not)."""
+    n, k = shape
+    lin = make_linear(n, k, bits, group, input_scale=False)
     ref = lin.dequantized_weight()
     spec = lin.fmt.spec
     for dtype in (torch.float32, torch.bfloat16):
-        out = torch.full((19, 203), float("nan"), dtype=dtype)
-        build.load().dequantize_into(lin.qweight, lin.scales, lin.zeros, spec.slot_bits, spec.group_len(203), out)
+        out = torch.full((n, k), float("nan"), dtype=dtype)
+        build.load().dequantize_into(lin.qweight, lin.scales, lin.zeros, spec.slot_bits, spec.group_len(k), out)
         assert torch.equal(out, ref.to(dtype))
 
 
