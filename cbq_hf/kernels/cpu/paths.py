@@ -47,13 +47,19 @@ from .layout import Lut2Weights, Panels, repack, repack_lut2
 #: path with 4-bit slots beats dequantize + fp32 GEMM at every M measured: 66 / 145 / 313 ms at M = 256 / 512 / 1024
 #: against 99 / 192 / 398 ms (and the 3-shape table agrees at M = 512); with 2-bit slots it is even at 256-512
 #: (100 / 201 ms) and slower at 1024 (493 ms). Above 1024 rows nothing was measured: dequantize from 2048 on.
+#: Re-measured after the dequantization got ~2x cheaper (session 13: table lookups, streaming stores; `--shapes
+#: 4096x4096 576x1536 --ms 8 16 24 32 48 64 96 --paths cpu_packed cpu_lut2 cpu_dequant --reps 3 --min-time 0
+#: --threads 1 --out kernels_crossover_spr_s13`): float32 W4 packed / dequantize 31.6 / 33.4 ms at M = 48 and 42.1 /
+#: 38.5 at 64 (576 x 1536: 2.34 / 2.47 and 2.96 / 2.69), so 48 stays; bf16 W4 10.9 / 8.5 ms at M = 16 on 4096 x 4096
+#: and 0.84 / 0.96 on 576 x 1536 (even at ~22 rows), so 16 stays.
 DEQUANT_MIN_M = 48
 DEQUANT_MIN_M_BF16 = 16
 #: The same for 2-bit weights on the `cpu_lut2` path (session 11, 4096 x 4096 g64, one Sapphire Rapids core, fp32 /
 #: bf16 inputs, /tmp script timing forced paths): float32 inputs lut2 31 / 45 / 55 / 80 ms at M = 48 / 64 / 96 / 128
 #: against dequantize + fp32 GEMM 45 / 52 / 56 / 78 ms; bfloat16 inputs (AMX) 4.9 / 11.1 / 22.0 ms at M = 8 / 16 / 32
-#: against 12.8 / 12.8 / 15.1 ms.
-DEQUANT_MIN_M_LUT2 = 96
+#: against 12.8 / 12.8 / 15.1 ms. Session 13 (cheaper dequantization, same command as above): float32 lut2 37.0 /
+#: 56.9 ms at M = 64 / 96 against 38.9 / 49.5 (576 x 1536: 2.41 / 3.54 against 2.62 / 3.07), even at ~70-74 rows.
+DEQUANT_MIN_M_LUT2 = 72
 DEQUANT_MIN_M_LUT2_BF16 = 24
 DEQUANT_MIN_M_INT = {4: 2048, 2: 512}
 #: Rows from which the AMX integer GEMM (`cpu_amx`) is chosen over the VNNI panel kernel (`cpu_int`) for
