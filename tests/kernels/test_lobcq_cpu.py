@@ -50,18 +50,20 @@ def _run(lin, x, kernel):
     return y
 
 
-@pytest.mark.parametrize("geometry", SPECS, ids=lambda s: f"b{s[0]}a{s[1]}n{s[2]}")
-@pytest.mark.parametrize("k", [64, 100, 37, 576], ids=lambda k: f"k{k}")
-def test_dequantize_into_is_the_reference_weight_bit_for_bit(geometry, k):
-    lin = _random_lobcq(13, k, LOBCQSpec(*geometry))
+@pytest.mark.parametrize(("geometry", "k", "n"), [(g, k, 13) for g in SPECS for k in (64, 100, 37, 576)]
+                         + [(g, 2100, 2048) for g in SPECS[::3]],
+                         ids=lambda v: f"b{v[0]}a{v[1]}n{v[2]}" if isinstance(v, tuple) else str(v))
+def test_dequantize_into_is_the_reference_weight_bit_for_bit(geometry, k, n):
+    """2048 x 2100 outputs (8.6 / 17.2 MB, above kStreamMinBytes) are written with streaming stores where aligned."""
+    lin = _random_lobcq(n, k, LOBCQSpec(*geometry))
     st = lobcq_paths._state(lin)
     ops = build.load()
-    out = torch.empty(13, k)
+    out = torch.empty(n, k)
     ops.lobcq_dequantize_into(lin.qweight, st["selectors"], lin.scales, st["tensor_scale"], st["codebooks"],
                               st["e4m3"], *st["geometry"], out)
     ref = lin.dequantized_weight()
     assert torch.equal(out, ref)
-    bf = torch.empty(13, k, dtype=torch.bfloat16)
+    bf = torch.empty(n, k, dtype=torch.bfloat16)
     ops.lobcq_dequantize_into(lin.qweight, st["selectors"], lin.scales, st["tensor_scale"], st["codebooks"],
                               st["e4m3"], *st["geometry"], bf)
     assert torch.equal(bf, ref.to(torch.bfloat16))

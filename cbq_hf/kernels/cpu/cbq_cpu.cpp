@@ -984,45 +984,18 @@ inline __m512i codes16(const uint8_t* qr, int64_t k) {
   }
 }
 
-// Stores of 64 / 32 bytes; with STREAM, non-temporal where the address allows (see kStreamMinBytes): the
-// dequantization workspace is written once and read once by the GEMM, and streaming skips reading every line in
-// before it is overwritten.
-template <bool STREAM>
-inline void store64(void* o, __m512i v) {
-  if constexpr (STREAM) {
-    if ((reinterpret_cast<uintptr_t>(o) & 63) == 0) return _mm512_stream_si512(reinterpret_cast<__m512i*>(o), v);
-  }
-  _mm512_storeu_si512(o, v);
-}
-
-template <bool STREAM>
-inline void store32(void* o, __m256i v) {
-  if constexpr (STREAM) {
-    if ((reinterpret_cast<uintptr_t>(o) & 31) == 0) return _mm256_stream_si256(reinterpret_cast<__m256i*>(o), v);
-  }
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), v);
-}
-
 template <bool STREAM = false>
 inline void store16(float* o, __m512 v) { store64<STREAM>(o, _mm512_castps_si512(v)); }
-
-// 16 floats rounded to bfloat16 (nearest even, as to_bf16), as 16-bit lanes.
-inline __m256i bf16_lanes(__m512 v) {
-  const __m512i b = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), odd), 16);
-  return _mm512_cvtepi32_epi16(r);
-}
 
 template <bool STREAM = false>
 inline void store16(at::BFloat16* o, __m512 v) { store32<STREAM>(o, bf16_lanes(v)); }
 
 // 2- and 4-bit groups by table lookup: a group has at most 16 distinct values q s - z s (q = 0..15), computed once
 // per group exactly as the arithmetic path computes them (same products, same rounding), then one permute per 32
-// (bf16) or 16 (float32) codes replaces the per-code convert / multiply / subtract / round. With the streaming stores
-// (kStreamMinBytes), on one Sapphire Rapids core, A/B in one process against session 12's code (session 13): to bf16
-// 4096 x 4096 W4 5.2 -> 3.1 ms, 4096 x 11008 13.9 -> 7.9, 576 x 1536 0.36 -> 0.23, 4096 x 4096 W2 4.8 -> 3.2; to
-// float32 4096 x 4096 W4 11.4 -> 5.3 ms.
+// (bf16) or 16 (float32) codes replaces the per-code convert / multiply / subtract / round. On one Sapphire Rapids
+// core, A/B in one process against session 12's code (session 13): 576 x 1536 W4 to bf16 (cached stores) 0.35 ->
+// 0.19 ms; with the streaming stores of large workspaces (kStreamMinBytes) to bf16 4096 x 4096 W4 5.2 -> 3.1 ms,
+// 4096 x 11008 13.9 -> 7.9, 4096 x 4096 W2 4.8 -> 3.2, and to float32 4096 x 4096 W4 11.4 -> 5.3 ms.
 inline __m512 group_values(float sc, float zs) {
   const __m512 q = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   return _mm512_sub_ps(_mm512_mul_ps(q, _mm512_set1_ps(sc)), _mm512_set1_ps(zs));
@@ -1100,13 +1073,6 @@ void dequantize_rows(const uint8_t* q, int64_t rb, const at::Half* s, const uint
     }
   }
 }
-
-// Workspaces from this size on are written with non-temporal stores (store64). Measured with 4-bit table lookups
-// (session 13, A/B in one process): 4096 x 4096 to bf16 5.3 -> 3.3 ms, 4096 x 11008 14.4 -> 8.4, to float32 10.4
-// -> 5.4, and the bf16 GEMM that reads the workspace next was no slower (57.8 vs 58.5 ms at M = 512); 576 x 1536
-// (1.7 MB bf16) 0.39 -> 0.26 ms with the GEMM after it equal within noise. Below 1 MB (a fraction of L2) nothing
-// was measured, and cached stores are kept.
-constexpr int64_t kStreamMinBytes = 1 << 20;
 
 // W_hat into `out` [N, K] (a reused workspace, float32 or bfloat16).
 void dequantize_into(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros, int64_t slot,

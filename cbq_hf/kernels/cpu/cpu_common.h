@@ -1,5 +1,6 @@
 // Helpers shared by the CPU kernel sources (cbq_cpu.cpp, lut2_cpu.cpp, lobcq_cpu.cpp): argument checks, loading 16
-// activations as float32 lanes, reused per-thread scratch buffers, and the walk of weight units in concurrent streams.
+// activations as float32 lanes, reused per-thread scratch buffers, the walk of weight units in concurrent streams, and
+// the (optionally streaming) stores of the dequantization workspaces.
 // Internal to each translation unit.
 #pragma once
 
@@ -50,7 +51,44 @@ void walk_streams(int64_t u0, int64_t u1, Fn fn) {
   for (int64_t u = u0 + S * L; u < u1; ++u) fn(std::integral_constant<int, 1>{}, static_cast<const int64_t*>(&u));
 }
 
+// Dequantization workspaces (cbq_cpu.cpp, lobcq_cpu.cpp) from this size on are written with non-temporal stores
+// (store64): a large workspace is written once and read once by the GEMM after it, and cached stores first read
+// every line in. A small one is better left in cache for that GEMM. Session 13, one Sapphire Rapids core, A/B in one
+// process, dequantize + F.linear at M = 64 (cbq_cpu.cpp's 4-bit lookups): 576 x 1536 float32 (3.5 MB) 1.64 ms cached
+// vs 1.90 streamed (and LO-BCQ 1536 x 576: 2.13 vs 2.39), 2048 x 2048 bf16 (8.4 MB) 3.18 vs 2.80, float32 (16.8 MB)
+// 10.5 vs 9.2, 4096 x 4096 bf16 (33.5 MB) 15.3 vs 13.1; at M = 512, 4096 x 4096 bf16 58.5 vs 57.8 ms (the
+// dequantization alone 5.3 -> 3.3 ms). Between 3.5 and 8 MB nothing was measured.
+constexpr int64_t kStreamMinBytes = 8 << 20;
+
 #if defined(__AVX512F__) && defined(__AVX512BW__)
+// Stores of 64 / 32 bytes; with STREAM, non-temporal where the address allows (see kStreamMinBytes): the
+// dequantization workspace is written once and read once by the GEMM, and streaming skips reading every line in
+// before it is overwritten.
+template <bool STREAM>
+inline void store64(void* o, __m512i v) {
+  if constexpr (STREAM) {
+    if ((reinterpret_cast<uintptr_t>(o) & 63) == 0) return _mm512_stream_si512(reinterpret_cast<__m512i*>(o), v);
+  }
+  _mm512_storeu_si512(o, v);
+}
+
+template <bool STREAM>
+inline void store32(void* o, __m256i v) {
+  if constexpr (STREAM) {
+    if ((reinterpret_cast<uintptr_t>(o) & 31) == 0) return _mm256_stream_si256(reinterpret_cast<__m256i*>(o), v);
+  }
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), v);
+}
+
+// 16 floats rounded to bfloat16 (nearest even; finite values and infinities as c10::BFloat16 rounds them), as
+// 16-bit lanes.
+inline __m256i bf16_lanes(__m512 v) {
+  const __m512i b = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), odd), 16);
+  return _mm512_cvtepi32_epi16(r);
+}
+
 // 16 activations (count n <= 16, the rest read as zero) as float32 lanes.
 inline __m512 load16(const float* x, int n) { return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), x); }
 inline __m512 load16(const at::BFloat16* x, int n) {

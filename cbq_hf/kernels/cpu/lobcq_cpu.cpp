@@ -82,17 +82,19 @@ inline __m512 lookup16(__m128i bytes, const float* c0, const float* c1) {
 }
 
 // Values k .. k + nv - 1 (nv <= 16, k a multiple of 16) of a row: two blocks of 8 whose codebooks (16-float tables
-// c0, c1) are looked up with one permute each, scaled by s. FULL: nv == 16 (plain loads and stores).
-template <bool FULL>
+// c0, c1) are looked up with one permute each, scaled by s. FULL: nv == 16 (plain loads and stores); STREAM: full
+// steps use streaming stores where aligned (store64, for a workspace of kStreamMinBytes or more).
+template <bool FULL, bool STREAM = false>
 inline void decode16(const uint8_t* q, int64_t k, int nv, const float* c0, const float* c1, __m512 s, float* o) {
   const __m128i bytes = FULL ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + k / 2))
                              : _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << ((nv + 1) / 2)) - 1), q + k / 2);
   const __m512 v = lookup16(bytes, c0, c1);
-  if (FULL) _mm512_storeu_ps(o + k, _mm512_mul_ps(v, s));
+  if (FULL) store64<STREAM>(o + k, _mm512_castps_si512(_mm512_mul_ps(v, s)));
   else _mm512_mask_storeu_ps(o + k, static_cast<__mmask16>((1u << nv) - 1), _mm512_mul_ps(v, s));
 }
 
 // decode_row for the default geometry (blocks of 8 values, arrays a multiple of 16 values), 16 values per step.
+template <bool STREAM>
 void decode_row_16(const LobcqWeights& w, int64_t n, float* o) {
   const uint8_t* q = w.q + n * w.qb;
   const uint8_t* sr = w.sel ? w.sel + n * w.selb : nullptr;
@@ -107,11 +109,11 @@ void decode_row_16(const LobcqWeights& w, int64_t n, float* o) {
     if (sb == 4) {  // the default 16 codebooks: one selector byte per two blocks
       for (; k + 16 <= k1; k += 16) {
         const unsigned b = sr[k / 16];
-        decode16<true>(q, k, 16, cb + 16 * (b & 15u), cb + 16 * (b >> 4), s, o);
+        decode16<true, STREAM>(q, k, 16, cb + 16 * (b & 15u), cb + 16 * (b >> 4), s, o);
       }
     } else {
       for (; k + 16 <= k1; k += 16)
-        decode16<true>(q, k, 16, cb + 16 * selector_of(sr, selb, k / 8, sb),
+        decode16<true, STREAM>(q, k, 16, cb + 16 * selector_of(sr, selb, k / 8, sb),
                        cb + 16 * selector_of(sr, selb, k / 8 + 1, sb), s, o);
     }
     if (k < k1) {
@@ -183,11 +185,11 @@ inline float dot(const float* a, const float* b, int64_t K) {
 }
 #endif
 
-// The decoder for this geometry and build.
+// The decoder for this geometry and build; `stream`: rows go straight to a large workspace (streaming stores).
 using RowDecoder = void (*)(const LobcqWeights&, int64_t, float*);
-RowDecoder row_decoder(const LobcqWeights& w) {
+RowDecoder row_decoder(const LobcqWeights& w, bool stream = false) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-  if (w.block_len == 8 && w.array_len % 16 == 0) return decode_row_16;
+  if (w.block_len == 8 && w.array_len % 16 == 0) return stream ? decode_row_16<true> : decode_row_16<false>;
 #endif
   return decode_row;
 }
@@ -272,8 +274,9 @@ void lobcq_dequantize_into(const at::Tensor& qweight, const std::optional<at::Te
   const LobcqWeights w =
       lobcq_weights(qweight, selectors, scales, tensor_scale, codebooks, e4m3, K, block_len, array_len, sel_bits);
   TORCH_CHECK(out.size(0) == w.N, "out must be [N, K]");
-  const RowDecoder decode = row_decoder(w);
   const bool bf16 = out.scalar_type() == at::kBFloat16;
+  const bool stream = out.numel() * out.element_size() >= kStreamMinBytes;
+  const RowDecoder decode = row_decoder(w, stream && !bf16);
   at::parallel_for(0, w.N, 16, [&](int64_t n0, int64_t n1) {
     std::vector<float> row(bf16 ? static_cast<size_t>(K) : 0);
     for (int64_t n = n0; n < n1; ++n) {
@@ -283,8 +286,16 @@ void lobcq_dequantize_into(const at::Tensor& qweight, const std::optional<at::Te
       }
       decode(w, n, row.data());
       at::BFloat16* o = out.data_ptr<at::BFloat16>() + n * K;
-      for (int64_t k = 0; k < K; ++k) o[k] = c10::BFloat16(row[k]);
+      int64_t k = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+      const auto convert = [&](auto stream_c) {
+        for (; k + 16 <= K; k += 16) store32<decltype(stream_c)::value>(o + k, bf16_lanes(_mm512_loadu_ps(&row[k])));
+      };
+      stream ? convert(std::true_type{}) : convert(std::false_type{});
+#endif
+      for (; k < K; ++k) o[k] = c10::BFloat16(row[k]);
     }
+    if (stream) _mm_sfence();  // streamed stores are weakly ordered: visible to every thread before the GEMM reads
   });
 }
 
