@@ -51,7 +51,9 @@ from .layout import Lut2Weights, Panels, repack, repack_lut2
 #: 4096x4096 576x1536 --ms 8 16 24 32 48 64 96 --paths cpu_packed cpu_lut2 cpu_dequant --reps 3 --min-time 0
 #: --threads 1 --out kernels_crossover_spr_s13`): float32 W4 packed / dequantize 31.6 / 33.4 ms at M = 48 and 42.1 /
 #: 38.5 at 64 (576 x 1536: 2.34 / 2.47 and 2.96 / 2.69), so 48 stays; bf16 W4 10.9 / 8.5 ms at M = 16 on 4096 x 4096
-#: and 0.84 / 0.96 on 576 x 1536 (even at ~22 rows), so 16 stays.
+#: and 0.84 / 0.96 on 576 x 1536 (even at ~22 rows), so 16 stays. Float32 inputs under the bf16 float32-matmul
+#: setting take the bf16 limit too (`--ms 8 16 24 32 --paths cpu_packed cpu_dequant --fp32-matmul medium --out
+#: kernels_crossover_medium_s13`): 12.4 / 9.2 ms at M = 16 on 4096 x 4096, 1.06 / 1.03 at M = 24 on 576 x 1536.
 DEQUANT_MIN_M = 48
 DEQUANT_MIN_M_BF16 = 16
 #: The same for 2-bit weights on the `cpu_lut2` path (session 11, 4096 x 4096 g64, one Sapphire Rapids core, fp32 /
