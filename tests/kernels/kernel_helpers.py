@@ -1,6 +1,9 @@
-"""Shared builders and the closeness check of the kernel tests."""
+"""Shared builders, the closeness check and the float32-matmul setting of the kernel tests."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -35,3 +38,15 @@ def magnitude(lin: CBQLinear, x: torch.Tensor) -> torch.Tensor:
     xs = x.float() / lin.input_scale if lin.input_scale is not None else x.float()
     m = xs.abs() @ lin.dequantized_weight().abs().T
     return m + (lin.bias.abs() if lin.bias is not None else 0)
+
+
+@contextlib.contextmanager
+def fp32_matmul_in_bf16() -> Iterator[None]:
+    """Within the block torch runs float32 matmuls on the CPU in bf16 (as after
+    ``torch.set_float32_matmul_precision("medium")``); the previous setting is restored after it."""
+    old = torch.backends.mkldnn.matmul.fp32_precision
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = old

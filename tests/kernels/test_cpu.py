@@ -7,7 +7,7 @@ from cbq_hf.kernels import reference
 from cbq_hf.kernels.cpu import build, paths
 from cbq_hf.kernels.dispatch import force_kernel
 
-from kernel_helpers import assert_close, magnitude, make_linear
+from kernel_helpers import assert_close, fp32_matmul_in_bf16, magnitude, make_linear
 
 pytestmark = pytest.mark.skipif(build.select_variant() is None, reason="CPU without AVX2/FMA")
 
@@ -72,13 +72,9 @@ def test_dequant_follows_the_bf16_fp32_matmul_setting(in_dtype, monkeypatch):
     x = torch.randn(64, 576).to(in_dtype)
     exact = _run(lin, x, "cpu_dequant")
     assert_close(exact, reference.linear(lin, x), magnitude(lin, x), in_dtype)  # (float16: bf16's looser bound)
-    old = torch.backends.mkldnn.matmul.fp32_precision
-    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
-    try:
+    with fp32_matmul_in_bf16():
         y = _run(lin, x, "cpu_dequant")
         expected = torch.nn.functional.linear(x.bfloat16(), lin.dequantized_weight().bfloat16(), lin.bias.bfloat16())
-    finally:
-        torch.backends.mkldnn.matmul.fp32_precision = old
     assert y.dtype == in_dtype
     torch.testing.assert_close(y, expected.to(in_dtype), rtol=0, atol=0)
     assert not torch.equal(y, exact)

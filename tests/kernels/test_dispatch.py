@@ -9,7 +9,7 @@ import torch
 from cbq_hf.kernels import dispatch
 from cbq_hf.kernels.cpu import build, paths
 
-from kernel_helpers import make_linear
+from kernel_helpers import fp32_matmul_in_bf16, make_linear
 
 needs_kernels = pytest.mark.skipif(build.select_variant() is None, reason="CPU without AVX2/FMA")
 
@@ -132,14 +132,9 @@ def test_remembered_choice_follows_rows_forcing_and_reloaded_weights(monkeypatch
 
 @pytest.fixture
 def fp32_matmul_bf16():
-    """torch's float32 matmuls on the CPU in bf16 (as after ``torch.set_float32_matmul_precision("medium")``) for
-    the test, restored after it."""
-    old = torch.backends.mkldnn.matmul.fp32_precision
-    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
-    try:
+    """torch's float32 matmuls on the CPU in bf16 for the test, restored after it."""
+    with fp32_matmul_in_bf16():
         yield
-    finally:
-        torch.backends.mkldnn.matmul.fp32_precision = old
 
 
 @needs_kernels
