@@ -1087,7 +1087,7 @@ void dequantize_into(const at::Tensor& qweight, const at::Tensor& scales, const 
   TORCH_CHECK(slot == 2 || slot == 4 || slot == 8, "slot must be 2, 4 or 8");
   const int64_t N = out.size(0), K = out.size(1), G = scales.size(1), rb = qweight.size(1);
   const bool bf16 = out.scalar_type() == at::kBFloat16;
-  const bool stream = out.numel() * out.element_size() >= kStreamMinBytes;
+  const bool stream = streamed(out);
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     with_slot(static_cast<int>(slot), [&](auto sl) {
       constexpr int S = decltype(sl)::value;
@@ -1099,7 +1099,7 @@ void dequantize_into(const at::Tensor& qweight, const at::Tensor& scales, const 
                        : rows(std::false_type{}, out.data_ptr<at::BFloat16>());
       else stream ? rows(std::true_type{}, out.data_ptr<float>()) : rows(std::false_type{}, out.data_ptr<float>());
     });
-    if (stream) _mm_sfence();  // streamed stores are weakly ordered: visible to every thread before the GEMM reads
+    if (stream) _mm_sfence();  // see streamed()
   });
 }
 

@@ -60,10 +60,12 @@ void walk_streams(int64_t u0, int64_t u1, Fn fn) {
 // dequantization alone 5.3 -> 3.3 ms). Between 3.5 and 8 MB nothing was measured.
 constexpr int64_t kStreamMinBytes = 8 << 20;
 
+// Whether a dequantization workspace is written with streaming stores (kStreamMinBytes). A thread that streamed
+// must end with _mm_sfence(): those stores are weakly ordered, and the GEMM reading the workspace may run elsewhere.
+inline bool streamed(const at::Tensor& out) { return out.numel() * out.element_size() >= kStreamMinBytes; }
+
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-// Stores of 64 / 32 bytes; with STREAM, non-temporal where the address allows (see kStreamMinBytes): the
-// dequantization workspace is written once and read once by the GEMM, and streaming skips reading every line in
-// before it is overwritten.
+// Stores of 64 / 32 bytes; with STREAM, non-temporal where the address allows (see kStreamMinBytes).
 template <bool STREAM>
 inline void store64(void* o, __m512i v) {
   if constexpr (STREAM) {

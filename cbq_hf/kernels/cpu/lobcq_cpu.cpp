@@ -275,7 +275,7 @@ void lobcq_dequantize_into(const at::Tensor& qweight, const std::optional<at::Te
       lobcq_weights(qweight, selectors, scales, tensor_scale, codebooks, e4m3, K, block_len, array_len, sel_bits);
   TORCH_CHECK(out.size(0) == w.N, "out must be [N, K]");
   const bool bf16 = out.scalar_type() == at::kBFloat16;
-  const bool stream = out.numel() * out.element_size() >= kStreamMinBytes;
+  const bool stream = streamed(out);
   const RowDecoder decode = row_decoder(w, stream && !bf16);
   at::parallel_for(0, w.N, 16, [&](int64_t n0, int64_t n1) {
     std::vector<float> row(bf16 ? static_cast<size_t>(K) : 0);
@@ -295,7 +295,7 @@ void lobcq_dequantize_into(const at::Tensor& qweight, const std::optional<at::Te
 #endif
       for (; k < K; ++k) o[k] = c10::BFloat16(row[k]);
     }
-    if (stream) _mm_sfence();  // streamed stores are weakly ordered: visible to every thread before the GEMM reads
+    if (stream) _mm_sfence();  // see streamed()
   });
 }
 
