@@ -2,15 +2,15 @@
 
     .venv/bin/python benchmarks/generate.py [--new-tokens 128] [--batches 1 8] [--threads 1] [--rounds 3]
 
-Greedy `generate()`; tokens/s = batch * new tokens / wall time (prefill included), the median of --repeats timed
-calls (default 3; single calls vary by ~20% on the shared VMs). For the weight-only configs (W4A16, W2A16) the greedy
-output is compared with the reference path (CBQ_KERNEL=reference). "+ int8 head" also quantizes the output head
-(`CBQConfig(lm_head_bits=8)`; the other configs keep it fp32, as the quality tables do). Reports checkpoint size on disk and resident memory.
-Every config runs in its own process (clean resident-memory numbers); a quantized config is first quantized (RTN)
-and saved by a separate process, then the timed process loads the saved checkpoint, as a deployment would.
-RSS load = resident memory added by `from_pretrained`; RSS run = added by the end of the runs (includes the kernels'
-repacked weights and workspaces). --rounds R runs the configs in turn R times and reports the median of the
-per-round ratios to fp32 (a slow spell of the shared machine then hits every config alike). Writes
+Greedy `generate()`; tokens/s = batch * new tokens / wall time (prefill included), the median of --repeats timed calls
+(default 3; single calls vary by ~20% on the shared VMs). For the weight-only configs (W4A16, W2A16) the greedy output
+is compared with the reference path (CBQ_KERNEL=reference). "+ int8 head" also quantizes the output head
+(`CBQConfig(lm_head_bits=8)`; the other configs keep it fp32, as the quality tables do). Reports checkpoint size on
+disk and resident memory. Every config runs in its own process (clean resident-memory numbers); a quantized config is
+first quantized (RTN) and saved by a separate process, then the timed process loads the saved checkpoint, as a
+deployment would. RSS load = resident memory added by `from_pretrained`; RSS run = added by the end of the runs
+(includes the kernels' repacked weights and workspaces). --rounds R runs the configs in turn R times and reports the
+median of the per-round ratios to fp32 (a slow spell of the shared machine then hits every config alike). Writes
 benchmarks/results/generate.{json,md}.
 """
 
@@ -32,11 +32,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import cbq_hf  # noqa: E402
-from cbq_hf.demo import demo_model_path  # noqa: E402
-from cbq_hf.kernels.dispatch import force_kernel  # noqa: E402
-from cbq_hf.kernels.cpu import paths as cpu_paths  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import cbq_hf
+from cbq_hf.demo import demo_model_path
+from cbq_hf.kernels.cpu import paths as cpu_paths
+from cbq_hf.kernels.dispatch import force_kernel
 
 CONFIGS = {
     "fp32": None,
@@ -76,7 +77,8 @@ def load(name: str, path: str):
 def prepare(name: str, src: str, dst: str) -> None:
     """Quantize the demo model with RTN in config `name` and save it to `dst`."""
     model = AutoModelForCausalLM.from_pretrained(
-        src, dtype=torch.float32, quantization_config=cbq_hf.CBQConfig(method="rtn", **CONFIGS[name]))
+        src, dtype=torch.float32, quantization_config=cbq_hf.CBQConfig(method="rtn", **CONFIGS[name])
+    )
     model.save_pretrained(dst)
     AutoTokenizer.from_pretrained(src).save_pretrained(dst)
 
@@ -94,8 +96,9 @@ def run(model, tok, batch: int, new_tokens: int, repeats: int = 1) -> tuple[list
     return rates, out
 
 
-def worker(name: str, path: str, batches: list[int], new_tokens: int, threads: int, ref_tokens: int,
-           repeats: int = 1) -> dict:
+def worker(
+    name: str, path: str, batches: list[int], new_tokens: int, threads: int, ref_tokens: int, repeats: int = 1
+) -> dict:
     """Load one config, time it, and return its result row (runs in a fresh process)."""
     torch.set_num_threads(threads)
     tok = AutoTokenizer.from_pretrained(path)
@@ -125,8 +128,9 @@ def worker(name: str, path: str, batches: list[int], new_tokens: int, threads: i
                 row["reference_tokens"] = ref_tokens
         row["rss_run_mb"] = rss_mb() - rss0
         row["kernels"] = sorted(kernels)  # paths of the timed runs' last step (not the reference comparison)
-        row["repacked_mb"] = sum(cpu_paths.repacked_bytes(m) for m in model.modules()
-                                 if isinstance(m, cbq_hf.CBQLinear)) / 2**20
+        row["repacked_mb"] = (
+            sum(cpu_paths.repacked_bytes(m) for m in model.modules() if isinstance(m, cbq_hf.CBQLinear)) / 2**20
+        )
     return row
 
 
@@ -152,15 +156,27 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batches", nargs="*", type=int, default=[1, 8])
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3,
-                    help="timed generate() calls per config and batch; the median is reported (all in the JSON)")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed generate() calls per config and batch; the median is reported (all in the JSON)",
+    )
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
-    ap.add_argument("--ref-tokens", type=int, default=32,
-                    help="greedy tokens compared with the (slow) reference path for W4A16 / W2A16 at batch 1")
-    ap.add_argument("--rounds", type=int, default=1,
-                    help="run every config this many times, in turn (fresh processes each round), so a slow spell "
-                         "of the shared machine hits all configs alike; the ratios to fp32 are computed per round "
-                         "and their median is reported (tok/s: the median over all rounds' calls)")
+    ap.add_argument(
+        "--ref-tokens",
+        type=int,
+        default=32,
+        help="greedy tokens compared with the (slow) reference path for W4A16 / W2A16 at batch 1",
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every config this many times, in turn (fresh processes each round), so a slow spell "
+        "of the shared machine hits all configs alike; the ratios to fp32 are computed per round "
+        "and their median is reported (tok/s: the median over all rounds' calls)",
+    )
     ap.add_argument("--out", default="generate", help="file stem under benchmarks/results/")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--prepare", default=None, help=argparse.SUPPRESS)
@@ -170,8 +186,9 @@ def main() -> None:
         prepare(args.prepare, demo_model_path(), args.path)
         return
     if args.worker:
-        row = worker(args.worker, args.path, args.batches, args.new_tokens, args.threads, args.ref_tokens,
-                     args.repeats)
+        row = worker(
+            args.worker, args.path, args.batches, args.new_tokens, args.threads, args.ref_tokens, args.repeats
+        )
         print("ROW " + json.dumps(row), flush=True)
         return
     src = demo_model_path()
@@ -191,28 +208,62 @@ def main() -> None:
             for name in args.configs:
                 # the greedy comparison with the slow reference path runs in the first round only
                 ref_tokens = args.ref_tokens if r == 0 else 0
-                res = subprocess.run(me + ["--worker", name, "--path", paths[name], "--threads", str(args.threads),
-                                           "--new-tokens", str(args.new_tokens), "--ref-tokens", str(ref_tokens),
-                                           "--repeats", str(args.repeats), "--batches", *map(str, args.batches)],
-                                     check=True, capture_output=True, text=True)
-                by_name[name] = json.loads(next(line[4:] for line in res.stdout.splitlines()
-                                                if line.startswith("ROW ")))
+                res = subprocess.run(
+                    me
+                    + [
+                        "--worker",
+                        name,
+                        "--path",
+                        paths[name],
+                        "--threads",
+                        str(args.threads),
+                        "--new-tokens",
+                        str(args.new_tokens),
+                        "--ref-tokens",
+                        str(ref_tokens),
+                        "--repeats",
+                        str(args.repeats),
+                        "--batches",
+                        *map(str, args.batches),
+                    ],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                )
+                by_name[name] = json.loads(
+                    next(line[4:] for line in res.stdout.splitlines() if line.startswith("ROW "))
+                )
                 print(f"round {r + 1}: {by_name[name]}", flush=True)
             rounds.append(by_name)
-    rows = [merge_rounds([rnd[name] for rnd in rounds], [rnd.get("fp32") for rnd in rounds], args.batches)
-            for name in args.configs]
-    base = next((r for r in rows if r["config"] == "fp32"), None)
-    meta = {"command": "python " + " ".join(sys.argv), "threads": args.threads, "load_before": load_before,
-            "load_after": " ".join(f"{v:.2f}" for v in os.getloadavg())}
-    lines = ["# End-to-end generate() speed, SmolLM2-135M", "", f"Command: `{meta['command']}`", "",
-             f"{args.threads} thread(s); load average before {load_before}, after {meta['load_after']} "
-             "(2 shared cores)."
-             + (f" {args.rounds} rounds: `x fp32` is the median of the per-round ratios (their range in brackets)."
-                if args.rounds > 1 else ""), "",
-             "| config | " + " | ".join(f"tok/s b{b} | x fp32 b{b}" for b in args.batches)
-             + " | checkpoint MB | RSS load MB | RSS run MB | repacked MB | greedy == reference (first N tokens) "
-             "| kernels |",
-             "|---" * (7 + 2 * len(args.batches)) + "|"]
+    rows = [
+        merge_rounds([rnd[name] for rnd in rounds], [rnd.get("fp32") for rnd in rounds], args.batches)
+        for name in args.configs
+    ]
+    meta = {
+        "command": "python " + " ".join(sys.argv),
+        "threads": args.threads,
+        "load_before": load_before,
+        "load_after": " ".join(f"{v:.2f}" for v in os.getloadavg()),
+    }
+    lines = [
+        "# End-to-end generate() speed, SmolLM2-135M",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        f"{args.threads} thread(s); load average before {load_before}, after {meta['load_after']} "
+        "(2 shared cores)."
+        + (
+            f" {args.rounds} rounds: `x fp32` is the median of the per-round ratios (their range in brackets)."
+            if args.rounds > 1
+            else ""
+        ),
+        "",
+        "| config | "
+        + " | ".join(f"tok/s b{b} | x fp32 b{b}" for b in args.batches)
+        + " | checkpoint MB | RSS load MB | RSS run MB | repacked MB | greedy == reference (first N tokens) "
+        "| kernels |",
+        "|---" * (7 + 2 * len(args.batches)) + "|",
+    ]
     for r in rows:
         cells = []
         for b in args.batches:
@@ -220,11 +271,13 @@ def main() -> None:
             per_round = r.get(f"x_fp32_b{b}_rounds", [])
             spread = f" ({min(per_round):.2f}-{max(per_round):.2f})" if len(per_round) > 1 else ""
             cells += [f"{r[f'tok_s_b{b}']:.1f}", f"{ratio:.2f}{spread}"]
-        lines.append(f"| {r['config']} | " + " | ".join(cells) + f" | {r['checkpoint_mb']:.1f} | "
-                     f"{r['rss_load_mb']:.0f} | {r['rss_run_mb']:.0f} | {r['repacked_mb']:.1f} | "
-                     f"{r.get('greedy_equals_reference', '')}"
-                     + (f" ({r['reference_tokens']})" if "reference_tokens" in r else "")
-                     + f" | {', '.join(r['kernels'])} |")
+        lines.append(
+            f"| {r['config']} | " + " | ".join(cells) + f" | {r['checkpoint_mb']:.1f} | "
+            f"{r['rss_load_mb']:.0f} | {r['rss_run_mb']:.0f} | {r['repacked_mb']:.1f} | "
+            f"{r.get('greedy_equals_reference', '')}"
+            + (f" ({r['reference_tokens']})" if "reference_tokens" in r else "")
+            + f" | {', '.join(r['kernels'])} |"
+        )
     md = "\n".join(lines) + "\n"
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)

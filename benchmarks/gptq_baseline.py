@@ -22,13 +22,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.baselines.gptq import gptq_model  # noqa: E402
-from cbq_hf.data import get_calibration_batches  # noqa: E402
-from cbq_hf.demo import demo_model_path  # noqa: E402
-from cbq_hf.evaluation import perplexity  # noqa: E402
-from cbq_hf.formats.uniform import UniformSpec, fake_quantize_activations  # noqa: E402
-from cbq_hf.modeling import quantizable_linears  # noqa: E402
-from cbq_hf.paths import wikitext2_file  # noqa: E402
+from benchmarks.baselines.gptq import gptq_model
+from cbq_hf.data import get_calibration_batches
+from cbq_hf.demo import demo_model_path
+from cbq_hf.evaluation import perplexity
+from cbq_hf.formats.uniform import UniformSpec, fake_quantize_activations
+from cbq_hf.modeling import quantizable_linears
+from cbq_hf.paths import wikitext2_file
 
 
 def parse(setting: str) -> tuple[int, int | None, int]:
@@ -66,9 +66,18 @@ def main() -> None:
             for lin in quantizable_linears(model).values():
                 lin.register_forward_pre_hook(lambda _m, a, ab=act_bits: (fake_quantize_activations(a[0], ab),))
         ppl = perplexity(model, tok, text)
-        row = {"method": "GPTQ (own reimplementation)", "setting": setting, "perplexity": round(ppl, 4),
-               "calibration_seconds": round(seconds, 1), "nsamples": args.nsamples, "seqlen": args.seqlen,
-               "damp": 0.01, "desc_act": False, "sym": False, "true_sequential": True}
+        row = {
+            "method": "GPTQ (own reimplementation)",
+            "setting": setting,
+            "perplexity": round(ppl, 4),
+            "calibration_seconds": round(seconds, 1),
+            "nsamples": args.nsamples,
+            "seqlen": args.seqlen,
+            "damp": 0.01,
+            "desc_act": False,
+            "sym": False,
+            "true_sequential": True,
+        }
         print(json.dumps(row), flush=True)
         (out_dir / f"gptq_{setting}.json").write_text(json.dumps(row, indent=2))
 

@@ -28,11 +28,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cbq_hf.formats.uniform import UniformFormat  # noqa: E402
-from cbq_hf.kernels.cpu import build  # noqa: E402
-from cbq_hf.kernels.cpu import paths as cpu_paths  # noqa: E402
-from cbq_hf.kernels.dispatch import force_kernel  # noqa: E402
-from cbq_hf.nn.linear import CBQLinear  # noqa: E402
+from cbq_hf.formats.uniform import UniformFormat
+from cbq_hf.kernels.cpu import build
+from cbq_hf.kernels.cpu import paths as cpu_paths
+from cbq_hf.kernels.dispatch import force_kernel
+from cbq_hf.nn.linear import CBQLinear
 
 #: (label, bits, group_size, act_bits, activation dtype, kernel path)
 CONFIGS = [
@@ -119,14 +119,15 @@ def select_configs(paths: list[str] | None, device: str) -> list[tuple]:
     return [c for c in table + extra if c[5] in paths]
 
 
-def bench_shape(k: int, n: int, ms: list[int], paths: list[str] | None, reps: int, min_time: float,
-                device: str = "cpu") -> list[dict]:
+def bench_shape(
+    k: int, n: int, ms: list[int], paths: list[str] | None, reps: int, min_time: float, device: str = "cpu"
+) -> list[dict]:
     ncopy_f32 = copies_for(4 * k * n)
     dense32 = [torch.randn(n, k, device=device) * 0.02 for _ in range(ncopy_f32)]
     dense16 = [w.bfloat16() for w in dense32[: max(2, ncopy_f32 // 2 + 1)]]
     configs = select_configs(paths, device)
     layers: dict[tuple, list[CBQLinear]] = {}
-    for label, bits, group, act, _dt, _path in configs:
+    for _label, bits, group, act, _dt, _path in configs:
         key = (bits, group, act)
         if key not in layers:
             ncopy = copies_for(k * n * bits // 8)
@@ -150,7 +151,8 @@ def bench_shape(k: int, n: int, ms: list[int], paths: list[str] | None, reps: in
             if path in ("cpu_dequant", "cpu_amx") and m == 1:
                 continue  # a whole-matrix dequantization, or a 16-token tile, for one token is never the choice
             if (path == "cpu_amx" and not cpu_paths.amx_available()) or (
-                    path == "cpu_lut2" and not cpu_paths.lut2_available()):
+                path == "cpu_lut2" and not cpu_paths.lut2_available()
+            ):
                 continue  # this CPU or build does not have the path
             mods = layers[(bits, group, act)]
             x = xs[dt]
@@ -181,12 +183,23 @@ def bench_shape(k: int, n: int, ms: list[int], paths: list[str] | None, reps: in
         med = {i: statistics.median(t) for i, t in times.items()}
         base32, base16 = med[0], med[1]
         for i, (label, path, _) in enumerate(cands):
-            rows.append({
-                "K": k, "N": n, "M": m, "config": label, "path": path, "ms": med[i] * 1e3,
-                "vs_fp32": base32 / med[i], "vs_bf16": base16 / med[i], "reps": len(times[i]),
-            })
-        print(f"K={k} N={n} M={m}: " + ", ".join(f"{c[0]}[{c[1]}] {med[i]*1e3:.3f}ms" for i, c in enumerate(cands)),
-              flush=True)
+            rows.append(
+                {
+                    "K": k,
+                    "N": n,
+                    "M": m,
+                    "config": label,
+                    "path": path,
+                    "ms": med[i] * 1e3,
+                    "vs_fp32": base32 / med[i],
+                    "vs_bf16": base16 / med[i],
+                    "reps": len(times[i]),
+                }
+            )
+        print(
+            f"K={k} N={n} M={m}: " + ", ".join(f"{c[0]}[{c[1]}] {med[i] * 1e3:.3f}ms" for i, c in enumerate(cands)),
+            flush=True,
+        )
     return rows
 
 
@@ -202,18 +215,21 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
         f"jobs: absolute times are noisy, ratios come from interleaved calls in the same run).",
         "",
         f"torch float32 matmul precision: {meta.get('fp32_matmul', 'highest')}"
-        + (" (float32 GEMMs, dense fp32 included, run in bf16)" if meta.get("fp32_matmul") == "medium" else "") + ".",
+        + (" (float32 GEMMs, dense fp32 included, run in bf16)" if meta.get("fp32_matmul") == "medium" else "")
+        + ".",
         "",
         "Median time per call with weights cycled over several copies (not cache-hot). `x fp32` = speed-up over "
         "dense fp32 `F.linear`, `x bf16` = over dense bf16 `F.linear` (higher is faster).",
         "",
     ]
-    for (k, n) in dict.fromkeys((r["K"], r["N"]) for r in rows):
+    for k, n in dict.fromkeys((r["K"], r["N"]) for r in rows):
         lines += [f"## K={k}, N={n}", "", "| M | config | path | ms | x fp32 | x bf16 |", "|---|---|---|---|---|---|"]
         for r in rows:
             if (r["K"], r["N"]) == (k, n):
-                lines.append(f"| {r['M']} | {r['config']} | {r['path']} | {r['ms']:.3f} | {r['vs_fp32']:.2f} | "
-                             f"{r['vs_bf16']:.2f} |")
+                lines.append(
+                    f"| {r['M']} | {r['config']} | {r['path']} | {r['ms']:.3f} | {r['vs_fp32']:.2f} | "
+                    f"{r['vs_bf16']:.2f} |"
+                )
         lines.append("")
     return "\n".join(lines)
 
@@ -225,13 +241,25 @@ def main() -> None:
     ap.add_argument("--paths", nargs="*", default=None)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--min-time", type=float, default=1.0, help="keep repeating up to this many seconds per M")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (default 1, as in the issue: the 2 cores are shared, 2-thread runs are noisy)")
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                    help="cuda: the Triton paths on the GPU, against dense fp32/bf16 cuBLAS")
-    ap.add_argument("--fp32-matmul", default="highest", choices=["highest", "medium"],
-                    help="torch.set_float32_matmul_precision for the run: 'medium' lets float32 GEMMs (dense fp32 "
-                         "and cpu_dequant with float32 inputs alike) run in bf16")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1, as in the issue: the 2 cores are shared, 2-thread runs are noisy)",
+    )
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="cuda: the Triton paths on the GPU, against dense fp32/bf16 cuBLAS",
+    )
+    ap.add_argument(
+        "--fp32-matmul",
+        default="highest",
+        choices=["highest", "medium"],
+        help="torch.set_float32_matmul_precision for the run: 'medium' lets float32 GEMMs (dense fp32 "
+        "and cpu_dequant with float32 inputs alike) run in bf16",
+    )
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="kernels", help="file stem under benchmarks/results/")
     ap.add_argument("--no-docs", action="store_true", help="do not overwrite docs/benchmarks_kernels.md")
@@ -257,8 +285,11 @@ def main() -> None:
         "load_before": " ".join(f"{v:.2f}" for v in os.getloadavg()),
     }
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
         meta["cpu"] = cpu
     except (OSError, StopIteration):
         pass

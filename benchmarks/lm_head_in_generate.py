@@ -12,10 +12,10 @@ import statistics
 import time
 
 import torch
+from transformers import AutoModelForCausalLM
 
 import cbq_hf
 from cbq_hf.demo import demo_model_path
-from transformers import AutoModelForCausalLM
 
 
 def main() -> None:
@@ -41,8 +41,10 @@ def main() -> None:
             model.generate(ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False)
             total = time.perf_counter() - t0
         name = "fp32 head" if head_bits is None else f"int{head_bits} head"
-        print(f"{name}: {1e3 * total / args.tokens:.1f} ms per token, head call median "
-              f"{1e3 * statistics.median(times):.2f} ms")
+        print(
+            f"{name}: {1e3 * total / args.tokens:.1f} ms per token, head call median "
+            f"{1e3 * statistics.median(times):.2f} ms"
+        )
 
 
 if __name__ == "__main__":

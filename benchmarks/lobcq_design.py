@@ -46,15 +46,16 @@ def scaled_blocks(tensors: list[torch.Tensor], spec: LOBCQSpec, per_row: bool) -
     return torch.cat(out)
 
 
-def capture(model_path: str, layers: list[int], tokens: int, offset: int, rows_per_linear: int, seed: int
-            ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def capture(
+    model_path: str, layers: list[int], tokens: int, offset: int, rows_per_linear: int, seed: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(weights, sampled linear inputs) of the given decoder layers of the demo model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     text = VALID.read_text(encoding="utf-8")
-    ids = tok(text[offset: offset + tokens * 8], add_special_tokens=False)["input_ids"][:tokens]
+    ids = tok(text[offset : offset + tokens * 8], add_special_tokens=False)["input_ids"][:tokens]
     gen = torch.Generator().manual_seed(seed)
     weights, acts, hooks = [], [], []
     for i in layers:
@@ -70,7 +71,7 @@ def capture(model_path: str, layers: list[int], tokens: int, offset: int, rows_p
                 hooks.append(lin.register_forward_hook(hook))
     with torch.no_grad():
         for s in range(0, len(ids), 512):
-            model(torch.tensor([[tok.bos_token_id] + ids[s:s + 511]]))
+            model(torch.tensor([[tok.bos_token_id] + ids[s : s + 511]]))
     for h in hooks:
         h.remove()
     return weights, acts
@@ -84,8 +85,12 @@ def main() -> None:
     ap.add_argument("--block-len", type=int, default=LOBCQSpec.block_len, help="values per block (Lb)")
     ap.add_argument("--array-len", type=int, default=LOBCQSpec.array_len, help="values per scaled array (La)")
     ap.add_argument("--num-codebooks", type=int, default=LOBCQSpec.num_codebooks)
-    ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/lobcq_design[-<key>].json; "
-                    "the key is added for a non-default spec)")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="results JSON (default benchmarks/results/lobcq_design[-<key>].json; "
+        "the key is added for a non-default spec)",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(0)
@@ -128,13 +133,24 @@ def main() -> None:
         cb = res.codebooks.to(torch.int8)
         w_sqnr = sum(sqnr_db(w, fake_quantize(w, cb, spec)) for w in w_test) / len(w_test)
         a_sqnr = sum(sqnr_db(a, fake_quantize(a, cb, spec, per_row=True)) for a in a_test) / len(a_test)
-        results[name] = {"codebooks": cb.tolist(), "train_mse_history": [round(m, 5) for m in res.mse_history],
-                         "heldout_weight_sqnr_db": round(w_sqnr, 3), "heldout_act_sqnr_db": round(a_sqnr, 3),
-                         "mean_sqnr_db": round((w_sqnr + a_sqnr) / 2, 3),
-                         "seconds": round(time.perf_counter() - t, 1)}
-        logging.info("%-9s rounds %2d  train mse %.4f -> %.4f  held-out SQNR weights %.2f dB, acts %.2f dB (%.0fs)",
-                     name, len(res.mse_history) - 1, res.mse_history[0], res.mse_history[-1], w_sqnr, a_sqnr,
-                     time.perf_counter() - t)
+        results[name] = {
+            "codebooks": cb.tolist(),
+            "train_mse_history": [round(m, 5) for m in res.mse_history],
+            "heldout_weight_sqnr_db": round(w_sqnr, 3),
+            "heldout_act_sqnr_db": round(a_sqnr, 3),
+            "mean_sqnr_db": round((w_sqnr + a_sqnr) / 2, 3),
+            "seconds": round(time.perf_counter() - t, 1),
+        }
+        logging.info(
+            "%-9s rounds %2d  train mse %.4f -> %.4f  held-out SQNR weights %.2f dB, acts %.2f dB (%.0fs)",
+            name,
+            len(res.mse_history) - 1,
+            res.mse_history[0],
+            res.mse_history[-1],
+            w_sqnr,
+            a_sqnr,
+            time.perf_counter() - t,
+        )
     best = max(results, key=lambda k: results[k]["mean_sqnr_db"])
     logging.info("best: %s", best)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -142,13 +158,16 @@ def main() -> None:
     if args.write:  # add (or replace) this spec's set; the other shipped sets stay
         target = ROOT / "cbq_hf" / "formats" / UNIVERSAL_FILE
         sets = json.loads(target.read_text(encoding="utf-8")).get("sets", {}) if target.exists() else {}
-        sets[key] = {"source": best, "heldout_weight_sqnr_db": results[best]["heldout_weight_sqnr_db"],
-                     "heldout_act_sqnr_db": results[best]["heldout_act_sqnr_db"],
-                     "codebooks": results[best]["codebooks"]}
+        sets[key] = {
+            "source": best,
+            "heldout_weight_sqnr_db": results[best]["heldout_weight_sqnr_db"],
+            "heldout_act_sqnr_db": results[best]["heldout_act_sqnr_db"],
+            "codebooks": results[best]["codebooks"],
+        }
         doc = {
             "description": "Universal LO-BCQ codebooks (int entries, rows sorted ascending), designed by "
-                           "benchmarks/lobcq_design.py; keyed by L<block_len>-A<array_len>-N<num_codebooks>-"
-                           "B<codebook_bits>.",
+            "benchmarks/lobcq_design.py; keyed by L<block_len>-A<array_len>-N<num_codebooks>-"
+            "B<codebook_bits>.",
             "sets": dict(sorted(sets.items())),
         }
         tmp = target.with_suffix(".tmp")

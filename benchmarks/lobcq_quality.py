@@ -4,16 +4,17 @@ Rows (select with --rows, comma separated): fp32, uniform-w4a4-g128, uniform-w4a
 lobcq-w4a4-universal, lobcq-w4a4-per_layer, and with CBQ calibration (on WikiText-2 validation text)
 uniform-w4a4-g128-cbq, lobcq-w4a4-universal-cbq, lobcq-w4a4-per_layer-cbq, lobcq-w4a16-universal-cbq, and
 lobcq-w4a4-universal-cbq-n8x256 (the main quality table's calibration budget instead of 4 x 128) and
-lobcq-w4a4-universal-cbq-n16x256 (twice that many calibration samples), lobcq-w4a4-universal-cbq-n8x256-sq05 /
--sq065 (the n8x256 row with SmoothQuant-style smoothing of every input channel, smooth_alpha 0.5 / 0.65) and -sqauto
+lobcq-w4a4-universal-cbq-n16x256 (twice that many calibration samples), lobcq-w4a4-universal-cbq-n8x256-sq05 / -sq065
+(the n8x256 row with SmoothQuant-style smoothing of every input channel, smooth_alpha 0.5 / 0.65) and -sqauto
 (smooth_alpha="auto": searched per input group), and that row with 4 epochs (-n8x256e4-sqauto) or lr 3e-2 / 5e-2
 (-n8x256lr3-sqauto / -n8x256lr5-sqauto), the lr 3e-2 row with seeds 1 and 2 (-seed1 / -seed2), with 16 x 256
-calibration tokens (-n16x256lr3-sqauto[-seedN]; 32 x 256: -n32x256lr3-sqauto) and with the token-normalised window loss (-n8x256lr3-sqauto-tn[-seedN]) or the blocks' norm weights
-trained with lr_norm 1e-3 / 3e-3 (-n8x256lr3-sqauto-ln1[-seedN] / -ln3[-seedN]), with windows of 3 (4) blocks
-overlapping by 2 (3) (-n8x256lr3-sqauto-w3[-seedN] / -w4[-seedN]) or an array-scale learning rate of 1e-2 (-n8x256lr3-sqauto-ls2);
-block arrays of 32 values (lobcq-w4a4-universal-a32 RTN, -n8x256lr3-sqauto-w3-a32[-seedN] CBQ, and with the default
-2-block windows -n8x256lr3-sqauto-w2-a32[-seedN]).
-Results accumulate in benchmarks/results/<--results>.json (default lobcq_quality; a row already there with the same
+calibration tokens (-n16x256lr3-sqauto[-seedN]; 32 x 256: -n32x256lr3-sqauto) and with the token-normalised window
+loss (-n8x256lr3-sqauto-tn[-seedN]) or the blocks' norm weights trained with lr_norm 1e-3 / 3e-3
+(-n8x256lr3-sqauto-ln1[-seedN] / -ln3[-seedN]), with windows of 3 (4) blocks overlapping by 2 (3)
+(-n8x256lr3-sqauto-w3[-seedN] / -w4[-seedN]) or an array-scale learning rate of 1e-2 (-n8x256lr3-sqauto-ls2); block
+arrays of 32 values (lobcq-w4a4-universal-a32 RTN, -n8x256lr3-sqauto-w3-a32[-seedN] CBQ, and with the default 2-block
+windows -n8x256lr3-sqauto-w2-a32[-seedN]). Results accumulate in benchmarks/results/<--results>.json (default
+lobcq_quality; a row already there with the same
 number of windows is skipped unless --redo) and are rendered to <--results>.md; keep runs with different --windows
 in different files, since the table compares every row with the fp32 row of the same file. --save DIR keeps each
 quantized model (save_pretrained) in DIR/<row> for later evaluation or generation.
@@ -52,75 +53,172 @@ ROWS: dict[str, dict | None] = {
     "lobcq-w4a4-per_layer": dict(method="rtn", format="lobcq", act_bits=4, lobcq_codebooks="per_layer"),
     # CBQ calibration (CBQ_BUDGET)
     "uniform-w4a4-g128-cbq": dict(method="cbq", bits=4, group_size=128, act_bits=4, **CBQ_BUDGET),
-    "lobcq-w4a4-universal-cbq": dict(method="cbq", format="lobcq", act_bits=4, lobcq_codebooks="universal",
-                                     **CBQ_BUDGET),
-    "lobcq-w4a4-per_layer-cbq": dict(method="cbq", format="lobcq", act_bits=4, lobcq_codebooks="per_layer",
-                                     **CBQ_BUDGET),
-    "lobcq-w4a16-universal-cbq": dict(method="cbq", format="lobcq", act_bits=None, lobcq_codebooks="universal",
-                                      **CBQ_BUDGET),
-    "lobcq-w4a4-universal-cbq-n8x256": dict(method="cbq", format="lobcq", act_bits=4, lobcq_codebooks="universal",
-                                            **CBQ_BUDGET_MAIN),
-    "lobcq-w4a4-universal-cbq-n16x256": dict(method="cbq", format="lobcq", act_bits=4, lobcq_codebooks="universal",
-                                             **{**CBQ_BUDGET_MAIN, "nsamples": 16}),
+    "lobcq-w4a4-universal-cbq": dict(
+        method="cbq", format="lobcq", act_bits=4, lobcq_codebooks="universal", **CBQ_BUDGET
+    ),
+    "lobcq-w4a4-per_layer-cbq": dict(
+        method="cbq", format="lobcq", act_bits=4, lobcq_codebooks="per_layer", **CBQ_BUDGET
+    ),
+    "lobcq-w4a16-universal-cbq": dict(
+        method="cbq", format="lobcq", act_bits=None, lobcq_codebooks="universal", **CBQ_BUDGET
+    ),
+    "lobcq-w4a4-universal-cbq-n8x256": dict(
+        method="cbq", format="lobcq", act_bits=4, lobcq_codebooks="universal", **CBQ_BUDGET_MAIN
+    ),
+    "lobcq-w4a4-universal-cbq-n16x256": dict(
+        method="cbq", format="lobcq", act_bits=4, lobcq_codebooks="universal", **{**CBQ_BUDGET_MAIN, "nsamples": 16}
+    ),
     # SmoothQuant-style smoothing of every input channel (smooth_alpha) before CBQ calibration
-    "lobcq-w4a4-universal-cbq-n8x256-sq05": dict(method="cbq", format="lobcq", act_bits=4,
-                                                 lobcq_codebooks="universal", smooth_alpha=0.5, **CBQ_BUDGET_MAIN),
-    "lobcq-w4a4-universal-cbq-n8x256-sq065": dict(method="cbq", format="lobcq", act_bits=4,
-                                                  lobcq_codebooks="universal", smooth_alpha=0.65, **CBQ_BUDGET_MAIN),
-    "lobcq-w4a4-universal-cbq-n8x256-sqauto": dict(method="cbq", format="lobcq", act_bits=4,
-                                                   lobcq_codebooks="universal", smooth_alpha="auto",
-                                                   **CBQ_BUDGET_MAIN),
+    "lobcq-w4a4-universal-cbq-n8x256-sq05": dict(
+        method="cbq", format="lobcq", act_bits=4, lobcq_codebooks="universal", smooth_alpha=0.5, **CBQ_BUDGET_MAIN
+    ),
+    "lobcq-w4a4-universal-cbq-n8x256-sq065": dict(
+        method="cbq", format="lobcq", act_bits=4, lobcq_codebooks="universal", smooth_alpha=0.65, **CBQ_BUDGET_MAIN
+    ),
+    "lobcq-w4a4-universal-cbq-n8x256-sqauto": dict(
+        method="cbq", format="lobcq", act_bits=4, lobcq_codebooks="universal", smooth_alpha="auto", **CBQ_BUDGET_MAIN
+    ),
     # the same with 4 epochs, or with a 3x / 5x larger rounding learning rate
-    "lobcq-w4a4-universal-cbq-n8x256e4-sqauto": dict(method="cbq", format="lobcq", act_bits=4,
-                                                     lobcq_codebooks="universal", smooth_alpha="auto",
-                                                     **{**CBQ_BUDGET_MAIN, "epochs": 4}),
-    "lobcq-w4a4-universal-cbq-n8x256lr3-sqauto": dict(method="cbq", format="lobcq", act_bits=4,
-                                                      lobcq_codebooks="universal", smooth_alpha="auto",
-                                                      **{**CBQ_BUDGET_MAIN, "lr": 3e-2}),
+    "lobcq-w4a4-universal-cbq-n8x256e4-sqauto": dict(
+        method="cbq",
+        format="lobcq",
+        act_bits=4,
+        lobcq_codebooks="universal",
+        smooth_alpha="auto",
+        **{**CBQ_BUDGET_MAIN, "epochs": 4},
+    ),
+    "lobcq-w4a4-universal-cbq-n8x256lr3-sqauto": dict(
+        method="cbq",
+        format="lobcq",
+        act_bits=4,
+        lobcq_codebooks="universal",
+        smooth_alpha="auto",
+        **{**CBQ_BUDGET_MAIN, "lr": 3e-2},
+    ),
     # the lr 3e-2 row with other seeds (other calibration samples and LoRA initialisations): run-to-run spread
-    "lobcq-w4a4-universal-cbq-n8x256lr3-sqauto-seed1": dict(method="cbq", format="lobcq", act_bits=4,
-                                                            lobcq_codebooks="universal", smooth_alpha="auto", seed=1,
-                                                            **{**CBQ_BUDGET_MAIN, "lr": 3e-2}),
-    "lobcq-w4a4-universal-cbq-n8x256lr3-sqauto-seed2": dict(method="cbq", format="lobcq", act_bits=4,
-                                                            lobcq_codebooks="universal", smooth_alpha="auto", seed=2,
-                                                            **{**CBQ_BUDGET_MAIN, "lr": 3e-2}),
+    "lobcq-w4a4-universal-cbq-n8x256lr3-sqauto-seed1": dict(
+        method="cbq",
+        format="lobcq",
+        act_bits=4,
+        lobcq_codebooks="universal",
+        smooth_alpha="auto",
+        seed=1,
+        **{**CBQ_BUDGET_MAIN, "lr": 3e-2},
+    ),
+    "lobcq-w4a4-universal-cbq-n8x256lr3-sqauto-seed2": dict(
+        method="cbq",
+        format="lobcq",
+        act_bits=4,
+        lobcq_codebooks="universal",
+        smooth_alpha="auto",
+        seed=2,
+        **{**CBQ_BUDGET_MAIN, "lr": 3e-2},
+    ),
     # the lr 3e-2 smoothed row with twice the calibration text (16 x 256 tokens), four seeds
-    **{f"lobcq-w4a4-universal-cbq-n16x256lr3-sqauto{'-seed%d' % seed if seed else ''}": dict(
-        method="cbq", format="lobcq", act_bits=4, lobcq_codebooks="universal", smooth_alpha="auto", seed=seed,
-        **{**CBQ_BUDGET_MAIN, "lr": 3e-2, "nsamples": 16}) for seed in (0, 1, 2, 3)},
+    **{
+        f"lobcq-w4a4-universal-cbq-n16x256lr3-sqauto{f'-seed{seed}' if seed else ''}": dict(
+            method="cbq",
+            format="lobcq",
+            act_bits=4,
+            lobcq_codebooks="universal",
+            smooth_alpha="auto",
+            seed=seed,
+            **{**CBQ_BUDGET_MAIN, "lr": 3e-2, "nsamples": 16},
+        )
+        for seed in (0, 1, 2, 3)
+    },
     # ... and with 32 x 256
-    "lobcq-w4a4-universal-cbq-n32x256lr3-sqauto": dict(method="cbq", format="lobcq", act_bits=4,
-                                                       lobcq_codebooks="universal", smooth_alpha="auto",
-                                                       **{**CBQ_BUDGET_MAIN, "lr": 3e-2, "nsamples": 32}),
+    "lobcq-w4a4-universal-cbq-n32x256lr3-sqauto": dict(
+        method="cbq",
+        format="lobcq",
+        act_bits=4,
+        lobcq_codebooks="universal",
+        smooth_alpha="auto",
+        **{**CBQ_BUDGET_MAIN, "lr": 3e-2, "nsamples": 32},
+    ),
     # the lr 3e-2 smoothed row with the token-normalised window loss (massive attention-sink tokens no longer
     # dominate it), three seeds
-    **{f"lobcq-w4a4-universal-cbq-n8x256lr3-sqauto-tn{'-seed%d' % seed if seed else ''}": dict(
-        method="cbq", format="lobcq", act_bits=4, lobcq_codebooks="universal", smooth_alpha="auto", seed=seed,
-        token_normalized_loss=True, **{**CBQ_BUDGET_MAIN, "lr": 3e-2}) for seed in (0, 1, 2)},
+    **{
+        f"lobcq-w4a4-universal-cbq-n8x256lr3-sqauto-tn{f'-seed{seed}' if seed else ''}": dict(
+            method="cbq",
+            format="lobcq",
+            act_bits=4,
+            lobcq_codebooks="universal",
+            smooth_alpha="auto",
+            seed=seed,
+            token_normalized_loss=True,
+            **{**CBQ_BUDGET_MAIN, "lr": 3e-2},
+        )
+        for seed in (0, 1, 2)
+    },
     # the lr 3e-2 smoothed row with the blocks' norm weights trained in the windows (lr_norm 1e-3 / 3e-3)
-    **{f"lobcq-w4a4-universal-cbq-n8x256lr3-sqauto-ln{tag}{'-seed%d' % seed if seed else ''}": dict(
-        method="cbq", format="lobcq", act_bits=4, lobcq_codebooks="universal", smooth_alpha="auto", seed=seed,
-        lr_norm=lr_norm, **{**CBQ_BUDGET_MAIN, "lr": 3e-2})
-       for tag, lr_norm in (("1", 1e-3), ("3", 3e-3)) for seed in (0, 1, 2, 3)},
+    **{
+        f"lobcq-w4a4-universal-cbq-n8x256lr3-sqauto-ln{tag}{f'-seed{seed}' if seed else ''}": dict(
+            method="cbq",
+            format="lobcq",
+            act_bits=4,
+            lobcq_codebooks="universal",
+            smooth_alpha="auto",
+            seed=seed,
+            lr_norm=lr_norm,
+            **{**CBQ_BUDGET_MAIN, "lr": 3e-2},
+        )
+        for tag, lr_norm in (("1", 1e-3), ("3", 3e-3))
+        for seed in (0, 1, 2, 3)
+    },
     # the lr 3e-2 smoothed row with windows of 3 blocks overlapping by 2, or array-scale learning rate 1e-2
-    **{f"lobcq-w4a4-universal-cbq-n8x256lr3-sqauto-w{ws}{'-seed%d' % seed if seed else ''}": dict(
-        method="cbq", format="lobcq", act_bits=4, lobcq_codebooks="universal", smooth_alpha="auto", seed=seed,
-        window_size=ws, window_overlap=ws - 1, **{**CBQ_BUDGET_MAIN, "lr": 3e-2})
-       for ws in (3, 4) for seed in (0, 1, 2, 3)},
-    "lobcq-w4a4-universal-cbq-n8x256lr3-sqauto-ls2": dict(method="cbq", format="lobcq", act_bits=4,
-                                                          lobcq_codebooks="universal", smooth_alpha="auto",
-                                                          **{**CBQ_BUDGET_MAIN, "lr": 3e-2, "lr_scale": 1e-2}),
+    **{
+        f"lobcq-w4a4-universal-cbq-n8x256lr3-sqauto-w{ws}{f'-seed{seed}' if seed else ''}": dict(
+            method="cbq",
+            format="lobcq",
+            act_bits=4,
+            lobcq_codebooks="universal",
+            smooth_alpha="auto",
+            seed=seed,
+            window_size=ws,
+            window_overlap=ws - 1,
+            **{**CBQ_BUDGET_MAIN, "lr": 3e-2},
+        )
+        for ws in (3, 4)
+        for seed in (0, 1, 2, 3)
+    },
+    "lobcq-w4a4-universal-cbq-n8x256lr3-sqauto-ls2": dict(
+        method="cbq",
+        format="lobcq",
+        act_bits=4,
+        lobcq_codebooks="universal",
+        smooth_alpha="auto",
+        **{**CBQ_BUDGET_MAIN, "lr": 3e-2, "lr_scale": 1e-2},
+    ),
     # block arrays of 32 values instead of 64 (one E4M3 scale per 32 values: 4.75 bits per value instead of 4.625),
     # RTN and the best CBQ configuration (3-block windows), with the universal set designed for that spec
-    "lobcq-w4a4-universal-a32": dict(method="rtn", format="lobcq", act_bits=4, lobcq_codebooks="universal",
-                                     lobcq_array_len=32),
-    **{f"lobcq-w4a4-universal-cbq-n8x256lr3-sqauto-w{ws}-a32{'-seed%d' % seed if seed else ''}": dict(
-        method="cbq", format="lobcq", act_bits=4, lobcq_codebooks="universal", smooth_alpha="auto", seed=seed,
-        lobcq_array_len=32, window_size=ws, window_overlap=ws - 1, **{**CBQ_BUDGET_MAIN, "lr": 3e-2})
-       for ws in (2, 3) for seed in (0, 1, 2, 3)},
-    "lobcq-w4a4-universal-cbq-n8x256lr5-sqauto": dict(method="cbq", format="lobcq", act_bits=4,
-                                                      lobcq_codebooks="universal", smooth_alpha="auto",
-                                                      **{**CBQ_BUDGET_MAIN, "lr": 5e-2}),
+    "lobcq-w4a4-universal-a32": dict(
+        method="rtn", format="lobcq", act_bits=4, lobcq_codebooks="universal", lobcq_array_len=32
+    ),
+    **{
+        f"lobcq-w4a4-universal-cbq-n8x256lr3-sqauto-w{ws}-a32{f'-seed{seed}' if seed else ''}": dict(
+            method="cbq",
+            format="lobcq",
+            act_bits=4,
+            lobcq_codebooks="universal",
+            smooth_alpha="auto",
+            seed=seed,
+            lobcq_array_len=32,
+            window_size=ws,
+            window_overlap=ws - 1,
+            **{**CBQ_BUDGET_MAIN, "lr": 3e-2},
+        )
+        for ws in (2, 3)
+        for seed in (0, 1, 2, 3)
+    },
+    "lobcq-w4a4-universal-cbq-n8x256lr5-sqauto": dict(
+        method="cbq",
+        format="lobcq",
+        act_bits=4,
+        lobcq_codebooks="universal",
+        smooth_alpha="auto",
+        **{**CBQ_BUDGET_MAIN, "lr": 5e-2},
+    ),
 }
 
 
@@ -150,16 +248,26 @@ def run_row(name: str, path: str, text: str, windows: int, save: Path | None = N
     ppl = perplexity(model, tok, text, n_windows=windows, progress=False)
     eval_s = time.perf_counter() - t
     info = getattr(getattr(model.config, "quantization_config", None), "run_info", {}) or {}
-    return {"row": name, "config": kwargs, "ppl": round(ppl, 3), "bits_per_weight": info.get("bits_per_weight"),
-            "quantize_s": round(quant_s, 1), "eval_s": round(eval_s, 1), "windows": windows,
-            "threads": torch.get_num_threads(), "cbq": info.get("cbq_calibration"),
-            "date": time.strftime("%Y-%m-%d %H:%M")}
+    return {
+        "row": name,
+        "config": kwargs,
+        "ppl": round(ppl, 3),
+        "bits_per_weight": info.get("bits_per_weight"),
+        "quantize_s": round(quant_s, 1),
+        "eval_s": round(eval_s, 1),
+        "windows": windows,
+        "threads": torch.get_num_threads(),
+        "cbq": info.get("cbq_calibration"),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
 
 
 def render(results: dict[str, dict]) -> str:
     fp = results.get("fp32", {}).get("ppl")
-    lines = ["| row | W / A | bits per weight | WikiText-2 ppl | vs fp32 | quantize s | eval s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| row | W / A | bits per weight | WikiText-2 ppl | vs fp32 | quantize s | eval s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name in ROWS:
         r = results.get(name)
         if r is None:

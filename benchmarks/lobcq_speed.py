@@ -39,8 +39,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     paths = ([] if args.no_reference else ["reference"]) + ["cpu_lobcq", "cpu_lobcq_dequant"]
-    print(f"| N x K | tokens | fp32 nn.Linear ms | " + " | ".join(
-        f"W4A{a or 16} {p} ms" for a in (None, 4) for p in paths) + " |")
+    print(
+        "| N x K | tokens | fp32 nn.Linear ms | "
+        + " | ".join(f"W4A{a or 16} {p} ms" for a in (None, 4) for p in paths)
+        + " |"
+    )
     print("|---" * (3 + 2 * len(paths)) + "|")
     for shape in args.shapes:
         n, k = map(int, shape.split("x"))
@@ -74,16 +77,26 @@ def encode_table(token_counts: list[int], widths: list[int], reps: int) -> None:
     spec, cb = LOBCQSpec(), LOBCQFormat().universal()
     lut = build_lut(cb, spec.cmax)
     e4m3 = e4m3_decode(torch.arange(256, dtype=torch.uint8))
-    args = (lut.values.float().contiguous(), lut.index.to(torch.uint8).contiguous(), cb.float().contiguous(), e4m3,
-            spec.block_len, spec.array_len, spec.cmax)
+    args = (
+        lut.values.float().contiguous(),
+        lut.index.to(torch.uint8).contiguous(),
+        cb.float().contiguous(),
+        e4m3,
+        spec.block_len,
+        spec.array_len,
+        spec.cmax,
+    )
     ops = build.load()
     print("\n| K | tokens | encode C++ (lobcq_encode_act) ms | encode PyTorch (fake_quantize_activations) ms |")
     print("|---|---|---|---|")
     for k in widths:
         for tokens in token_counts:
             x = torch.randn(tokens, k)
-            print(f"| {k} | {tokens} | {median_ms(lambda: ops.lobcq_encode_act(x, *args), reps * 20):.4f} | "
-                  f"{median_ms(lambda: fake_quantize_activations(x, cb, spec), reps):.4f} |", flush=True)
+            print(
+                f"| {k} | {tokens} | {median_ms(lambda: ops.lobcq_encode_act(x, *args), reps * 20):.4f} | "
+                f"{median_ms(lambda: fake_quantize_activations(x, cb, spec), reps):.4f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ class _PeakSampler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "_PeakSampler":
+    def __enter__(self) -> _PeakSampler:
         try:
             with open("/proc/self/clear_refs", "w") as fh:
                 fh.write("5")
@@ -95,10 +95,16 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     layers, storage, nsamples = args.layers[0], args.storage[0], args.nsamples[0]
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                      num_hidden_layers=layers, num_attention_heads=args.heads,
-                      num_key_value_heads=args.heads, max_position_embeddings=max(args.seqlen, 256),
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        max_position_embeddings=max(args.seqlen, 256),
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     ids = torch.randint(0, args.vocab, (nsamples, args.seqlen), generator=torch.Generator().manual_seed(1))
@@ -107,20 +113,40 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     gc.collect()
     rss_loaded = _status_kib("VmRSS") * 1024
     with tempfile.TemporaryDirectory(prefix="cbq_mem_") as tmp:
-        config = CBQConfig(method="cbq", bits=4, group_size=128, window_size=args.window, window_overlap=1,
-                           epochs=1, batch_size=args.batch_size, nsamples=nsamples, seqlen=args.seqlen,
-                           calibration_device="cpu", activation_storage=storage,
-                           checkpoint_dir=os.path.join(tmp, "ckpt") if args.checkpoint else None)
+        config = CBQConfig(
+            method="cbq",
+            bits=4,
+            group_size=128,
+            window_size=args.window,
+            window_overlap=1,
+            epochs=1,
+            batch_size=args.batch_size,
+            nsamples=nsamples,
+            seqlen=args.seqlen,
+            calibration_device="cpu",
+            activation_storage=storage,
+            checkpoint_dir=os.path.join(tmp, "ckpt") if args.checkpoint else None,
+        )
         t0 = time.perf_counter()
         with _PeakSampler() as peak:
             report = calibrate(model, config, ids, progress=False)
         seconds = time.perf_counter() - t0
-    return {"layers": layers, "storage": storage, "checkpoint": args.checkpoint, "nsamples": nsamples,
-            "seqlen": args.seqlen, "model_bytes": model_bytes, "block_fp32_bytes": block_bytes,
-            "stream_bytes": nsamples * args.seqlen * args.hidden * 4,
-            "rss_after_load_bytes": rss_loaded, "peak_rss_calibration_bytes": peak.peak,
-            "overhead_bytes": peak.peak - rss_loaded, "peak_method": "VmHWM" if peak.kernel else "sampled",
-            "windows": len(report["windows"]), "seconds": round(seconds, 1)}
+    return {
+        "layers": layers,
+        "storage": storage,
+        "checkpoint": args.checkpoint,
+        "nsamples": nsamples,
+        "seqlen": args.seqlen,
+        "model_bytes": model_bytes,
+        "block_fp32_bytes": block_bytes,
+        "stream_bytes": nsamples * args.seqlen * args.hidden * 4,
+        "rss_after_load_bytes": rss_loaded,
+        "peak_rss_calibration_bytes": peak.peak,
+        "overhead_bytes": peak.peak - rss_loaded,
+        "peak_method": "VmHWM" if peak.kernel else "sampled",
+        "windows": len(report["windows"]),
+        "seconds": round(seconds, 1),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ parent
@@ -129,30 +155,41 @@ def _mib(b: float) -> str:
 
 
 def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    lines = [f"Command: `{meta['command']}`", "",
-             f"Model: random Llama, hidden {meta['hidden']}, intermediate {meta['intermediate']}, vocab "
-             f"{meta['vocab']}, float32. Calibration: W4 g128, window {meta['window']} (overlap 1), 1 epoch, "
-             f"{meta['seqlen']} tokens per sample, batch {meta['batch_size']}, CPU, {meta['threads']} thread(s); "
-             f"one block in float32 = {_mib(rows[0]['block_fp32_bytes'])} MiB. Peak measured with "
-             f"{rows[0]['peak_method']}. One stream = samples x tokens x hidden x 4 bytes.", "",
-             "| layers | samples | one stream (MiB) | activations | malloc | checkpoint | model (MiB) "
-             "| RSS after load (MiB) | peak RSS calibrating (MiB) | overhead (MiB) | overhead / model | s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Command: `{meta['command']}`",
+        "",
+        f"Model: random Llama, hidden {meta['hidden']}, intermediate {meta['intermediate']}, vocab "
+        f"{meta['vocab']}, float32. Calibration: W4 g128, window {meta['window']} (overlap 1), 1 epoch, "
+        f"{meta['seqlen']} tokens per sample, batch {meta['batch_size']}, CPU, {meta['threads']} thread(s); "
+        f"one block in float32 = {_mib(rows[0]['block_fp32_bytes'])} MiB. Peak measured with "
+        f"{rows[0]['peak_method']}. One stream = samples x tokens x hidden x 4 bytes.",
+        "",
+        "| layers | samples | one stream (MiB) | activations | malloc | checkpoint | model (MiB) "
+        "| RSS after load (MiB) | peak RSS calibrating (MiB) | overhead (MiB) | overhead / model | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['layers']} | {r['nsamples']} | {_mib(r['stream_bytes'])} | {r['storage']} | "
-                     f"{r.get('allocator', 'default')} | "
-                     f"{'yes' if r['checkpoint'] else 'no'} | "
-                     f"{_mib(r['model_bytes'])} | {_mib(r['rss_after_load_bytes'])} | "
-                     f"{_mib(r['peak_rss_calibration_bytes'])} | {_mib(r['overhead_bytes'])} | "
-                     f"{r['overhead_bytes'] / r['model_bytes']:.2f} | {r['seconds']} |")
+        lines.append(
+            f"| {r['layers']} | {r['nsamples']} | {_mib(r['stream_bytes'])} | {r['storage']} | "
+            f"{r.get('allocator', 'default')} | "
+            f"{'yes' if r['checkpoint'] else 'no'} | "
+            f"{_mib(r['model_bytes'])} | {_mib(r['rss_after_load_bytes'])} | "
+            f"{_mib(r['peak_rss_calibration_bytes'])} | {_mib(r['overhead_bytes'])} | "
+            f"{r['overhead_bytes'] / r['model_bytes']:.2f} | {r['seconds']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, nargs="+", default=[2, 8, 32], help="decoder blocks of each model")
-    p.add_argument("--storage", nargs="+", default=["cpu", "disk"], choices=["cpu", "disk"],
-                   help="activation_storage values to measure")
+    p.add_argument(
+        "--storage",
+        nargs="+",
+        default=["cpu", "disk"],
+        choices=["cpu", "disk"],
+        help="activation_storage values to measure",
+    )
     p.add_argument("--checkpoint", action="store_true", help="also write a resumable checkpoint (temp folder)")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--intermediate", type=int, default=1024)
@@ -163,12 +200,20 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--window", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads of each measurement")
-    p.add_argument("--allocator", nargs="+", default=["default"], choices=["default", "mmap128k"],
-                   help="glibc malloc setting of each measurement: its default, or MALLOC_MMAP_THRESHOLD_=131072 "
-                        "(fixed threshold: large blocks are mapped and returned to the OS when freed)")
+    p.add_argument(
+        "--allocator",
+        nargs="+",
+        default=["default"],
+        choices=["default", "mmap128k"],
+        help="glibc malloc setting of each measurement: its default, or MALLOC_MMAP_THRESHOLD_=131072 "
+        "(fixed threshold: large blocks are mapped and returned to the OS when freed)",
+    )
     p.add_argument("--out", default=str(RESULTS / "memory"), help="output path without extension")
-    p.add_argument("--doc-section", default="memory-table",
-                   help="name of the <!-- NAME --> ... <!-- /NAME --> section of docs/memory.md to replace")
+    p.add_argument(
+        "--doc-section",
+        default="memory-table",
+        help="name of the <!-- NAME --> ... <!-- /NAME --> section of docs/memory.md to replace",
+    )
     p.add_argument("--no-doc", action="store_true", help="do not update docs/memory.md")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -195,24 +240,33 @@ def main() -> None:
         out = proc.stdout
         row = json.loads(out.strip().splitlines()[-1])
         row["allocator"] = alloc
-        logger.info("layers %d, %s: model %s MiB, overhead %s MiB (%s s)", n, storage, _mib(row["model_bytes"]),
-                    _mib(row["overhead_bytes"]), row["seconds"])
+        logger.info(
+            "layers %d, %s: model %s MiB, overhead %s MiB (%s s)",
+            n,
+            storage,
+            _mib(row["model_bytes"]),
+            _mib(row["overhead_bytes"]),
+            row["seconds"],
+        )
         rows.append(row)
-    argv = [a for a in sys.argv[1:]]
-    meta = {k: getattr(args, k) for k in ("hidden", "intermediate", "vocab", "seqlen", "batch_size", "window",
-                                          "threads")}
+    argv = list(sys.argv[1:])
+    meta = {
+        k: getattr(args, k) for k in ("hidden", "intermediate", "vocab", "seqlen", "batch_size", "window", "threads")
+    }
     meta["command"] = ".venv/bin/python benchmarks/memory.py " + shlex.join(argv)
     table = render(rows, meta)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n", encoding="utf-8")
-    out.with_suffix(".md").write_text("# Peak memory of CBQ calibration (benchmarks/memory.py)\n\n" + table,
-                                     encoding="utf-8")
+    out.with_suffix(".md").write_text(
+        "# Peak memory of CBQ calibration (benchmarks/memory.py)\n\n" + table, encoding="utf-8"
+    )
     if not args.no_doc and DOC.exists():
         text = DOC.read_text(encoding="utf-8")
         sec = re.escape(args.doc_section)
-        new = re.sub(rf"(<!-- {sec} -->\n).*?(<!-- /{sec} -->)", lambda m: m.group(1) + table + m.group(2), text,
-                     flags=re.S)
+        new = re.sub(
+            rf"(<!-- {sec} -->\n).*?(<!-- /{sec} -->)", lambda m: m.group(1) + table + m.group(2), text, flags=re.S
+        )
         DOC.write_text(new, encoding="utf-8")
     print(table)
 

@@ -28,11 +28,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cbq_hf.calibration.engine import calibrate  # noqa: E402
-from cbq_hf.calibration.rtn import quantize_rtn  # noqa: E402
-from cbq_hf.config import CBQConfig  # noqa: E402
-from cbq_hf.formats import get_format  # noqa: E402
-from cbq_hf.lm_head import quantize_lm_head  # noqa: E402
+from cbq_hf.calibration.engine import calibrate
+from cbq_hf.calibration.rtn import quantize_rtn
+from cbq_hf.config import CBQConfig
+from cbq_hf.formats import get_format
+from cbq_hf.lm_head import quantize_lm_head
 
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -87,13 +87,16 @@ def evaluate(model, tok, n_windows: int) -> float:
 
 #: Rows measured before LoRA-Rounding floored the codes on the initial grid (rounding.py) carry
 #: ``"rounding": "moving-grid"``; they are kept, marked with a dagger, and compared only with each other.
-MOVING_GRID_NOTE = ("† measured before the 2026-12-01 LoRA-Rounding fix: codes were floor(W / s) + h on the moving "
-                    "grid, which made learned step sizes hurt; rows without † use floor(W / s0) + h.")
+MOVING_GRID_NOTE = (
+    "† measured before the 2026-12-01 LoRA-Rounding fix: codes were floor(W / s) + h on the moving "
+    "grid, which made learned step sizes hurt; rows without † use floor(W / s0) + h."
+)
 
 
 def row_key(r: dict) -> str:
-    return "|".join(str(r.get(k)) for k in ("setting", "method", "variant", "budget", "eval_windows", "proxy",
-                                            "rounding"))
+    return "|".join(
+        str(r.get(k)) for k in ("setting", "method", "variant", "budget", "eval_windows", "proxy", "rounding")
+    )
 
 
 def _budget(r: dict) -> str:
@@ -119,10 +122,14 @@ def fmt_ppl(r: dict | None, fp: float | None) -> str:
 
 def render(rows: list[dict]) -> str:
     """Markdown tables from all stored rows (main table per setting; ablation table)."""
-    lines = ["# Quality benchmark: CBQ on SmolLM2-135M (WikiText-2)", "",
-             "Perplexity on WikiText-2 test (protocol of `shared/data/README.md`; 40 windows x 512 tokens unless "
-             "the eval column says otherwise), in parentheses the ratio to fp32, then calibration seconds. "
-             "Calibration on random segments of `wiki.valid.tokens`, seed 0. Measured on 2 shared CPU cores.", ""]
+    lines = [
+        "# Quality benchmark: CBQ on SmolLM2-135M (WikiText-2)",
+        "",
+        "Perplexity on WikiText-2 test (protocol of `shared/data/README.md`; 40 windows x 512 tokens unless "
+        "the eval column says otherwise), in parentheses the ratio to fp32, then calibration seconds. "
+        "Calibration on random segments of `wiki.valid.tokens`, seed 0. Measured on 2 shared CPU cores.",
+        "",
+    ]
     proxy = [r for r in rows if "proxy" in r["method"]]
     rows = [r for r in rows if "proxy" not in r["method"]]
     by_eval: dict[int, list[dict]] = {}
@@ -130,9 +137,14 @@ def render(rows: list[dict]) -> str:
         by_eval.setdefault(r["eval_windows"], []).append(r)
     for ev, rs in sorted(by_eval.items(), reverse=True):
         fp = next((r["ppl"] for r in rs if r["method"] == "fp32"), None)
-        lines += [f"## Main table (eval windows: {ev})", "",
-                  f"fp32: {fp:.2f}" if fp else "fp32: not measured", "",
-                  "| setting | RTN | GPTQ | CBQ | CBQ budget |", "|---|---|---|---|---|"]
+        lines += [
+            f"## Main table (eval windows: {ev})",
+            "",
+            f"fp32: {fp:.2f}" if fp else "fp32: not measured",
+            "",
+            "| setting | RTN | GPTQ | CBQ | CBQ budget |",
+            "|---|---|---|---|---|",
+        ]
         for s in SETTING_ORDER:
             rtn = next((r for r in rs if r["setting"] == s and r["method"] == "rtn"), None)
             gptq = next((r for r in rs if r["setting"] == s and r["method"] == "gptq"), None)
@@ -142,30 +154,54 @@ def render(rows: list[dict]) -> str:
             if not cbqs:
                 cbqs = [None]
             for c in cbqs:
-                lines.append(f"| {s} | {fmt_ppl(rtn, fp)} | {fmt_ppl(gptq, fp)} | {fmt_ppl(c, fp)} | "
-                             f"{_budget(c) if c else '–'} |")
+                lines.append(
+                    f"| {s} | {fmt_ppl(rtn, fp)} | {fmt_ppl(gptq, fp)} | {fmt_ppl(c, fp)} | "
+                    f"{_budget(c) if c else '–'} |"
+                )
         abl = [r for r in rs if r["method"] == "cbq" and r["variant"] != "full"]
         if abl:
-            lines += ["", f"## Ablations (eval windows: {ev})", "",
-                      "| setting | variant | budget | perplexity | vs full CBQ |", "|---|---|---|---|---|"]
+            lines += [
+                "",
+                f"## Ablations (eval windows: {ev})",
+                "",
+                "| setting | variant | budget | perplexity | vs full CBQ |",
+                "|---|---|---|---|---|",
+            ]
             for r in sorted(abl, key=lambda r: (SETTING_ORDER.index(r["setting"]), r["variant"])):
-                full = next((f for f in rs if f["setting"] == r["setting"] and f["method"] == "cbq"
-                             and f["variant"] == "full" and f["budget"] == r["budget"]
-                             and f.get("rounding") == r.get("rounding")), None)
+                full = next(
+                    (
+                        f
+                        for f in rs
+                        if f["setting"] == r["setting"]
+                        and f["method"] == "cbq"
+                        and f["variant"] == "full"
+                        and f["budget"] == r["budget"]
+                        and f.get("rounding") == r.get("rounding")
+                    ),
+                    None,
+                )
                 delta = f"{r['ppl'] / full['ppl']:.3f}x" if full else "–"
                 lines.append(f"| {r['setting']} | {r['variant']} | {_budget(r)} | {fmt_ppl(r, fp)} | {delta} |")
         if any(r.get("rounding") == "moving-grid" for r in rs):
             lines += ["", MOVING_GRID_NOTE]
         lines.append("")
     if proxy:
-        lines += ["", "## Ablation proxy (first K blocks only)", "",
-                  "Relative MSE of the final hidden states of a model cut after its first K decoder blocks, on 8 "
-                  "held-out segments, against the same float model (lower is better). A cheap stand-in for "
-                  "perplexity where full-model runs do not fit the CPU budget.", "",
-                  "| setting | method | variant | budget | rel. MSE | seconds |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Ablation proxy (first K blocks only)",
+            "",
+            "Relative MSE of the final hidden states of a model cut after its first K decoder blocks, on 8 "
+            "held-out segments, against the same float model (lower is better). A cheap stand-in for "
+            "perplexity where full-model runs do not fit the CPU budget.",
+            "",
+            "| setting | method | variant | budget | rel. MSE | seconds |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in sorted(proxy, key=lambda r: (SETTING_ORDER.index(r["setting"]), r["method"], r["variant"])):
-            lines.append(f"| {r['setting']} | {r['method']} | {r['variant']} | {_budget(r)} | {r['rel_mse']:.4g} "
-                         f"| {r.get('seconds', '–')} |")
+            lines.append(
+                f"| {r['setting']} | {r['method']} | {r['variant']} | {_budget(r)} | {r['rel_mse']:.4g} "
+                f"| {r.get('seconds', '–')} |"
+            )
         if any(r.get("rounding") == "moving-grid" for r in proxy):
             lines += ["", MOVING_GRID_NOTE]
     cmds = sorted({r["command"] for r in rows + proxy if r.get("command")})
@@ -211,14 +247,29 @@ def run_proxy(args, path, tok, settings, methods, ablations, budget, record) -> 
                 extra["lr"] = args.lr
             if args.lr_scale is not None:
                 extra["lr_scale"] = args.lr_scale
-            cfg = CBQConfig(method="cbq", nsamples=args.nsamples, seqlen=args.seqlen, epochs=args.epochs,
-                            batch_size=args.batch_size, **SETTINGS[s], **extra)
+            cfg = CBQConfig(
+                method="cbq",
+                nsamples=args.nsamples,
+                seqlen=args.seqlen,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                **SETTINGS[s],
+                **extra,
+            )
             model = _truncated(path, args.proxy_blocks)
             rep = calibrate(model, cfg, ids, progress=False)
             if cfg.lm_head_bits is not None:
                 quantize_lm_head(model, cfg.lm_head_bits)
-            record(dict(setting=s, method=f"cbq-{tag}", variant=v, budget=budget, rel_mse=rel(model),
-                        seconds=rep["seconds"]))
+            record(
+                dict(
+                    setting=s,
+                    method=f"cbq-{tag}",
+                    variant=v,
+                    budget=budget,
+                    rel_mse=rel(model),
+                    seconds=rep["seconds"],
+                )
+            )
 
 
 def _rows_or_empty(path: Path) -> list[dict]:
@@ -242,10 +293,18 @@ def _gptq_rows() -> list[dict]:
         m = re.fullmatch(r"(w\d+a\d+)(g-?\d+)", str(g.get("setting", "")))
         if not (isinstance(g, dict) and m and "perplexity" in g):
             continue
-        rows.append(dict(setting=f"{m.group(1)}_{m.group(2)}", method="gptq", variant="full",
-                         budget=f"n{g['nsamples']}x{g['seqlen']}", ppl=g["perplexity"],
-                         seconds=g.get("calibration_seconds"), eval_windows=40,
-                         command="python benchmarks/gptq_baseline.py --settings " + g["setting"]))
+        rows.append(
+            dict(
+                setting=f"{m.group(1)}_{m.group(2)}",
+                method="gptq",
+                variant="full",
+                budget=f"n{g['nsamples']}x{g['seqlen']}",
+                ppl=g["perplexity"],
+                seconds=g.get("calibration_seconds"),
+                eval_windows=40,
+                command="python benchmarks/gptq_baseline.py --settings " + g["setting"],
+            )
+        )
     return rows
 
 
@@ -258,8 +317,7 @@ def write_doc() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--settings", default="w4a16_g128,w2a16_g64",
-                    help=f"comma list of {list(SETTINGS)} or 'all'")
+    ap.add_argument("--settings", default="w4a16_g128,w2a16_g64", help=f"comma list of {list(SETTINGS)} or 'all'")
     ap.add_argument("--methods", default="fp32,rtn,cbq", help="comma list of fp32, rtn, cbq")
     ap.add_argument("--ablations", default="", help=f"comma list of {list(ABLATIONS)} or 'all' (CBQ only)")
     ap.add_argument("--nsamples", type=int, default=32)
@@ -269,13 +327,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--lr-scale", type=float, default=None)
     ap.add_argument("--eval-windows", type=int, default=40)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads while calibrating (1 avoids OpenMP barrier stalls on a shared machine)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads while calibrating (1 avoids OpenMP barrier stalls on a shared machine)",
+    )
     ap.add_argument("--eval-threads", type=int, default=2, help="torch threads while evaluating perplexity")
     ap.add_argument("--quick", action="store_true", help="smoke run: 8 samples x 128 tokens, 1 epoch, 4 windows")
-    ap.add_argument("--proxy-blocks", type=int, default=0,
-                    help="ablation proxy: keep only the first K decoder blocks and report the relative MSE of the "
-                         "final hidden states on held-out samples instead of perplexity (0 = off)")
+    ap.add_argument(
+        "--proxy-blocks",
+        type=int,
+        default=0,
+        help="ablation proxy: keep only the first K decoder blocks and report the relative MSE of the "
+        "final hidden states on held-out samples instead of perplexity (0 = off)",
+    )
     ap.add_argument("--results", default=str(RESULTS / "quality.json"))
     ap.add_argument("--render-only", action="store_true", help="only regenerate docs/benchmarks_quality.md")
     args = ap.parse_args(argv)
@@ -315,8 +381,7 @@ def main(argv: list[str] | None = None) -> None:
         save_rows(results, rows)
         (results.with_suffix(".md")).write_text(render(rows))
         write_doc()
-        logging.info("row: %s", {k: row.get(k) for k in ("setting", "method", "variant", "ppl", "rel_mse",
-                                                          "seconds")})
+        logging.info("row: %s", {k: row.get(k) for k in ("setting", "method", "variant", "ppl", "rel_mse", "seconds")})
 
     if args.proxy_blocks:
         run_proxy(args, path, tok, settings, methods, ablations, budget, record)
@@ -334,8 +399,16 @@ def main(argv: list[str] | None = None) -> None:
             quantize_rtn(model, get_format(cfg), progress=False)
             if cfg.lm_head_bits is not None:
                 quantize_lm_head(model, cfg.lm_head_bits)
-            record(dict(setting=s, method="rtn", variant="full", budget="-", ppl=evaluate(model, tok,
-                   args.eval_windows), seconds=round(time.perf_counter() - t0, 1)))
+            record(
+                dict(
+                    setting=s,
+                    method="rtn",
+                    variant="full",
+                    budget="-",
+                    ppl=evaluate(model, tok, args.eval_windows),
+                    seconds=round(time.perf_counter() - t0, 1),
+                )
+            )
         variants = (["full"] if "cbq" in methods else []) + ablations
         for v in variants:
             extra = {} if v == "full" else ABLATIONS[v]
@@ -343,20 +416,36 @@ def main(argv: list[str] | None = None) -> None:
                 extra = {**extra, "lr": args.lr}
             if args.lr_scale is not None:
                 extra = {**extra, "lr_scale": args.lr_scale}
-            cfg = CBQConfig(method="cbq", nsamples=args.nsamples, seqlen=args.seqlen, epochs=args.epochs,
-                            batch_size=args.batch_size, **SETTINGS[s], **extra)
+            cfg = CBQConfig(
+                method="cbq",
+                nsamples=args.nsamples,
+                seqlen=args.seqlen,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                **SETTINGS[s],
+                **extra,
+            )
             model = load_model(path)
             rep = calibrate(model, cfg, ids, progress=False)
             if cfg.lm_head_bits is not None:
                 quantize_lm_head(model, cfg.lm_head_bits)
             statuses = [w["status"] for w in rep["windows"]]
-            record(dict(setting=s, method="cbq", variant=v, budget=budget + (
-                f" lr{args.lr}" if args.lr is not None else "") + (
-                f" lrs{args.lr_scale}" if args.lr_scale is not None else ""),
-                ppl=evaluate(model, tok, args.eval_windows), seconds=rep["seconds"],
-                windows_reverted=statuses.count("reverted"), windows_nan=statuses.count("nan_fallback"),
-                loss_first_window=[rep["windows"][0]["loss_start"], rep["windows"][0]["loss_end"]],
-                loss_last_window=[rep["windows"][-1]["loss_start"], rep["windows"][-1]["loss_end"]]))
+            record(
+                dict(
+                    setting=s,
+                    method="cbq",
+                    variant=v,
+                    budget=budget
+                    + (f" lr{args.lr}" if args.lr is not None else "")
+                    + (f" lrs{args.lr_scale}" if args.lr_scale is not None else ""),
+                    ppl=evaluate(model, tok, args.eval_windows),
+                    seconds=rep["seconds"],
+                    windows_reverted=statuses.count("reverted"),
+                    windows_nan=statuses.count("nan_fallback"),
+                    loss_first_window=[rep["windows"][0]["loss_start"], rep["windows"][0]["loss_end"]],
+                    loss_last_window=[rep["windows"][-1]["loss_start"], rep["windows"][-1]["loss_end"]],
+                )
+            )
     print(render(rows))
 
 

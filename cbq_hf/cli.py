@@ -28,8 +28,13 @@ class CLIError(Exception):
 
 
 def _add_quantize(sub) -> None:
-    p = sub.add_parser("quantize", help="quantize a model and save it",
-                       description="Quantize MODEL (a local folder or Hub id) with CBQ or RTN and save it to OUTPUT.")
+    from .formats import registered_formats
+
+    p = sub.add_parser(
+        "quantize",
+        help="quantize a model and save it",
+        description="Quantize MODEL (a local folder or Hub id) with CBQ or RTN and save it to OUTPUT.",
+    )
     p.add_argument("model", help="full-precision model: local folder or Hub id")
     p.add_argument("output", help="folder to write the quantized checkpoint to (replaced atomically)")
     g = p.add_argument_group("format")
@@ -37,13 +42,20 @@ def _add_quantize(sub) -> None:
     g.add_argument("--group-size", type=int, default=128, help="input channels per scale; -1 = per row (default 128)")
     g.add_argument("--sym", action="store_true", help="symmetric weight grid (default asymmetric)")
     g.add_argument("--act-bits", type=int, default=None, help="activation bits: 8 or 4 (default: weight-only)")
-    g.add_argument("--format", default="uniform", choices=["uniform", "lobcq"], help="storage format")
-    g.add_argument("--lm-head-bits", type=int, default=None,
-                   help="also quantize the output head (8 or 4 bits, weight-only RTN; default: keep it float)")
+    g.add_argument("--format", default="uniform", choices=registered_formats(), help="storage format")
+    g.add_argument(
+        "--lm-head-bits",
+        type=int,
+        default=None,
+        help="also quantize the output head (8 or 4 bits, weight-only RTN; default: keep it float)",
+    )
     g = p.add_argument_group("calibration")
     g.add_argument("--method", default="cbq", choices=["cbq", "rtn"], help="calibration method (default cbq)")
-    g.add_argument("--dataset", default="wikitext2",
-                   help="calibration text: 'wikitext2', a .txt/.jsonl file or a datasets name (default wikitext2)")
+    g.add_argument(
+        "--dataset",
+        default="wikitext2",
+        help="calibration text: 'wikitext2', a .txt/.jsonl file or a datasets name (default wikitext2)",
+    )
     g.add_argument("--nsamples", type=int, default=None, help="calibration sequences")
     g.add_argument("--seqlen", type=int, default=None, help="tokens per calibration sequence")
     g.add_argument("--seed", type=int, default=0, help="sampling and initialisation seed (default 0)")
@@ -53,27 +65,54 @@ def _add_quantize(sub) -> None:
     g.add_argument("--device", default="auto", help="calibration device: auto, cpu, cuda, cuda:N")
     g.add_argument("--checkpoint-dir", default=None, help="folder to resume an interrupted calibration from")
     g = p.add_argument_group("placement (models larger than one device, docs/scale_out.md)")
-    g.add_argument("--device-map", default=None,
-                   help="transformers/accelerate device_map for loading: auto, balanced, sequential, cpu, ... "
-                        "(default: none, the whole model in memory on the CPU)")
-    g.add_argument("--max-memory", action="append", default=[], metavar="DEVICE=SIZE",
-                   help="memory budget per device for --device-map, e.g. --max-memory 0=8GiB --max-memory cpu=60GiB")
-    g.add_argument("--offload-folder", default=None,
-                   help="folder for weights that do not fit the --max-memory budgets (offloaded to disk)")
-    g.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="any other CBQConfig field, e.g. --set lora_rank=8 (JSON values)")
+    g.add_argument(
+        "--device-map",
+        default=None,
+        help="transformers/accelerate device_map for loading: auto, balanced, sequential, cpu, ... "
+        "(default: none, the whole model in memory on the CPU)",
+    )
+    g.add_argument(
+        "--max-memory",
+        action="append",
+        default=[],
+        metavar="DEVICE=SIZE",
+        help="memory budget per device for --device-map, e.g. --max-memory 0=8GiB --max-memory cpu=60GiB",
+    )
+    g.add_argument(
+        "--offload-folder",
+        default=None,
+        help="folder for weights that do not fit the --max-memory budgets (offloaded to disk)",
+    )
+    g.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="any other CBQConfig field, e.g. --set lora_rank=8 (JSON values)",
+    )
     g = p.add_argument_group("output")
     g.add_argument("--eval-text", default=None, help="also report perplexity on this text file after quantizing")
     g.add_argument("--push-to-hub", default=None, metavar="REPO", help="also push the checkpoint to this Hub repo")
-    g.add_argument("--loss-plot", default=None, metavar="PNG",
-                   help="write a plot of the reconstruction loss per window (method cbq; needs matplotlib)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="dtype to load the model in (default float32)")
+    g.add_argument(
+        "--loss-plot",
+        default=None,
+        metavar="PNG",
+        help="write a plot of the reconstruction loss per window (method cbq; needs matplotlib)",
+    )
+    g.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype to load the model in (default float32)",
+    )
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="perplexity of a model on a text file (JSON out)",
-                       description="Perplexity with the fixed protocol: non-overlapping windows, BOS per window.")
+    p = sub.add_parser(
+        "eval",
+        help="perplexity of a model on a text file (JSON out)",
+        description="Perplexity with the fixed protocol: non-overlapping windows, BOS per window.",
+    )
     p.add_argument("model", help="model folder or Hub id (full precision or cbq-quantized)")
     p.add_argument("--text", default=None, help="UTF-8 text file (default: local WikiText-2 test)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
@@ -110,7 +149,7 @@ def _load(model: str, dtype: str, **kwargs: Any):
     _check_model_arg(model)
     try:
         return AutoModelForCausalLM.from_pretrained(model, dtype=_dtype(dtype), **kwargs)
-    except (OSError, EnvironmentError) as e:
+    except OSError as e:
         raise CLIError(f"cannot load model {model!r}: {e}", EXIT_LOAD) from e
 
 
@@ -126,7 +165,7 @@ def _tokenizer(model: str):
     _check_model_arg(model)
     try:
         return AutoTokenizer.from_pretrained(model)
-    except (OSError, EnvironmentError, ValueError) as e:
+    except (OSError, ValueError) as e:
         raise CLIError(f"cannot load the tokenizer of {model!r}: {e}", EXIT_LOAD) from e
 
 
@@ -135,8 +174,9 @@ def _default_text() -> str:
 
     path = wikitext2_file("test")
     if path is None:
-        raise CLIError("no --text given and the local WikiText-2 test file was not found (set CBQ_HF_DATA).",
-                       EXIT_USAGE)
+        raise CLIError(
+            "no --text given and the local WikiText-2 test file was not found (set CBQ_HF_DATA).", EXIT_USAGE
+        )
     return str(path)
 
 
@@ -149,6 +189,7 @@ def _read_text(path: str) -> str:
 
 def cmd_quantize(args) -> dict:
     import cbq_hf
+
     from .config import CBQConfig
 
     out_parent = os.path.dirname(os.path.abspath(args.output)) or "."
@@ -158,16 +199,29 @@ def cmd_quantize(args) -> dict:
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
-        raise CLIError(f"output folder {args.output!r} is not writable ({probe} is not a writable folder).",
-                       EXIT_WRITE)
+        raise CLIError(
+            f"output folder {args.output!r} is not writable ({probe} is not a writable folder).", EXIT_WRITE
+        )
     fields: dict[str, Any] = {
-        "bits": args.bits, "group_size": args.group_size, "sym": args.sym, "act_bits": args.act_bits,
+        "bits": args.bits,
+        "group_size": args.group_size,
+        "sym": args.sym,
+        "act_bits": args.act_bits,
         "lm_head_bits": args.lm_head_bits,
-        "format": args.format, "method": args.method, "dataset": args.dataset, "seed": args.seed,
-        "calibration_device": args.device, "checkpoint_dir": args.checkpoint_dir,
+        "format": args.format,
+        "method": args.method,
+        "dataset": args.dataset,
+        "seed": args.seed,
+        "calibration_device": args.device,
+        "checkpoint_dir": args.checkpoint_dir,
     }
-    for key, flag in (("nsamples", args.nsamples), ("seqlen", args.seqlen), ("window_size", args.window_size),
-                      ("window_overlap", args.window_overlap), ("epochs", args.epochs)):
+    for key, flag in (
+        ("nsamples", args.nsamples),
+        ("seqlen", args.seqlen),
+        ("window_size", args.window_size),
+        ("window_overlap", args.window_overlap),
+        ("epochs", args.epochs),
+    ):
         if flag is not None:
             fields[key] = flag
     for item in args.set:
@@ -191,9 +245,17 @@ def cmd_quantize(args) -> dict:
     except ValueError as e:
         raise CLIError(str(e), EXIT_USAGE) from e
     seconds = time.perf_counter() - start
-    result: dict[str, Any] = {"model": args.model, "output": args.output, "quantize_seconds": round(seconds, 1),
-                              "method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym,
-                              "act_bits": cfg.act_bits, "format": cfg.format}
+    result: dict[str, Any] = {
+        "model": args.model,
+        "output": args.output,
+        "quantize_seconds": round(seconds, 1),
+        "method": cfg.method,
+        "bits": cfg.bits,
+        "group_size": cfg.group_size,
+        "sym": cfg.sym,
+        "act_bits": cfg.act_bits,
+        "format": cfg.format,
+    }
     result.update(model.config.quantization_config.run_info)
     if args.eval_text:
         from .evaluation import perplexity
@@ -222,8 +284,11 @@ def cmd_quantize(args) -> dict:
             model.push_to_hub(args.push_to_hub)
             tok.push_to_hub(args.push_to_hub)
         except Exception as e:  # network or auth; the local checkpoint is already saved
-            raise CLIError(f"saved to {args.output}, but pushing to {args.push_to_hub!r} failed "
-                           f"({type(e).__name__}: {e}). Check the network / `hf auth login`.", EXIT_WRITE) from e
+            raise CLIError(
+                f"saved to {args.output}, but pushing to {args.push_to_hub!r} failed "
+                f"({type(e).__name__}: {e}). Check the network / `hf auth login`.",
+                EXIT_WRITE,
+            ) from e
         result["pushed_to"] = args.push_to_hub
     _ = cbq_hf
     return result
@@ -231,6 +296,7 @@ def cmd_quantize(args) -> dict:
 
 def cmd_eval(args) -> dict:
     import cbq_hf  # noqa: F401  (registers the cbq method so quantized checkpoints load)
+
     from .evaluation import perplexity
 
     text_path = args.text or _default_text()
@@ -242,8 +308,14 @@ def cmd_eval(args) -> dict:
         raise CLIError(str(e), EXIT_LOAD) from e
     start = time.perf_counter()
     ppl = perplexity(model, tok, text, seqlen=args.seqlen, n_windows=args.windows)
-    result = {"model": args.model, "text": text_path, "seqlen": args.seqlen, "windows": args.windows,
-              "perplexity": round(ppl, 4), "seconds": round(time.perf_counter() - start, 1)}
+    result = {
+        "model": args.model,
+        "text": text_path,
+        "seqlen": args.seqlen,
+        "windows": args.windows,
+        "perplexity": round(ppl, 4),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)
@@ -262,8 +334,9 @@ def _placement(args) -> dict[str, Any]:
         for item in args.max_memory:
             dev, sep, size = item.partition("=")
             if not sep or not dev or not size:
-                raise CLIError(f"--max-memory expects DEVICE=SIZE (e.g. 0=8GiB or cpu=60GiB), got {item!r}",
-                               EXIT_USAGE)
+                raise CLIError(
+                    f"--max-memory expects DEVICE=SIZE (e.g. 0=8GiB or cpu=60GiB), got {item!r}", EXIT_USAGE
+                )
             budget[int(dev) if dev.isdigit() else dev] = size
         kwargs["max_memory"] = budget
     if args.offload_folder:
@@ -282,9 +355,11 @@ def _check_loss_plot(args) -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError as e:
-        raise CLIError("--loss-plot needs matplotlib, which is not installed (`pip install matplotlib`), or drop "
-                       "--loss-plot; the losses are also in the JSON output (window_loss_start/_end).",
-                       EXIT_USAGE) from e
+        raise CLIError(
+            "--loss-plot needs matplotlib, which is not installed (`pip install matplotlib`), or drop "
+            "--loss-plot; the losses are also in the JSON output (window_loss_start/_end).",
+            EXIT_USAGE,
+        ) from e
 
 
 def _write_loss_plot(report: dict | None, path: str) -> str:
@@ -325,8 +400,7 @@ def _quantize_rows(r: dict) -> list[tuple[str, str]]:
     fmt += " sym" if r.get("sym") else " asym"
     if r.get("format") not in (None, "uniform"):
         fmt += f" ({r['format']})"
-    rows = [("model", str(r.get("model"))), ("output", str(r.get("output"))),
-            ("method", f"{r.get('method')}  {fmt}")]
+    rows = [("model", str(r.get("model"))), ("output", str(r.get("output"))), ("method", f"{r.get('method')}  {fmt}")]
     if r.get("bits_per_weight") is not None:
         rows.append(("bits per weight", f"{r['bits_per_weight']:.3f}  ({r.get('quantized_linears')} linears)"))
     if r.get("size_mb") is not None:
@@ -336,8 +410,13 @@ def _quantize_rows(r: dict) -> list[tuple[str, str]]:
         rows.append(("size on disk", size))
     cal = r.get("cbq_calibration") or {}
     if cal:
-        rows.append(("windows", f"{cal.get('windows')}  ({cal.get('windows_reverted', 0)} reverted, "
-                                f"{cal.get('windows_nan_fallback', 0)} NaN fallback) on {cal.get('device')}"))
+        rows.append(
+            (
+                "windows",
+                f"{cal.get('windows')}  ({cal.get('windows_reverted', 0)} reverted, "
+                f"{cal.get('windows_nan_fallback', 0)} NaN fallback) on {cal.get('device')}",
+            )
+        )
     losses_s, losses_e = r.get("window_loss_start") or [], r.get("window_loss_end") or []
     if losses_s:
         mean_drop = sum((s - e) / s for s, e in zip(losses_s, losses_e) if s > 0) / len(losses_s)

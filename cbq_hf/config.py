@@ -19,7 +19,6 @@ FORMAT_VERSION = 1
 _WEIGHT_BITS = (2, 3, 4, 8)
 _ACT_BITS = (None, 4, 8)
 _METHODS = ("rtn", "cbq")
-_FORMATS = ("uniform", "lobcq")
 _LOBCQ_CODEBOOKS = ("universal", "per_layer")
 _ACTIVATION_STORAGE = ("cpu", "disk")
 
@@ -40,8 +39,9 @@ def _check_int(field: str, value: Any, minimum: int | None = None, maximum: int 
         raise _err(field, value, f"expected an integer <= {maximum}")
 
 
-def _check_float(field: str, value: Any, minimum: float | None = None, maximum: float | None = None,
-                 strict_min: bool = False) -> None:
+def _check_float(
+    field: str, value: Any, minimum: float | None = None, maximum: float | None = None, strict_min: bool = False
+) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise _err(field, value, "expected a finite number")
     if minimum is not None and (value < minimum or (strict_min and value == minimum)):
@@ -257,8 +257,10 @@ class CBQConfig(QuantizationConfigMixin):
         _check_bool("sym", self.sym)
         if self.act_bits not in _ACT_BITS or isinstance(self.act_bits, bool):
             raise _err("act_bits", self.act_bits, "allowed: None (weight-only), 8 or 4")
-        if self.format not in _FORMATS:
-            raise _err("format", self.format, f"allowed: {list(_FORMATS)}")
+        from .formats import registered_formats
+
+        if self.format not in registered_formats():
+            raise _err("format", self.format, f"allowed: {registered_formats()}")
         if self.method not in _METHODS:
             raise _err("method", self.method, f"allowed: {list(_METHODS)}")
         self._check_dataset()
@@ -285,8 +287,13 @@ class CBQConfig(QuantizationConfigMixin):
         _check_float("lr_scale", self.lr_scale, 0.0)
         _check_float("lr_norm", self.lr_norm, 0.0)
         _check_int("lora_rank", self.lora_rank, 1)
-        for name in ("loss_weight_accumulated", "loss_weight_homologous", "kl_weight", "rounding_reg_weight",
-                     "cfp_lambda2"):
+        for name in (
+            "loss_weight_accumulated",
+            "loss_weight_homologous",
+            "kl_weight",
+            "rounding_reg_weight",
+            "cfp_lambda2",
+        ):
             _check_float(name, getattr(self, name), 0.0)
         _check_float("beta_start", self.beta_start, 0.0, strict_min=True)
         _check_float("beta_end", self.beta_end, 0.0, strict_min=True)
@@ -300,17 +307,27 @@ class CBQConfig(QuantizationConfigMixin):
             if self.act_bits is None:
                 raise ValueError(
                     "CBQConfig: `smooth_alpha` smooths activations for activation quantization, but act_bits=None "
-                    "(weight-only); set act_bits (e.g. 4 or 8) or leave smooth_alpha=None.")
+                    "(weight-only); set act_bits (e.g. 4 or 8) or leave smooth_alpha=None."
+                )
             if self.method != "cbq":
                 raise ValueError(
                     f"CBQConfig: `smooth_alpha` needs calibration activations, which method={self.method!r} does not "
-                    f"collect; use method='cbq' or leave smooth_alpha=None.")
+                    f"collect; use method='cbq' or leave smooth_alpha=None."
+                )
         if self.lr_norm > 0 and self.method != "cbq":
             raise ValueError(
                 f"CBQConfig: `lr_norm`={self.lr_norm} trains the blocks' norm weights during CBQ calibration, which "
-                f"method={self.method!r} does not run; use method='cbq' or leave lr_norm=0.")
-        for name in ("use_cfp", "use_lora_rounding", "learn_weight_scales", "learn_act_clipping", "use_homologous",
-                     "use_kl", "token_normalized_loss"):
+                f"method={self.method!r} does not run; use method='cbq' or leave lr_norm=0."
+            )
+        for name in (
+            "use_cfp",
+            "use_lora_rounding",
+            "learn_weight_scales",
+            "learn_act_clipping",
+            "use_homologous",
+            "use_kl",
+            "token_normalized_loss",
+        ):
             _check_bool(name, getattr(self, name))
         if not isinstance(self.calibration_device, str) or not self.calibration_device:
             raise _err("calibration_device", self.calibration_device, "expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
@@ -371,10 +388,21 @@ class CBQConfig(QuantizationConfigMixin):
         # A `datasets.Dataset` (duck-typed so importing the config does not import `datasets`).
         if hasattr(d, "column_names") and hasattr(d, "__getitem__"):
             return
-        raise _err("dataset", type(d).__name__,
-                   "expected a list of strings, a text/JSON-lines path, 'wikitext2', a datasets.Dataset or a name")
+        raise _err(
+            "dataset",
+            type(d).__name__,
+            "expected a list of strings, a text/JSON-lines path, 'wikitext2', a datasets.Dataset or a name",
+        )
 
     # ------------------------------------------------------------------ derived facts
+    def has_input_scale(self) -> bool:
+        """Whether the quantized linears of this config carry an explicit per-input-channel smoothing scale (CBQ
+        with CFP or smooth_alpha, in a format that applies one)."""
+        from .formats import format_class
+
+        smoothing = self.use_cfp or self.smooth_alpha is not None
+        return self.method == "cbq" and smoothing and format_class(self.format).supports_input_scale
+
     @property
     def slot_bits(self) -> int:
         """Bits of the storage slot of one weight value (3-bit values use 4-bit slots)."""
@@ -391,17 +419,20 @@ class CBQConfig(QuantizationConfigMixin):
         return out
 
     def to_diff_dict(self) -> dict[str, Any]:
-        return self.to_dict()
+        """Only the fields whose values differ from a default `CBQConfig()` (plus `quant_method`), as transformers'
+        configs define it."""
+        defaults = CBQConfig().to_dict()
+        return {k: v for k, v in self.to_dict().items() if k == "quant_method" or defaults.get(k, object()) != v}
 
     def __iter__(self):
         yield from self.to_dict().items()
 
     def loading_signature(self) -> dict[str, Any]:
         """The fields that decide the shapes of the saved tensors (used to check a checkpoint against its config)."""
+        from .formats import format_class
+
         keys = ["format", "bits", "group_size", "sym", "act_bits", "format_version"]
-        if self.format == "lobcq":
-            keys += ["lobcq_block_len", "lobcq_array_len", "lobcq_num_codebooks", "lobcq_codebook_bits",
-                     "lobcq_codebooks"]
+        keys += list(format_class(self.format).layout_fields)
         if self.lm_head_bits is not None:  # only then: checkpoints saved before the field existed keep matching
             keys.append("lm_head_bits")
         return {k: getattr(self, k) for k in keys}

@@ -29,9 +29,10 @@ class CalibrationDataError(ValueError):
 def _read_text_file(path: str) -> list[str]:
     with open(path, "rb") as f:
         raw = f.read()
-    if b"\x00" in raw[:1 << 20]:
-        raise CalibrationDataError(f"calibration file {path} looks binary (contains NUL bytes); pass a UTF-8 text "
-                                   f"or JSON-lines file.")
+    if b"\x00" in raw[: 1 << 20]:
+        raise CalibrationDataError(
+            f"calibration file {path} looks binary (contains NUL bytes); pass a UTF-8 text or JSON-lines file."
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -60,8 +61,10 @@ def _read_text_file(path: str) -> list[str]:
 def load_calibration_texts(dataset: Any) -> list[str]:
     """Resolve `CBQConfig.dataset` to a list of texts (see module docstring)."""
     if dataset is None:
-        raise CalibrationDataError("CBQConfig.dataset is None: method='cbq' needs calibration text "
-                                   "(a list of strings, a file path, 'wikitext2' or a datasets name).")
+        raise CalibrationDataError(
+            "CBQConfig.dataset is None: method='cbq' needs calibration text "
+            "(a list of strings, a file path, 'wikitext2' or a datasets name)."
+        )
     if isinstance(dataset, (list, tuple)):
         texts = list(dataset)
     elif isinstance(dataset, (str, os.PathLike)):
@@ -71,7 +74,8 @@ def load_calibration_texts(dataset: Any) -> list[str]:
             if path is None:
                 raise CalibrationDataError(
                     "dataset='wikitext2' resolves to the local file shared/data/wikitext-2/wiki.valid.tokens, which "
-                    "was not found; set CBQ_HF_DATA to the folder that holds wikitext-2/, or pass a file path.")
+                    "was not found; set CBQ_HF_DATA to the folder that holds wikitext-2/, or pass a file path."
+                )
             texts = _read_text_file(str(path))
         elif os.path.isfile(name):
             texts = _read_text_file(name)
@@ -94,8 +98,12 @@ def load_calibration_texts(dataset: Any) -> list[str]:
 
 def _looks_like_path(name: str) -> bool:
     """A string that names a file rather than a `datasets` Hub id ("owner/name" or "name")."""
-    return (name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
-            or name.endswith((".txt", ".jsonl", ".json", ".tokens", ".raw")))
+    return (
+        name.startswith(("/", ".", "~"))
+        or name.count("/") > 1
+        or "\\" in name
+        or name.endswith((".txt", ".jsonl", ".json", ".tokens", ".raw"))
+    )
 
 
 def _load_hub_dataset(name: str) -> list[str]:
@@ -108,7 +116,8 @@ def _load_hub_dataset(name: str) -> list[str]:
     except Exception as e:
         raise CalibrationDataError(
             f"could not load dataset {name!r} with datasets.load_dataset ({type(e).__name__}: {e}). If you are "
-            f"offline, pass a local text/JSON-lines file or a list of strings instead of a Hub name.") from e
+            f"offline, pass a local text/JSON-lines file or a list of strings instead of a Hub name."
+        ) from e
     if "text" not in ds.column_names:
         raise CalibrationDataError(f"dataset {name!r} has columns {ds.column_names}; it needs a 'text' column.")
     return list(ds["text"])
@@ -120,17 +129,19 @@ def tokenize_texts(texts: list[str], tokenizer) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def sample_segments(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, bos_token_id: int | None
-                    ) -> torch.Tensor:
+def sample_segments(
+    ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, bos_token_id: int | None
+) -> torch.Tensor:
     """[nsamples, seqlen] calibration batch: random segments (seeded), BOS prepended when given."""
     body = seqlen - 1 if bos_token_id is not None else seqlen
     if ids.numel() < body + 1:
         raise CalibrationDataError(
             f"the calibration text has {ids.numel()} tokens, fewer than one sample of seqlen={seqlen}; pass more "
-            f"text or a smaller seqlen.")
+            f"text or a smaller seqlen."
+        )
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - body + 1, (nsamples,), generator=gen)
-    rows = torch.stack([ids[s:s + body] for s in starts.tolist()])
+    rows = torch.stack([ids[s : s + body] for s in starts.tolist()])
     if bos_token_id is not None:
         rows = torch.cat([torch.full((nsamples, 1), bos_token_id, dtype=torch.long), rows], dim=1)
     return rows
@@ -139,5 +150,6 @@ def sample_segments(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, bo
 def get_calibration_batches(dataset: Any, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     """Calibration input ids [nsamples, seqlen] from any accepted dataset source."""
     texts = load_calibration_texts(dataset)
-    return sample_segments(tokenize_texts(texts, tokenizer), nsamples, seqlen, seed,
-                           getattr(tokenizer, "bos_token_id", None))
+    return sample_segments(
+        tokenize_texts(texts, tokenizer), nsamples, seqlen, seed, getattr(tokenizer, "bos_token_id", None)
+    )

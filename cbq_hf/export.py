@@ -217,8 +217,10 @@ def _discover_modules(src: _Source) -> None:
     for name in qnames:
         lin = modules.get(name)
         if not isinstance(lin, nn.Linear):
-            raise ExportSourceError(f"quantized tensor {name}.qweight does not belong to a linear layer of "
-                                    f"{type(model).__name__}; the checkpoint and its config.json disagree.")
+            raise ExportSourceError(
+                f"quantized tensor {name}.qweight does not belong to a linear layer of "
+                f"{type(model).__name__}; the checkpoint and its config.json disagree."
+            )
         src.quantized[name] = _Linear(name, lin.out_features, lin.in_features)
         for buf, (shape, _) in fmt.buffer_specs(lin.out_features, lin.in_features).items():
             expected[f"{name}.{buf}"] = shape
@@ -302,8 +304,9 @@ class _Packed:
     bias: torch.Tensor | None
 
 
-def _convert_compressed_tensors(lin: _Linear, p: _Packed, spec: UniformSpec, dtype: torch.dtype
-                                ) -> dict[str, torch.Tensor]:
+def _convert_compressed_tensors(
+    lin: _Linear, p: _Packed, spec: UniformSpec, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     out = {
         "weight_packed": pack_int32(p.codes, spec.bits, dim=1),
         "weight_scale": p.scales.to(dtype),
@@ -329,8 +332,9 @@ def _convert_gptq(lin: _Linear, p: _Packed, spec: UniformSpec) -> dict[str, torc
     }
 
 
-def _shift_zero_groups(lin: _Linear, codes: torch.Tensor, zeros: torch.Tensor, spec: UniformSpec
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def _shift_zero_groups(
+    lin: _Linear, codes: torch.Tensor, zeros: torch.Tensor, spec: UniformSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-express groups with zero point 0 as zero point 1 and codes + 1 (exact when no code is at the top).
 
     GPTQ v1 stores zero - 1, so a zero point of 0 cannot be stored; (q - 0) * s == ((q + 1) - 1) * s.
@@ -488,20 +492,32 @@ model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO_ID")  # needs {needs}
 def _readme(src: _Source, to: str) -> str:
     q = src.qconfig
     base = (q.run_info or {}).get("base_model") or "unknown"
-    serve = ("Serve with vLLM: `vllm serve PATH_OR_REPO_ID` (the compressed-tensors WNA16 kernels are chosen "
-             "automatically)." if to == "compressed-tensors" else
-             "Serve with vLLM: `vllm serve PATH_OR_REPO_ID --quantization gptq` (or gptq_marlin for symmetric).")
+    serve = (
+        "Serve with vLLM: `vllm serve PATH_OR_REPO_ID` (the compressed-tensors WNA16 kernels are chosen "
+        "automatically)."
+        if to == "compressed-tensors"
+        else "Serve with vLLM: `vllm serve PATH_OR_REPO_ID --quantization gptq` (or gptq_marlin for symmetric)."
+    )
     return _README.format(
-        tag="compressed-tensors" if to == "compressed-tensors" else "gptq", base=base,
-        title=f"{os.path.basename(str(base))} W{q.bits}A16 ({to})", method=q.method, bits=q.bits,
-        gs=q.group_size, sym="symmetric" if q.sym else "asymmetric", to=to,
+        tag="compressed-tensors" if to == "compressed-tensors" else "gptq",
+        base=base,
+        title=f"{os.path.basename(str(base))} W{q.bits}A16 ({to})",
+        method=q.method,
+        bits=q.bits,
+        gs=q.group_size,
+        sym="symmetric" if q.sym else "asymmetric",
+        to=to,
         needs="`pip install compressed-tensors`" if to == "compressed-tensors" else "`pip install gptqmodel optimum`",
         serve=serve,
     )
 
 
-def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str = "compressed-tensors",
-                      progress: Callable[[str], None] | None = None) -> str:
+def export_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    to: str = "compressed-tensors",
+    progress: Callable[[str], None] | None = None,
+) -> str:
     """Export the cbq_hf checkpoint in `src` to `dst` in format `to` ("compressed-tensors" or "gptq").
 
     The destination is written atomically (temporary sibling folder, then renamed into place): after a failure
@@ -541,8 +557,10 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str = 
         ignore = list(source.float_linears)
         qcfg = compressed_tensors_config(source.qconfig, ignore)
         if source.dtype == torch.bfloat16:
-            logger.warning("the model dtype is bfloat16: compressed-tensors stores weight_scale in it, so the "
-                           "float16 scales are rounded to bfloat16 (relative change <= 2**-9).")
+            logger.warning(
+                "the model dtype is bfloat16: compressed-tensors stores weight_scale in it, so the "
+                "float16 scales are rounded to bfloat16 (relative change <= 2**-9)."
+            )
     else:
         qcfg = gptq_config(source.qconfig)
 
@@ -553,13 +571,14 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str = 
             tensors = _convert_file(path, source, to)
             fname = os.path.basename(path)
             save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
-            weight_map.update({k: fname for k in tensors})
+            weight_map.update(dict.fromkeys(tensors, fname))
             total += sum(t.numel() * t.element_size() for t in tensors.values())
             say(f"  wrote {fname} ({i}/{len(source.files)})")
         if source.index is not None:
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f,
-                          indent=2)
+                json.dump(
+                    {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2
+                )
         config = dict(source.config)
         config["quantization_config"] = qcfg
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
@@ -580,11 +599,12 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str = 
 def add_export_parser(sub: Any) -> argparse.ArgumentParser:
     """Add `cbq-hf export CHECKPOINT OUTPUT --to {compressed-tensors,gptq}` to the CLI's subparsers."""
     p = sub.add_parser(
-        "export", help="convert a saved cbq checkpoint for vLLM / compressed-tensors / GPTQ loaders",
+        "export",
+        help="convert a saved cbq checkpoint for vLLM / compressed-tensors / GPTQ loaders",
         description="Convert a cbq_hf checkpoint (uniform format, weight-only) to the compressed-tensors "
-                    "pack-quantized format or the GPTQ v1 format. The conversion is exact; settings a target "
-                    "cannot represent (LO-BCQ, act_bits, unsupported bit widths, group sizes that do not divide "
-                    "a layer, CFP input scales) are refused with exit code 2. See docs/export.md.",
+        "pack-quantized format or the GPTQ v1 format. The conversion is exact; settings a target "
+        "cannot represent (LO-BCQ, act_bits, unsupported bit widths, group sizes that do not divide "
+        "a layer, CFP input scales) are refused with exit code 2. See docs/export.md.",
     )
     p.add_argument("checkpoint", help="folder written by cbq_hf's save_pretrained / `cbq-hf quantize`")
     p.add_argument("output", help="folder to write the export to (replaced atomically)")

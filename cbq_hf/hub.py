@@ -34,9 +34,18 @@ def install_save_hooks(model) -> None:
             repo_id = kwargs.get("repo_id") or str(save_directory).rstrip("/").split("/")[-1]
             self.push_to_hub(repo_id, token=kwargs.get("token"))
 
-    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
-                    token: str | bool | None = None, create_pr: bool = False, revision: str | None = None,
-                    max_shard_size: int | str | None = "50GB", **_: object):
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        create_pr: bool = False,
+        revision: str | None = None,
+        max_shard_size: int | str | None = "50GB",
+        **_: object,
+    ):
         """Upload the checkpoint (with the cbq model card) through transformers' normal upload path."""
         from transformers.utils import hub as hf_hub
 
@@ -54,8 +63,15 @@ def install_save_hooks(model) -> None:
 
             with open(f"{tmp}/README.md", "w", encoding="utf-8") as f:
                 f.write(render_model_card(self, repo_id))
-            return self._upload_modified_files(tmp, repo_id, files_timestamps={}, commit_message=commit_message,
-                                               token=token, create_pr=create_pr, revision=revision)
+            return self._upload_modified_files(
+                tmp,
+                repo_id,
+                files_timestamps={},
+                commit_message=commit_message,
+                token=token,
+                create_pr=create_pr,
+                revision=revision,
+            )
 
     model.save_pretrained = types.MethodType(save_pretrained, model)
     model.push_to_hub = types.MethodType(push_to_hub, model)

@@ -33,8 +33,10 @@ def output_head(model: nn.Module) -> tuple[str, nn.Module]:
         for name, module in model.named_modules():
             if module is head:
                 return name, head
-    raise ValueError(f"CBQConfig(lm_head_bits=...): {type(model).__name__} has no output projection "
-                     f"(get_output_embeddings() is None); leave lm_head_bits=None for this model.")
+    raise ValueError(
+        f"CBQConfig(lm_head_bits=...): {type(model).__name__} has no output projection "
+        f"(get_output_embeddings() is None); leave lm_head_bits=None for this model."
+    )
 
 
 def _untie(model: nn.Module, head_name: str) -> None:
@@ -55,12 +57,16 @@ def quantize_lm_head(model: nn.Module, bits: int) -> str:
         return name
     weight = head.weight
     if weight.device.type == "meta":
-        raise ValueError(f"cbq_hf: cannot quantize {name}: its weight is on the meta device (offloaded); load the "
-                         f"model with the head in memory or leave lm_head_bits=None.")
+        raise ValueError(
+            f"cbq_hf: cannot quantize {name}: its weight is on the meta device (offloaded); load the "
+            f"model with the head in memory or leave lm_head_bits=None."
+        )
     fmt = lm_head_format(bits, head.in_features)
     q = empty_cbq_linear(head, fmt, has_input_scale=False, device=weight.device, name=name)
-    q.load_packed(fmt.quantize_rtn(weight.data.float()),
-                  bias=head.bias.data.float() if getattr(head, "bias", None) is not None else None)
+    q.load_packed(
+        fmt.quantize_rtn(weight.data.float()),
+        bias=head.bias.data.float() if getattr(head, "bias", None) is not None else None,
+    )
     _untie(model, name)
     set_module(model, name, q)
     return name

@@ -43,17 +43,39 @@ def render_model_card(model, repo: str = "PATH_OR_REPO_ID") -> str:
     cfg = model.config.quantization_config
     d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     info = d.get("run_info", {}) or {}
-    keys = ["format", "bits", "group_size", "sym", "act_bits", "method", "dataset", "nsamples", "seqlen", "seed",
-            "window_size", "window_overlap", "epochs", "lora_rank", "use_cfp", "smooth_alpha", "modules_to_not_convert",
-            "lm_head_bits"]
+    keys = [
+        "format",
+        "bits",
+        "group_size",
+        "sym",
+        "act_bits",
+        "method",
+        "dataset",
+        "nsamples",
+        "seqlen",
+        "seed",
+        "window_size",
+        "window_overlap",
+        "epochs",
+        "lora_rank",
+        "use_cfp",
+        "smooth_alpha",
+        "modules_to_not_convert",
+        "lm_head_bits",
+    ]
     settings = "\n".join(f"| `{k}` | {d.get(k)!s} |" for k in keys if k in d)
     measured = "\n".join(f"| {k} | {v} |" for k, v in sorted(info.items()) if k != "base_model") or "| - | - |"
     act = f"A{d['act_bits']}" if d.get("act_bits") else "A16"
     method_long = {"cbq": "CBQ cross-block reconstruction", "rtn": "round-to-nearest"}.get(d.get("method"), "")
     base = info.get("base_model") or "unknown"
     return _TEMPLATE.format(
-        bits=d.get("bits"), base_model=base, title=f"{os.path.basename(str(base))} W{d.get('bits')}{act} (cbq_hf)",
-        method_long=method_long, repo=repo, settings=settings, measured=measured,
+        bits=d.get("bits"),
+        base_model=base,
+        title=f"{os.path.basename(str(base))} W{d.get('bits')}{act} (cbq_hf)",
+        method_long=method_long,
+        repo=repo,
+        settings=settings,
+        measured=measured,
     )
 
 

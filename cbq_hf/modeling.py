@@ -53,8 +53,7 @@ def is_skipped(name: str, modules_to_not_convert: list[str] | None) -> bool:
     return False
 
 
-def quantizable_linears(model: nn.Module, modules_to_not_convert: list[str] | None = None
-                        ) -> dict[str, nn.Module]:
+def quantizable_linears(model: nn.Module, modules_to_not_convert: list[str] | None = None) -> dict[str, nn.Module]:
     """Full names -> linear modules inside the decoder blocks that will be quantized (in model order).
 
     Includes already converted `CBQLinear` modules, so the same list describes a float and a quantized model.
@@ -82,11 +81,23 @@ def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def empty_cbq_linear(linear: nn.Module, fmt: QuantFormat, has_input_scale: bool,
-                     device: torch.device | str | None = None, name: str = "layer") -> CBQLinear:
+def empty_cbq_linear(
+    linear: nn.Module,
+    fmt: QuantFormat,
+    has_input_scale: bool,
+    device: torch.device | str | None = None,
+    name: str = "layer",
+) -> CBQLinear:
     """A `CBQLinear` with the shape of `linear` and zero buffers (filled later by `load_packed` or a checkpoint)."""
     fmt.check_shape(linear.out_features, linear.in_features, name)
     bias = getattr(linear, "bias", None)
     dtype = bias.dtype if bias is not None and bias.dtype.is_floating_point else None
-    return CBQLinear(linear.in_features, linear.out_features, bias is not None, fmt, dtype=dtype,
-                     device=device, has_input_scale=has_input_scale)
+    return CBQLinear(
+        linear.in_features,
+        linear.out_features,
+        bias is not None,
+        fmt,
+        dtype=dtype,
+        device=device,
+        has_input_scale=has_input_scale,
+    )

@@ -27,12 +27,6 @@ from .nn.linear import CBQLinear
 logger = logging.getLogger(__name__)
 
 
-def has_input_scale(config: CBQConfig) -> bool:
-    """Whether `CBQLinear` modules of this config carry an explicit per-input-channel smoothing scale."""
-    smoothing = config.use_cfp or getattr(config, "smooth_alpha", None) is not None
-    return config.method == "cbq" and smoothing and config.format in ("uniform", "lobcq")
-
-
 class CBQHfQuantizer(HfQuantizer):
     """Transformers quantizer for `quant_method="cbq"` (see module docstring)."""
 
@@ -56,17 +50,18 @@ class CBQHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs: Any):
         cfg = self.quantization_config
         if model.__class__.main_input_name != "input_ids":
-            raise ValueError("cbq_hf quantizes text models (main input `input_ids`); "
-                             f"{type(model).__name__} is not one.")
+            raise ValueError(
+                f"cbq_hf quantizes text models (main input `input_ids`); {type(model).__name__} is not one."
+            )
         find_decoder_blocks(model)  # clear error early for models without decoder blocks
         if cfg.modules_to_not_convert is None:
-            cfg.modules_to_not_convert = [m for m in self.get_modules_to_not_convert(model)]
+            cfg.modules_to_not_convert = list(self.get_modules_to_not_convert(model))
         if not self.pre_quantized:
             return model
         fmt = get_format(cfg)
         expected: dict[str, tuple[int, ...]] = {}
         for name, lin in quantizable_linears(model, cfg.modules_to_not_convert).items():
-            q = empty_cbq_linear(lin, fmt, has_input_scale(cfg), device="meta", name=name)
+            q = empty_cbq_linear(lin, fmt, cfg.has_input_scale(), device="meta", name=name)
             set_module(model, name, q)
             for buf, (shape, _) in fmt.buffer_specs(q.out_features, q.in_features).items():
                 expected[f"{name}.{buf}"] = shape
@@ -87,8 +82,9 @@ class CBQHfQuantizer(HfQuantizer):
                 quantize_lm_head(model, cfg.lm_head_bits)
             cfg.run_info.update(self._summary(model))
             cfg.run_info["calibration_seconds"] = round(time.perf_counter() - start, 2)
-            cfg.run_info.setdefault("base_model", getattr(model.config, "_name_or_path", None) or
-                                    getattr(model, "name_or_path", None))
+            cfg.run_info.setdefault(
+                "base_model", getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None)
+            )
         else:
             self._check_loaded(model)
         cfg.format_version = FORMAT_VERSION
@@ -99,13 +95,9 @@ class CBQHfQuantizer(HfQuantizer):
         cfg = self.quantization_config
         fmt = get_format(cfg)
         if cfg.method == "rtn":
-            from .calibration.offload import is_dispatched, quantize_rtn_dispatched
             from .calibration.rtn import quantize_rtn
 
-            if is_dispatched(model):  # accelerate device_map / offload: one block in memory at a time
-                quantize_rtn_dispatched(model, fmt, cfg.modules_to_not_convert)
-            else:
-                quantize_rtn(model, fmt, cfg.modules_to_not_convert)
+            quantize_rtn(model, fmt, cfg.modules_to_not_convert)  # block by block, offloaded models included
             return
         from .calibration.engine import calibrate
         from .data import get_calibration_batches
@@ -116,27 +108,30 @@ class CBQHfQuantizer(HfQuantizer):
 
             source = tokenizer or getattr(model, "name_or_path", None)
             if not source:
-                raise ValueError("CBQConfig: `tokenizer` is required for method='cbq' (pass the tokenizer object "
-                                 "or its name/path).")
+                raise ValueError(
+                    "CBQConfig: `tokenizer` is required for method='cbq' (pass the tokenizer object or its name/path)."
+                )
             tokenizer = AutoTokenizer.from_pretrained(source)
         input_ids = get_calibration_batches(cfg.dataset, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
         self.calibration_report = calibrate(model, cfg, input_ids)  # per-window losses (CLI summary / plot)
 
     def _summary(self, model) -> dict[str, Any]:
         linears = [m for m in model.modules() if isinstance(m, CBQLinear)]
-        bits = sum(m.fmt.bits_per_weight(m.out_features, m.in_features) * m.out_features * m.in_features
-                   for m in linears)
+        bits = sum(
+            m.fmt.bits_per_weight(m.out_features, m.in_features) * m.out_features * m.in_features for m in linears
+        )
         weights = sum(m.out_features * m.in_features for m in linears)
-        return {"quantized_linears": len(linears),
-                "bits_per_weight": round(bits / weights, 4) if weights else None}
+        return {"quantized_linears": len(linears), "bits_per_weight": round(bits / weights, 4) if weights else None}
 
     def _check_loaded(self, model) -> None:
         for name, m in model.named_modules():
             if isinstance(m, CBQLinear):
                 for buf, t in m.packed_buffers().items():
                     if t.device.type == "meta":
-                        raise ValueError(f"cbq_hf: tensor {name}.{buf} was not loaded from the checkpoint; the "
-                                         f"checkpoint is incomplete.")
+                        raise ValueError(
+                            f"cbq_hf: tensor {name}.{buf} was not loaded from the checkpoint; the "
+                            f"checkpoint is incomplete."
+                        )
 
     # ------------------------------------------------------------------ saving
     def get_state_dict_and_metadata(self, model):
@@ -149,9 +144,11 @@ class CBQHfQuantizer(HfQuantizer):
         state_dict = remove_tied_weights_from_state_dict(model.state_dict(), model)
         on_meta = [k for k, v in state_dict.items() if v.device.type == "meta"]
         if on_meta:
-            raise ValueError(f"cbq_hf: refusing to save {on_meta[0]} (and {len(on_meta) - 1} more): it is on the meta "
-                             f"device (offloaded, not loaded), so its values are unknown. Save a model whose "
-                             f"weights are all in memory (cbq_hf materialises offloaded weights after calibration).")
+            raise ValueError(
+                f"cbq_hf: refusing to save {on_meta[0]} (and {len(on_meta) - 1} more): it is on the meta "
+                f"device (offloaded, not loaded), so its values are unknown. Save a model whose "
+                f"weights are all in memory (cbq_hf materialises offloaded weights after calibration)."
+            )
         bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
             raise ValueError(f"cbq_hf: refusing to save non-finite values (NaN/inf) in {bad[:3]}.")

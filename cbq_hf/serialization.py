@@ -62,8 +62,9 @@ def _open(path: str):
         ) from e
 
 
-def verify_checkpoint(checkpoint_files: Iterable[str], expected_shapes: dict[str, tuple[int, ...]],
-                      signature: dict) -> None:
+def verify_checkpoint(
+    checkpoint_files: Iterable[str], expected_shapes: dict[str, tuple[int, ...]], signature: dict
+) -> None:
     """Refuse a checkpoint that is corrupted or does not match what the model expects.
 
     Args:
@@ -109,7 +110,7 @@ def verify_checkpoint(checkpoint_files: Iterable[str], expected_shapes: dict[str
                         "Restore the original config.json."
                     )
             listed.update(json.loads(meta.get(META_CHECKSUMS, "{}")))
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 present[name] = (path, tuple(f.get_slice(name).get_shape()))
         missing = sorted(set(listed) - set(present))
         if missing:
@@ -222,10 +223,8 @@ def atomic_save(save_directory: str | os.PathLike, write) -> None:
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a saved model gets the usual folder permissions
     try:
         write(tmp)
-        try:
+        with contextlib.suppress(FileNotFoundError):  # another writer is swapping the folder: nothing to carry
             _carry_over(target, tmp)
-        except FileNotFoundError:  # another writer is swapping the folder right now; nothing to carry
-            pass
         _swap_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

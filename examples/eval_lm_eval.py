@@ -10,9 +10,10 @@ See docs/lm_eval.md (including a task YAML over a local JSON-lines file for mach
 import argparse
 import json
 
-import cbq_hf  # noqa: F401  (registers the "cbq" quantization method with transformers)
 import lm_eval
 from lm_eval.tasks import TaskManager
+
+import cbq_hf  # noqa: F401  (registers the "cbq" quantization method with transformers)
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("checkpoint", help="folder written by cbq_hf (or a Hub id)")
@@ -27,8 +28,12 @@ args = parser.parse_args()
 
 tm = TaskManager(include_path=args.include_path) if args.include_path else None
 out = lm_eval.simple_evaluate(
-    model="hf", model_args=f"pretrained={args.checkpoint},dtype={args.dtype}",
-    tasks=args.tasks.split(","), task_manager=tm, limit=args.limit, device=args.device,
+    model="hf",
+    model_args=f"pretrained={args.checkpoint},dtype={args.dtype}",
+    tasks=args.tasks.split(","),
+    task_manager=tm,
+    limit=args.limit,
+    device=args.device,
     batch_size=args.batch_size,
 )
 print(json.dumps(out["results"], indent=2, default=str))

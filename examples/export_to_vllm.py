@@ -25,8 +25,9 @@ parser.add_argument("--method", default="rtn", choices=["rtn", "cbq"], help="rtn
 args = parser.parse_args()
 
 tok = AutoTokenizer.from_pretrained(args.model)
-cfg = cbq_hf.CBQConfig(bits=args.bits, group_size=args.group_size, sym=not args.asym, method=args.method,
-                       tokenizer=tok, use_cfp=False)  # CFP input scales that cannot be folded are not exportable
+cfg = cbq_hf.CBQConfig(
+    bits=args.bits, group_size=args.group_size, sym=not args.asym, method=args.method, tokenizer=tok, use_cfp=False
+)  # CFP input scales that cannot be folded are not exportable
 model = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=cfg)
 model.save_pretrained(args.out)
 tok.save_pretrained(args.out)

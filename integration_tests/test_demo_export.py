@@ -29,7 +29,7 @@ from cbq_hf.cli import main
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Quantization reduces the size of"]
 
 #: Runs in a fresh interpreter: plain transformers + compressed-tensors, exactly the quickstart's step 5 code.
-_LOAD_EXPORT = textwrap.dedent('''
+_LOAD_EXPORT = textwrap.dedent("""
     import json, sys
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
@@ -41,7 +41,7 @@ _LOAD_EXPORT = textwrap.dedent('''
     loaded = sorted(m for m in sys.modules if m == "cbq_hf" or m.startswith("cbq_hf."))
     assert not loaded, f"cbq_hf was imported: {loaded}"
     torch.save({"logits": logits, "linear": type(model.model.layers[0].self_attn.q_proj).__name__}, out)
-''')
+""")
 
 
 def _errors(stderr: str) -> str:
@@ -54,9 +54,26 @@ def quickstart(demo_path, tmp_path_factory):
     """Run steps 2, 4 and 5 of docs/quickstart.md (with --method rtn); return the folders and the CLI outputs."""
     root = tmp_path_factory.mktemp("quickstart")
     out, ct = root / "out-w4", root / "out-w4-ct"
-    proc = subprocess.run([sys.executable, "-m", "cbq_hf.cli", "quantize", demo_path, str(out), "--bits", "4",
-                           "--group-size", "64", "--method", "rtn"],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cbq_hf.cli",
+            "quantize",
+            demo_path,
+            str(out),
+            "--bits",
+            "4",
+            "--group-size",
+            "64",
+            "--method",
+            "rtn",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     assert proc.returncode == 0, _errors(proc.stderr)
     return {"root": root, "out": out, "ct": ct, "quantize": proc}
 
@@ -64,7 +81,7 @@ def quickstart(demo_path, tmp_path_factory):
 def test_quantize_shows_progress_and_summary_and_writes_a_model_card(quickstart):
     proc = quickstart["quantize"]
     assert "RTN packing" in proc.stderr  # tqdm progress bar on stderr
-    summary = proc.stderr[proc.stderr.index("cbq-hf quantize: done"):]
+    summary = proc.stderr[proc.stderr.index("cbq-hf quantize: done") :]
     for row in ("W4A16 g64 asym", "bits per weight", "size on disk", "calibration time"):
         assert row in summary, summary
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -87,8 +104,12 @@ def test_eval_then_export_loads_without_cbq_hf_with_matching_logits(quickstart, 
     assert "import cbq_hf" not in (ct / "README.md").read_text()
 
     dump = root / "ct_logits.pt"
-    proc = subprocess.run([sys.executable, "-c", _LOAD_EXPORT, str(ct), str(dump), json.dumps(PROMPTS)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOAD_EXPORT, str(ct), str(dump), json.dumps(PROMPTS)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, _errors(proc.stderr)
     exported = torch.load(dump)
     assert exported["linear"] == "Linear"  # dequantized by compressed-tensors, not a CBQLinear

@@ -13,8 +13,8 @@ WINDOWS = 6  # a slice of the 40-window protocol, to keep CI short; the full num
 @pytest.fixture(scope="module")
 def rtn_and_reloaded(demo_path, tmp_path_factory):
     q = AutoModelForCausalLM.from_pretrained(
-        demo_path, dtype=torch.float32,
-        quantization_config=cbq_hf.CBQConfig(method="rtn", bits=4, group_size=128))
+        demo_path, dtype=torch.float32, quantization_config=cbq_hf.CBQConfig(method="rtn", bits=4, group_size=128)
+    )
     out = tmp_path_factory.mktemp("rtn") / "smollm2-w4g128"
     q.save_pretrained(out)
     AutoTokenizer.from_pretrained(demo_path).save_pretrained(out)
@@ -39,5 +39,5 @@ def test_reloaded_model_generates_text(rtn_and_reloaded):
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     gen = r.generate(**ids, max_new_tokens=20, do_sample=False)
-    text = tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    text = tok.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in text, text

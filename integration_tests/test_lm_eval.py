@@ -15,7 +15,7 @@ import lm_eval  # in the `test` extra; a missing install must fail, not skip
 import pytest
 import torch
 
-import cbq_hf  # noqa: F401  (registers "cbq": required before lm-eval's HFLM calls from_pretrained)
+import cbq_hf
 
 TASK_YAML = """\
 task: cbq_toy_choice
@@ -44,20 +44,21 @@ def _tokenizer():
     vocab = {"<s>": 0, "</s>": 1, "<unk>": 2, **{f"w{i}": i + 3 for i in range(120)}}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
+    )
 
 
 @pytest.fixture(scope="module")
 def cbq_dir(tmp_path_factory) -> str:
-    from transformers import AutoModelForCausalLM
-
     from helpers import tiny_llama
+    from transformers import AutoModelForCausalLM
 
     root = tmp_path_factory.mktemp("lm_eval")
     tiny_llama().save_pretrained(root / "fp")
     model = AutoModelForCausalLM.from_pretrained(
-        root / "fp", quantization_config=cbq_hf.CBQConfig(method="rtn", bits=4, group_size=32))
+        root / "fp", quantization_config=cbq_hf.CBQConfig(method="rtn", bits=4, group_size=32)
+    )
     model.save_pretrained(root / "cbq")
     _tokenizer().save_pretrained(root / "cbq")
     return str(root / "cbq")
@@ -66,9 +67,14 @@ def cbq_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tasks")
-    rows = [{"context": " ".join(f"w{(i * 7 + j) % 120}" for j in range(6)),
-             "choices": [f" w{(i * 3) % 120}", f" w{(i * 5 + 1) % 120}", f" w{(i * 11 + 2) % 120}"],
-             "label": i % 3} for i in range(8)]
+    rows = [
+        {
+            "context": " ".join(f"w{(i * 7 + j) % 120}" for j in range(6)),
+            "choices": [f" w{(i * 3) % 120}", f" w{(i * 5 + 1) % 120}", f" w{(i * 11 + 2) % 120}"],
+            "label": i % 3,
+        }
+        for i in range(8)
+    ]
     data = root / "toy.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
     (root / "cbq_toy_choice.yaml").write_text(TASK_YAML.format(data=data), encoding="utf-8")
@@ -91,8 +97,15 @@ def test_simple_evaluate_runs_the_cbq_model(cbq_dir, task_dir, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     tm = TaskManager(include_path=str(task_dir), include_defaults=False)
     out = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={cbq_dir},dtype=float32", tasks=["cbq_toy_choice"],
-        task_manager=tm, limit=4, device="cpu", batch_size=1, log_samples=True, bootstrap_iters=0,
+        model="hf",
+        model_args=f"pretrained={cbq_dir},dtype=float32",
+        tasks=["cbq_toy_choice"],
+        task_manager=tm,
+        limit=4,
+        device="cpu",
+        batch_size=1,
+        log_samples=True,
+        bootstrap_iters=0,
     )
     acc = out["results"]["cbq_toy_choice"]["acc,none"]
     assert 0.0 <= acc <= 1.0

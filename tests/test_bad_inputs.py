@@ -20,20 +20,58 @@ COUNTS: collections.Counter = collections.Counter()
 
 # Field -> (strategy of VALID values, type family) used to generate invalid ones.
 INT_FIELDS = {
-    "bits": {2, 3, 4, 8}, "nsamples": None, "seqlen": None, "seed": None, "window_size": None, "epochs": None,
-    "batch_size": None, "lora_rank": None, "lobcq_block_len": None, "lobcq_array_len": None,
-    "lobcq_num_codebooks": None, "lobcq_codebook_bits": None, "lobcq_iters": None, "group_size": None,
+    "bits": {2, 3, 4, 8},
+    "nsamples": None,
+    "seqlen": None,
+    "seed": None,
+    "window_size": None,
+    "epochs": None,
+    "batch_size": None,
+    "lora_rank": None,
+    "lobcq_block_len": None,
+    "lobcq_array_len": None,
+    "lobcq_num_codebooks": None,
+    "lobcq_codebook_bits": None,
+    "lobcq_iters": None,
+    "group_size": None,
     "window_overlap": None,
 }
-FLOAT_FIELDS = ["lr", "lr_scale", "loss_weight_accumulated", "loss_weight_homologous", "kl_weight",
-                "rounding_reg_weight", "beta_start", "beta_end", "cfp_lambda1", "cfp_lambda2", "cfp_alpha"]
-BOOL_FIELDS = ["sym", "use_cfp", "use_lora_rounding", "learn_weight_scales", "learn_act_clipping",
-               "use_homologous", "use_kl"]
-CHOICE_FIELDS = {"method": ["rtn", "cbq"], "format": ["uniform", "lobcq"], "lobcq_codebooks": ["universal", "per_layer"],
-                 "activation_storage": ["cpu", "disk"]}
+FLOAT_FIELDS = [
+    "lr",
+    "lr_scale",
+    "loss_weight_accumulated",
+    "loss_weight_homologous",
+    "kl_weight",
+    "rounding_reg_weight",
+    "beta_start",
+    "beta_end",
+    "cfp_lambda1",
+    "cfp_lambda2",
+    "cfp_alpha",
+]
+BOOL_FIELDS = [
+    "sym",
+    "use_cfp",
+    "use_lora_rounding",
+    "learn_weight_scales",
+    "learn_act_clipping",
+    "use_homologous",
+    "use_kl",
+]
+CHOICE_FIELDS = {
+    "method": ["rtn", "cbq"],
+    "format": ["uniform", "lobcq"],
+    "lobcq_codebooks": ["universal", "per_layer"],
+    "activation_storage": ["cpu", "disk"],
+}
 
-wrong_type = st.one_of(st.text(max_size=5), st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=2),
-                       st.integers(), max_size=1), st.just(object()), st.complex_numbers(allow_nan=False))
+wrong_type = st.one_of(
+    st.text(max_size=5),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=2), st.integers(), max_size=1),
+    st.just(object()),
+    st.complex_numbers(allow_nan=False),
+)
 
 
 def _expect_field_error(field: str, value) -> None:
@@ -51,8 +89,9 @@ def _expect_field_error(field: str, value) -> None:
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(field=st.sampled_from(sorted(INT_FIELDS) + FLOAT_FIELDS + BOOL_FIELDS + sorted(CHOICE_FIELDS)),
-       value=wrong_type)
+@given(
+    field=st.sampled_from(sorted(INT_FIELDS) + FLOAT_FIELDS + BOOL_FIELDS + sorted(CHOICE_FIELDS)), value=wrong_type
+)
 def test_wrong_types_are_refused(field, value):
     if field in FLOAT_FIELDS and isinstance(value, complex):
         value = value  # complex is not a real number: still invalid
@@ -73,8 +112,12 @@ def test_checkpoint_dir_must_be_a_path(value):
 
 
 @settings(max_examples=40, deadline=None)
-@given(field=st.sampled_from(["nsamples", "seqlen", "window_size", "batch_size", "lora_rank", "lobcq_block_len",
-                              "lobcq_iters"]), value=st.integers(max_value=0))
+@given(
+    field=st.sampled_from(
+        ["nsamples", "seqlen", "window_size", "batch_size", "lora_rank", "lobcq_block_len", "lobcq_iters"]
+    ),
+    value=st.integers(max_value=0),
+)
 def test_non_positive_counts_are_refused(field, value):
     if field == "seqlen" and value > 1:
         return
@@ -94,9 +137,15 @@ def test_unknown_act_bits_are_refused(value):
 
 
 @settings(max_examples=30, deadline=None)
-@given(field=st.sampled_from(FLOAT_FIELDS),
-       value=st.one_of(st.just(float("nan")), st.just(float("inf")), st.just(-float("inf")),
-                       st.floats(max_value=-1e-6, allow_nan=False, allow_infinity=False)))
+@given(
+    field=st.sampled_from(FLOAT_FIELDS),
+    value=st.one_of(
+        st.just(float("nan")),
+        st.just(float("inf")),
+        st.just(-float("inf")),
+        st.floats(max_value=-1e-6, allow_nan=False, allow_infinity=False),
+    ),
+)
 def test_non_finite_or_negative_numbers_are_refused(field, value):
     _expect_field_error(field, value)
 
@@ -137,15 +186,21 @@ def test_group_size_larger_than_layer_names_the_layer(tmp_path):
     tiny_llama().save_pretrained(tmp_path / "fp")
     COUNTS["model inputs tried"] += 1
     with pytest.raises(ValueError, match=r"group_size=512 is larger than the input size 64 of model\.layers\.0"):
-        AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=CBQConfig(method="rtn",
-                                                                                            group_size=512))
+        AutoModelForCausalLM.from_pretrained(
+            tmp_path / "fp", quantization_config=CBQConfig(method="rtn", group_size=512)
+        )
     COUNTS["clear errors"] += 1
 
 
 @pytest.mark.parametrize(
     "payload,match",
-    [(b"", "empty"), (b"\n\n   \n", "empty"), (bytes(range(256)) * 4, "binary"),
-     ("caf\u00e9 \u00e0 la cr\u00e8me ".encode("latin-1") * 20, "UTF-8"), (b"tiny", "fewer than one sample")],
+    [
+        (b"", "empty"),
+        (b"\n\n   \n", "empty"),
+        (bytes(range(256)) * 4, "binary"),
+        ("caf\u00e9 \u00e0 la cr\u00e8me ".encode("latin-1") * 20, "UTF-8"),
+        (b"tiny", "fewer than one sample"),
+    ],
     ids=["empty", "whitespace", "binary", "latin1", "too-short"],
 )
 def test_bad_calibration_text(tmp_path, payload, match):
@@ -181,6 +236,8 @@ def test_model_without_decoder_blocks():
 
 def teardown_module(module):
     tried = sum(v for k, v in COUNTS.items() if k.endswith("inputs tried"))
-    print(f"\nbad-input sweep: {dict(COUNTS)}; inputs tried {tried}, errors clear {COUNTS['clear errors']}, "
-          f"crashes {COUNTS['crashes']}")
+    print(
+        f"\nbad-input sweep: {dict(COUNTS)}; inputs tried {tried}, errors clear {COUNTS['clear errors']}, "
+        f"crashes {COUNTS['crashes']}"
+    )
     assert COUNTS["crashes"] == 0

@@ -1,5 +1,4 @@
 import json
-import os
 
 import pytest
 
@@ -9,10 +8,9 @@ from cbq_hf.cli import EXIT_LOAD, EXIT_USAGE, EXIT_WRITE, main
 @pytest.fixture
 def model_with_tokenizer(tmp_path):
     """A tiny Llama with a small word-level tokenizer saved beside it."""
+    from helpers import tiny_llama
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-
-    from helpers import tiny_llama
 
     vocab = {"<s>": 0, "<unk>": 1, **{f"w{i}": i + 2 for i in range(120)}}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -29,20 +27,23 @@ def model_with_tokenizer(tmp_path):
 def test_quantize_then_eval(model_with_tokenizer, tmp_path, capsys):
     model, text = model_with_tokenizer
     out = tmp_path / "q"
-    rc = main(["quantize", model, str(out), "--method", "rtn", "--bits", "4", "--group-size", "32",
-               "--eval-text", text])
+    rc = main(
+        ["quantize", model, str(out), "--method", "rtn", "--bits", "4", "--group-size", "32", "--eval-text", text]
+    )
     assert rc == 0
     captured = capsys.readouterr()
     res = json.loads(captured.out.strip().splitlines()[-1])
     assert res["bits_per_weight"] > 4 and res["perplexity"] > 1
     # the human-readable summary on stderr: the numbers a user checks, with units
-    summary = captured.err[captured.err.index("cbq-hf quantize: done"):]
+    summary = captured.err[captured.err.index("cbq-hf quantize: done") :]
     assert "W4A16 g32 asym" in summary
     assert f"bits per weight   {res['bits_per_weight']:.3f}" in summary
     assert "size on disk" in summary and "x smaller" in summary
     assert f"perplexity        {res['perplexity']:.3f}  (text.txt)" in summary
     assert (out / "README.md").exists() and (out / "tokenizer.json").exists()
-    rc = main(["eval", str(out), "--text", text, "--seqlen", "64", "--windows", "5", "--json", str(tmp_path / "e.json")])
+    rc = main(
+        ["eval", str(out), "--text", text, "--seqlen", "64", "--windows", "5", "--json", str(tmp_path / "e.json")]
+    )
     assert rc == 0
     assert json.loads((tmp_path / "e.json").read_text())["perplexity"] > 1
 
@@ -110,8 +111,20 @@ def test_quantize_with_disk_offload_matches_in_memory(model_with_tokenizer, tmp_
     common = ["--method", "rtn", "--group-size", "32"]
     assert main(["quantize", model, str(tmp_path / "mem"), *common]) == 0
     with caplog.at_level(logging.INFO, logger="cbq_hf.calibration.offload"):
-        rc = main(["quantize", model, str(tmp_path / "off"), *common, "--device-map", "auto",
-                   "--max-memory", "cpu=200KB", "--offload-folder", str(tmp_path / "spill")])
+        rc = main(
+            [
+                "quantize",
+                model,
+                str(tmp_path / "off"),
+                *common,
+                "--device-map",
+                "auto",
+                "--max-memory",
+                "cpu=200KB",
+                "--offload-folder",
+                str(tmp_path / "spill"),
+            ]
+        )
     assert rc == 0
     assert "decoder blocks offloaded" in caplog.text and "0 of 2 decoder blocks" not in caplog.text
     x = torch.randint(0, 120, (1, 10))

@@ -29,16 +29,21 @@ def test_two_writers_and_a_reader(tmp_path):
     expected = []
     for seed in (0, 1):
         tiny_llama(seed=seed).save_pretrained(tmp_path / f"fp{seed}")
-        q = AutoModelForCausalLM.from_pretrained(tmp_path / f"fp{seed}",
-                                                 quantization_config=CBQConfig(method="rtn", group_size=32))
+        q = AutoModelForCausalLM.from_pretrained(
+            tmp_path / f"fp{seed}", quantization_config=CBQConfig(method="rtn", group_size=32)
+        )
         q.save_pretrained(tmp_path / f"q{seed}")
         with torch.no_grad():
             expected.append(q(x).logits)
     dst = tmp_path / "shared"
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
-    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / f"q{s}"), str(dst), "6"],
-                              stderr=subprocess.PIPE, text=True) for s in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path / f"q{s}"), str(dst), "6"], stderr=subprocess.PIPE, text=True
+        )
+        for s in (0, 1)
+    ]
     loads = 0
     while any(p.poll() is None for p in procs):
         if dst.exists():

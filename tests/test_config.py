@@ -8,14 +8,41 @@ from cbq_hf import CBQConfig
 @pytest.mark.parametrize(
     "field,value",
     [
-        ("bits", 5), ("bits", "4"), ("bits", True), ("group_size", 0), ("group_size", -2), ("group_size", 1.5),
-        ("sym", "yes"), ("act_bits", 16), ("act_bits", 2), ("method", "gptq"), ("format", "nf4"),
-        ("nsamples", 0), ("seqlen", 1), ("seed", -1), ("window_size", 0), ("epochs", -1), ("lr", float("nan")),
-        ("lora_rank", 0), ("cfp_alpha", 1.5), ("beta_end", 0.0), ("dataset", []), ("dataset", [1, 2]),
-        ("dataset", ""), ("dataset", 3.0), ("modules_to_not_convert", [""]), ("lobcq_num_codebooks", 12),
-        ("lobcq_codebooks", "global"), ("calibration_device", ""), ("smooth_alpha", 0.0), ("smooth_alpha", 1.0),
-        ("smooth_alpha", "0.5"), ("smooth_alpha", "best"), ("token_normalized_loss", "yes"),
-        ("lr_norm", -1e-3), ("lr_norm", "1e-3"),
+        ("bits", 5),
+        ("bits", "4"),
+        ("bits", True),
+        ("group_size", 0),
+        ("group_size", -2),
+        ("group_size", 1.5),
+        ("sym", "yes"),
+        ("act_bits", 16),
+        ("act_bits", 2),
+        ("method", "gptq"),
+        ("format", "nf4"),
+        ("nsamples", 0),
+        ("seqlen", 1),
+        ("seed", -1),
+        ("window_size", 0),
+        ("epochs", -1),
+        ("lr", float("nan")),
+        ("lora_rank", 0),
+        ("cfp_alpha", 1.5),
+        ("beta_end", 0.0),
+        ("dataset", []),
+        ("dataset", [1, 2]),
+        ("dataset", ""),
+        ("dataset", 3.0),
+        ("modules_to_not_convert", [""]),
+        ("lobcq_num_codebooks", 12),
+        ("lobcq_codebooks", "global"),
+        ("calibration_device", ""),
+        ("smooth_alpha", 0.0),
+        ("smooth_alpha", 1.0),
+        ("smooth_alpha", "0.5"),
+        ("smooth_alpha", "best"),
+        ("token_normalized_loss", "yes"),
+        ("lr_norm", -1e-3),
+        ("lr_norm", "1e-3"),
     ],
 )
 def test_invalid_field_names_the_field(field, value):
@@ -61,8 +88,14 @@ def test_newer_format_version_is_refused():
 
 
 def test_json_round_trip_drops_tokenizer_and_describes_in_memory_data():
-    cfg = CBQConfig(bits=2, group_size=64, act_bits=8, dataset=["a b c", "d e"], tokenizer=object(),
-                    modules_to_not_convert=["mlp.down_proj"])
+    cfg = CBQConfig(
+        bits=2,
+        group_size=64,
+        act_bits=8,
+        dataset=["a b c", "d e"],
+        tokenizer=object(),
+        modules_to_not_convert=["mlp.down_proj"],
+    )
     d = cfg.to_dict()
     text = json.dumps(d)  # JSON-safe
     assert "tokenizer" not in d

@@ -24,4 +24,5 @@ def test_every_config_field_is_documented():
 
 def test_config_reference_is_up_to_date():
     assert (ROOT / "docs" / "config_reference.md").read_text(encoding="utf-8") == _gen().render(), (
-        "docs/config_reference.md is stale: run python tools/gen_config_reference.py")
+        "docs/config_reference.md is stale: run python tools/gen_config_reference.py"
+    )

@@ -23,6 +23,7 @@ from pathlib import Path
 import compressed_tensors  # noqa: F401  (in the `test` extra: a missing install must fail, not skip)
 import pytest
 import torch
+from helpers import tiny_llama
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -34,8 +35,6 @@ from cbq_hf.export import (
     export_checkpoint,
 )
 from cbq_hf.nn.linear import CBQLinear
-from helpers import tiny_llama
-
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 64, 100, 127, 3, 42, 77, 8, 15, 16, 23, 99]])
 ATOL = RTOL = 1e-4  # logits of the export vs cbq_hf: same weights, only the matmul's summation order may differ
@@ -62,9 +61,17 @@ def fp_bias_dir(workdir) -> str:
     """Tiny Llama with q/k/v/o biases and tied embeddings: both must pass through the export unchanged."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, attention_bias=True)
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        attention_bias=True,
+    )
     torch.manual_seed(1)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
@@ -96,14 +103,13 @@ def quantized(fp_dir: str, workdir: Path, **cfg) -> str:
     key = repr((fp_dir, sorted(cfg.items())))
     if key not in _CACHE:
         out = workdir / f"q{len(_CACHE)}"
-        model = AutoModelForCausalLM.from_pretrained(
-            fp_dir, quantization_config=cbq_hf.CBQConfig(method="rtn", **cfg))
+        model = AutoModelForCausalLM.from_pretrained(fp_dir, quantization_config=cbq_hf.CBQConfig(method="rtn", **cfg))
         model.save_pretrained(out)
         _CACHE[key] = str(out)
     return _CACHE[key]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cbq_logits(path: str) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
@@ -112,7 +118,7 @@ def cbq_logits(path: str) -> torch.Tensor:
         return model(IDS).logits
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cbq_weights(path: str) -> dict[str, torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
@@ -158,23 +164,31 @@ def ct_loaded(fp_dir, fp_bias_dir, workdir) -> dict[tuple[str, bool], dict]:
     """
     jobs = []
     for case, bits, sym, skip, bias in CT_CASES:
-        src = quantized(fp_bias_dir if bias else fp_dir, workdir, bits=bits, group_size=32, sym=sym,
-                        modules_to_not_convert=skip)
+        src = quantized(
+            fp_bias_dir if bias else fp_dir, workdir, bits=bits, group_size=32, sym=sym, modules_to_not_convert=skip
+        )
         dst = workdir / f"ct_{case}"
         export_checkpoint(src, dst, to="compressed-tensors")
-        for deq in ((False, True) if sym else (True,)):
+        for deq in (False, True) if sym else (True,):
             jobs.append({"case": case, "path": str(dst), "dequantize": deq, "out": str(workdir / f"{case}_{deq}.pt")})
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
-    res = subprocess.run([sys.executable, "-c", _LOADER, json.dumps(jobs), json.dumps(IDS.tolist())],
-                         capture_output=True, text=True, env=env, cwd=str(workdir), timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", _LOADER, json.dumps(jobs), json.dumps(IDS.tolist())],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(workdir),
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     return {(j["case"], j["dequantize"]): torch.load(j["out"]) for j in jobs}
 
 
 @pytest.mark.parametrize("case,bits,sym,skip,bias", CT_CASES, ids=[c[0] for c in CT_CASES])
 def test_compressed_tensors_logits_match_cbq(ct_loaded, fp_dir, fp_bias_dir, workdir, case, bits, sym, skip, bias):
-    src = quantized(fp_bias_dir if bias else fp_dir, workdir, bits=bits, group_size=32, sym=sym,
-                    modules_to_not_convert=skip)
+    src = quantized(
+        fp_bias_dir if bias else fp_dir, workdir, bits=bits, group_size=32, sym=sym, modules_to_not_convert=skip
+    )
     ref = cbq_logits(src)
     loaded = [(deq, v) for (c, deq), v in ct_loaded.items() if c == case]
     assert loaded
@@ -187,9 +201,11 @@ def test_compressed_tensors_logits_match_cbq(ct_loaded, fp_dir, fp_bias_dir, wor
 REF_CASES = [(4, False, 32), (4, True, 32), (8, False, 32), (8, True, 32), (4, False, -1), (8, True, -1)]
 
 
-@pytest.mark.parametrize("bits,sym,gs", REF_CASES,
-                         ids=[f"w{b}_{'g' + str(g) if g > 0 else 'per_channel'}_{'sym' if s else 'asym'}"
-                              for b, s, g in REF_CASES])
+@pytest.mark.parametrize(
+    "bits,sym,gs",
+    REF_CASES,
+    ids=[f"w{b}_{'g' + str(g) if g > 0 else 'per_channel'}_{'sym' if s else 'asym'}" for b, s, g in REF_CASES],
+)
 def test_compressed_tensors_tensors_match_reference_compressor(fp_dir, workdir, bits, sym, gs):
     """Our packed tensors == compressed-tensors' own compressor applied to the same weight and qparams."""
     from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
@@ -202,8 +218,9 @@ def test_compressed_tensors_tensors_match_reference_compressor(fp_dir, workdir, 
     raw = load_file(str(Path(src) / "model.safetensors"))
     weights = cbq_weights(src)
     strategy = {"strategy": "group", "group_size": gs} if gs > 0 else {"strategy": "channel"}
-    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
-        num_bits=bits, symmetric=sym, type="int", **strategy))
+    scheme = QuantizationScheme(
+        targets=["Linear"], weights=QuantizationArgs(num_bits=bits, symmetric=sym, type="int", **strategy)
+    )
     qc = json.loads((dst / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]["weights"]
     assert (qc["strategy"], qc["group_size"]) == (strategy["strategy"], strategy.get("group_size"))
     offset = 2 ** (bits - 1)
@@ -247,7 +264,6 @@ def gptq_dequantize(folder: Path, name: str, bits: int) -> torch.Tensor:
         scales, g_idx = f.get_tensor(f"{name}.scales"), f.get_tensor(f"{name}.g_idx")
     assert qweight.dtype == qzeros.dtype == g_idx.dtype == torch.int32 and scales.dtype == torch.float16
     mask = 2**bits - 1
-    per = 32 // bits
     shifts = torch.arange(0, 32, bits, dtype=torch.int32)
     # qweight [K/per, N]: row r holds input channels r*per .. r*per+per-1, lowest bits first.
     w = (qweight.unsqueeze(1) >> shifts.view(1, -1, 1)) & mask  # [K/per, per, N]
@@ -258,13 +274,22 @@ def gptq_dequantize(folder: Path, name: str, bits: int) -> torch.Tensor:
     return ((w.float() - z[gi].float()) * scales[gi].float()).t()
 
 
-GPTQ_CASES = [(4, False, 32), (4, True, 32), (8, False, 32), (8, True, 32), (2, False, 32), (2, True, 32),
-              (4, False, -1)]
+GPTQ_CASES = [
+    (4, False, 32),
+    (4, True, 32),
+    (8, False, 32),
+    (8, True, 32),
+    (2, False, 32),
+    (2, True, 32),
+    (4, False, -1),
+]
 
 
-@pytest.mark.parametrize("bits,sym,gs", GPTQ_CASES,
-                         ids=[f"w{b}_{'g' + str(g) if g > 0 else 'per_channel'}_{'sym' if s else 'asym'}"
-                              for b, s, g in GPTQ_CASES])
+@pytest.mark.parametrize(
+    "bits,sym,gs",
+    GPTQ_CASES,
+    ids=[f"w{b}_{'g' + str(g) if g > 0 else 'per_channel'}_{'sym' if s else 'asym'}" for b, s, g in GPTQ_CASES],
+)
 def test_gptq_export_decodes_to_cbq_weights_exactly(fp_dir, workdir, bits, sym, gs):
     src = quantized(fp_dir, workdir, bits=bits, group_size=gs, sym=sym)
     dst = workdir / f"gptq_{bits}_{sym}_{gs}"
@@ -321,16 +346,20 @@ def _no_output(dst: Path) -> None:
     assert not [p for p in dst.parent.iterdir() if p.name.startswith(f".{dst.name}.")], "temporary folder left"
 
 
-@pytest.mark.parametrize("to,cfg,message", [
-    ("compressed-tensors", dict(bits=2, group_size=32), "bits=2 cannot be exported to compressed-tensors"),
-    ("compressed-tensors", dict(bits=3, group_size=32), "bits=3 cannot be exported to compressed-tensors"),
-    ("gptq", dict(bits=3, group_size=32), "bits=3 cannot be exported to gptq"),
-    ("compressed-tensors", dict(bits=4, group_size=32, act_bits=8), "act_bits=8"),
-    ("gptq", dict(bits=4, group_size=32, act_bits=8), "weight-only"),
-    ("compressed-tensors", dict(bits=4, group_size=64), "group_size=64 does not divide"),
-    ("gptq", dict(bits=4, group_size=64), "group_size 32"),
-    ("gptq", dict(bits=4, group_size=32, modules_to_not_convert=["mlp.down_proj"]), "kept in full precision"),
-], ids=["ct-w2", "ct-w3", "gptq-w3", "ct-act8", "gptq-act8", "ct-ragged-g64", "gptq-ragged-g64", "gptq-skipped"])
+@pytest.mark.parametrize(
+    "to,cfg,message",
+    [
+        ("compressed-tensors", dict(bits=2, group_size=32), "bits=2 cannot be exported to compressed-tensors"),
+        ("compressed-tensors", dict(bits=3, group_size=32), "bits=3 cannot be exported to compressed-tensors"),
+        ("gptq", dict(bits=3, group_size=32), "bits=3 cannot be exported to gptq"),
+        ("compressed-tensors", dict(bits=4, group_size=32, act_bits=8), "act_bits=8"),
+        ("gptq", dict(bits=4, group_size=32, act_bits=8), "weight-only"),
+        ("compressed-tensors", dict(bits=4, group_size=64), "group_size=64 does not divide"),
+        ("gptq", dict(bits=4, group_size=64), "group_size 32"),
+        ("gptq", dict(bits=4, group_size=32, modules_to_not_convert=["mlp.down_proj"]), "kept in full precision"),
+    ],
+    ids=["ct-w2", "ct-w3", "gptq-w3", "ct-act8", "gptq-act8", "ct-ragged-g64", "gptq-ragged-g64", "gptq-skipped"],
+)
 def test_unsupported_settings_are_refused(fp_dir, workdir, to, cfg, message):
     src = quantized(fp_dir, workdir, **cfg)
     dst = workdir / f"refused_{to}"
@@ -370,11 +399,12 @@ def _with_input_scales(src: str, dst: Path, scale_for: dict[str, torch.Tensor]) 
 def test_input_scale_all_ones_is_dropped_nontrivial_is_refused(fp_dir, workdir, tmp_path):
     src = quantized(fp_dir, workdir, bits=4, group_size=32, sym=True)
     ones = tmp_path / "ones"
-    _with_input_scales(src, ones, {"model.layers.0.mlp.down_proj": torch.ones(96),
-                                   "model.layers.1.self_attn.q_proj": torch.ones(64)})
+    _with_input_scales(
+        src, ones, {"model.layers.0.mlp.down_proj": torch.ones(96), "model.layers.1.self_attn.q_proj": torch.ones(64)}
+    )
     out = export_checkpoint(ones, tmp_path / "ones_ct", to="compressed-tensors")
     with safe_open(os.path.join(out, "model.safetensors"), framework="pt") as f:
-        assert not any(k.endswith("input_scale") for k in f.keys())
+        assert not any(k.endswith("input_scale") for k in f.keys())  # noqa: SIM118 (safe_open)
     smooth = tmp_path / "smooth"
     scale = torch.ones(96)
     scale[3] = 1.7

@@ -12,8 +12,15 @@ from cbq_hf.lm_head import lm_head_format, output_head
 
 
 def _tied_llama_dir(path, hidden=160):
-    cfg = LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=hidden,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -25,7 +32,8 @@ def _tied_llama_dir(path, hidden=160):
 def test_tied_head_is_quantized_untied_and_reloads_identically(tmp_path, bits):
     src, fp = _tied_llama_dir(tmp_path / "fp")
     q = AutoModelForCausalLM.from_pretrained(
-        src, quantization_config=CBQConfig(method="rtn", group_size=32, lm_head_bits=bits))
+        src, quantization_config=CBQConfig(method="rtn", group_size=32, lm_head_bits=bits)
+    )
     assert isinstance(q.lm_head, CBQLinear)
     assert q.lm_head.fmt.spec.bits == bits and q.lm_head.fmt.act_bits is None
     # the input embedding keeps the original float weights
@@ -55,7 +63,8 @@ def test_head_bits_change_the_head_only_and_int8_is_close(tmp_path):
     src, fp = _tied_llama_dir(tmp_path / "fp")
     plain = AutoModelForCausalLM.from_pretrained(src, quantization_config=CBQConfig(method="rtn", group_size=32))
     q8 = AutoModelForCausalLM.from_pretrained(
-        src, quantization_config=CBQConfig(method="rtn", group_size=32, lm_head_bits=8))
+        src, quantization_config=CBQConfig(method="rtn", group_size=32, lm_head_bits=8)
+    )
     assert not isinstance(plain.lm_head, CBQLinear)
     h = torch.randn(3, 160)
     with torch.no_grad():
@@ -67,7 +76,8 @@ def test_head_bits_change_the_head_only_and_int8_is_close(tmp_path):
 def test_checkpoint_missing_the_head_tensors_is_refused(tmp_path):
     src, _ = _tied_llama_dir(tmp_path / "fp")
     q = AutoModelForCausalLM.from_pretrained(
-        src, quantization_config=CBQConfig(method="rtn", group_size=32, lm_head_bits=8))
+        src, quantization_config=CBQConfig(method="rtn", group_size=32, lm_head_bits=8)
+    )
     q.save_pretrained(tmp_path / "q")
     cfg_path = tmp_path / "q" / "config.json"
     cfg = json.loads(cfg_path.read_text())
@@ -88,7 +98,8 @@ def test_bad_values_and_models_without_head_are_clear_errors():
 def test_export_refuses_a_quantized_head(tmp_path):
     src, _ = _tied_llama_dir(tmp_path / "fp", hidden=128)
     q = AutoModelForCausalLM.from_pretrained(
-        src, quantization_config=CBQConfig(method="rtn", group_size=32, lm_head_bits=8))
+        src, quantization_config=CBQConfig(method="rtn", group_size=32, lm_head_bits=8)
+    )
     q.save_pretrained(tmp_path / "q")
     with pytest.raises(UnsupportedExportError, match="lm_head_bits"):
         export_checkpoint(tmp_path / "q", tmp_path / "ct", to="compressed-tensors")

@@ -16,8 +16,11 @@ def _rtn(path, **kw):
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=CBQConfig(method="rtn", **kw))
 
 
-@pytest.mark.parametrize("bits,act_bits", [(4, None), (2, None), (3, None), (8, None), (4, 8), (4, 4)],
-                         ids=["w4", "w2", "w3", "w8", "w4a8", "w4a4"])
+@pytest.mark.parametrize(
+    "bits,act_bits",
+    [(4, None), (2, None), (3, None), (8, None), (4, 8), (4, 4)],
+    ids=["w4", "w2", "w3", "w8", "w4a8", "w4a4"],
+)
 def test_save_load_identical_logits(llama_dir, tmp_path, bits, act_bits):
     q = _rtn(llama_dir, bits=bits, act_bits=act_bits)
     x = torch.randint(0, 128, (2, 12))
@@ -103,8 +106,12 @@ def test_group_size_larger_than_layer_is_refused(llama_dir):
 
 def test_disk_offload_calibrates_with_no_meta_left(llama_dir, tmp_path):
     """Offloaded calibration in depth: tests/calibration/test_offload.py. Here: the quantizer accepts it."""
-    q = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=CBQConfig(method="rtn", group_size=32),
-                                             device_map={"": "disk"}, offload_folder=str(tmp_path / "off"))
+    q = AutoModelForCausalLM.from_pretrained(
+        llama_dir,
+        quantization_config=CBQConfig(method="rtn", group_size=32),
+        device_map={"": "disk"},
+        offload_folder=str(tmp_path / "off"),
+    )
     assert isinstance(q.model.layers[0].self_attn.q_proj, CBQLinear)
     assert not any(t.device.type == "meta" for t in q.state_dict().values())
 
@@ -145,8 +152,13 @@ def test_loading_without_import_warns_and_loads_unquantized(llama_dir, tmp_path)
         f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'q')!r})\n"
         "print('CBQ' in type(m.model.layers[0].mlp.down_proj).__name__)\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "TRANSFORMERS_VERBOSITY": "warning"})
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TRANSFORMERS_VERBOSITY": "warning"},
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().splitlines()[-1] == "False"
     assert "Unknown quantization type, got cbq" in res.stderr

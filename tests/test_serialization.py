@@ -102,7 +102,8 @@ def test_atomic_save_failure_leaves_old_folder_untouched(tmp_path):
 
     def write(tmp):
         (tmp_path / "partial").write_text("x")
-        open(f"{tmp}/model.safetensors", "w").write("half")
+        with open(f"{tmp}/model.safetensors", "w") as fh:
+            fh.write("half")
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
@@ -115,8 +116,9 @@ def test_save_refuses_non_finite_weights(tmp_path):
     from helpers import tiny_llama
 
     tiny_llama().save_pretrained(tmp_path / "fp")
-    q = AutoModelForCausalLM.from_pretrained(tmp_path / "fp",
-                                             quantization_config=CBQConfig(method="rtn", group_size=32))
+    q = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "fp", quantization_config=CBQConfig(method="rtn", group_size=32)
+    )
     with torch.no_grad():
         q.model.norm.weight[0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):

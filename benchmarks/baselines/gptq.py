@@ -21,8 +21,9 @@ from torch import nn
 from cbq_hf.formats.uniform import UniformSpec, minmax_qparams
 
 
-def gptq_quantize_weight(w: torch.Tensor, h: torch.Tensor, spec: UniformSpec, damp: float = 0.01,
-                         blocksize: int = 128) -> torch.Tensor:
+def gptq_quantize_weight(
+    w: torch.Tensor, h: torch.Tensor, spec: UniformSpec, damp: float = 0.01, blocksize: int = 128
+) -> torch.Tensor:
     """GPTQ-quantized (dequantized) copy of W [N, K] given the Hessian H [K, K]."""
     w = w.clone().float()
     n, k = w.shape
@@ -60,14 +61,19 @@ def gptq_quantize_weight(w: torch.Tensor, h: torch.Tensor, spec: UniformSpec, da
 
 
 @torch.no_grad()
-def gptq_model(model: nn.Module, input_ids: torch.Tensor, spec: UniformSpec, damp: float = 0.01,
-               batch_size: int = 4, progress: bool = True) -> nn.Module:
+def gptq_model(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    spec: UniformSpec,
+    damp: float = 0.01,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> nn.Module:
     """Quantize every decoder linear of `model` in place with GPTQ, calibrating on `input_ids` [n, seqlen]."""
     from tqdm.auto import tqdm
 
-    from cbq_hf.modeling import block_linears, find_decoder_blocks
-
     from cbq_hf.calibration.capture import capture_block_inputs
+    from cbq_hf.modeling import block_linears, find_decoder_blocks
 
     _, blocks = find_decoder_blocks(model)
     inputs = capture_block_inputs(model, input_ids, batch_size)
@@ -76,8 +82,12 @@ def gptq_model(model: nn.Module, input_ids: torch.Tensor, spec: UniformSpec, dam
     for index, block in enumerate(tqdm(blocks, desc="GPTQ blocks", disable=not progress)):
         linears = block_linears(block)
         # true-sequential groups: linears that read the same input are quantized together
-        order = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
-                 ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+        order = [
+            ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+            ["self_attn.o_proj"],
+            ["mlp.gate_proj", "mlp.up_proj"],
+            ["mlp.down_proj"],
+        ]
         known = {n for grp in order for n in grp}
         order += [[n] for n in linears if n not in known]
         for grp in order:
@@ -85,7 +95,7 @@ def gptq_model(model: nn.Module, input_ids: torch.Tensor, spec: UniformSpec, dam
             if not grp:
                 continue
             hs = {n: torch.zeros(linears[n].in_features, linears[n].in_features) for n in grp}
-            counts = {n: 0 for n in grp}
+            counts = dict.fromkeys(grp, 0)
 
             def make_hook(name):
                 def hook(_m, inp, _out):
@@ -95,6 +105,7 @@ def gptq_model(model: nn.Module, input_ids: torch.Tensor, spec: UniformSpec, dam
                     counts[name] += t
                     x = math.sqrt(2 / counts[name]) * x
                     hs[name] += x.t() @ x
+
                 return hook
 
             handles = [linears[n].register_forward_hook(make_hook(n)) for n in grp]

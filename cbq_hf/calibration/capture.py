@@ -68,8 +68,9 @@ class BlockInputs:
         key = (index, batch, str(device))
         if key not in self._device_cache:
             call = self.calls[batch][index]
-            self._device_cache[key] = BlockCall(call.hidden_positional, _to_device(call.args, device),
-                                                _to_device(call.kwargs, device))
+            self._device_cache[key] = BlockCall(
+                call.hidden_positional, _to_device(call.args, device), _to_device(call.kwargs, device)
+            )
         return self._device_cache[key]
 
     def clear_device_cache(self) -> None:
@@ -152,8 +153,10 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
             state.pop("hidden", None)
             owner(input_ids=input_ids[start:end].to(device), use_cache=False)
             if "hidden" not in state:
-                raise RuntimeError(f"{type(owner).__name__}.forward did not call its decoder blocks "
-                                   f"({prefix}); cannot capture calibration inputs.")
+                raise RuntimeError(
+                    f"{type(owner).__name__}.forward did not call its decoder blocks "
+                    f"({prefix}); cannot capture calibration inputs."
+                )
             hidden_parts.append(state["hidden"].detach().float().cpu())
             batches.append((start, end))
     finally:
@@ -161,9 +164,10 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
             blocks[i] = block
     for i, sink in enumerate(sinks):
         if len(sink) != len(batches):
-            raise RuntimeError(f"decoder block {i} was called {len(sink)} times for {len(batches)} batches; "
-                               f"cbq_hf needs each block called once per forward.")
+            raise RuntimeError(
+                f"decoder block {i} was called {len(sink)} times for {len(batches)} batches; "
+                f"cbq_hf needs each block called once per forward."
+            )
     calls = [[sinks[b][c] for b in range(len(originals))] for c in range(len(batches))]
-    logger.info("captured inputs of %d decoder blocks for %d samples in %d batches", len(originals), n,
-                len(batches))
+    logger.info("captured inputs of %d decoder blocks for %d samples in %d batches", len(originals), n, len(batches))
     return BlockInputs(torch.cat(hidden_parts), batches, calls, bool(state.get("returns_tuple", False)))

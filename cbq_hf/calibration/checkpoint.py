@@ -32,8 +32,9 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
@@ -48,8 +49,15 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 2
 #: Config fields that do not change the calibration result (where things run, where files go, data source
 #: description: the tokens themselves are hashed).
-IGNORED_FIELDS = ("checkpoint_dir", "run_info", "calibration_device", "tokenizer", "dataset",
-                  "modules_to_not_convert", "activation_storage")
+IGNORED_FIELDS = (
+    "checkpoint_dir",
+    "run_info",
+    "calibration_device",
+    "tokenizer",
+    "dataset",
+    "modules_to_not_convert",
+    "activation_storage",
+)
 #: Config fields added after calibration checkpoints existed, with their defaults: part of the identity only when
 #: set to another value, so a checkpoint written before a field existed still resumes with the field at its default.
 OPTIONAL_FIELDS = {"smooth_alpha": None, "token_normalized_loss": False, "lr_norm": 0.0}
@@ -58,8 +66,10 @@ _VOLATILE_MODEL_KEYS = ("_name_or_path", "transformers_version", "quantization_c
 #: Values sampled from every tensor for the model fingerprint.
 _FINGERPRINT_SAMPLES = 256
 
-_OWN_FILE = re.compile(r"^(run\.json|state\.json|block_\d+\.safetensors|window_\d+\.(safetensors|x_q\.bin|x_fp\.bin))"
-                       r"(\.tmp)?$")
+_OWN_FILE = re.compile(
+    r"^(run\.json|state\.json|block_\d+\.safetensors|window_\d+\.(safetensors|x_q\.bin|x_fp\.bin))"
+    r"(\.tmp)?$"
+)
 _LEGACY_FILE = re.compile(r"^(state\.pt|block_\d+\.pt)$")
 
 
@@ -100,12 +110,19 @@ def run_identity(config, input_ids: torch.Tensor, model: nn.Module, num_blocks: 
 
     Must be called before calibration changes the model.
     """
-    fields = {k: v for k, v in config.to_dict().items()
-              if k not in IGNORED_FIELDS and not (k in OPTIONAL_FIELDS and v == OPTIONAL_FIELDS[k])}
+    fields = {
+        k: v
+        for k, v in config.to_dict().items()
+        if k not in IGNORED_FIELDS and not (k in OPTIONAL_FIELDS and v == OPTIONAL_FIELDS[k])
+    }
     ids = input_ids.detach().cpu().contiguous()
     data = hashlib.sha256(f"{tuple(ids.shape)}:{ids.dtype}".encode() + ids.numpy().tobytes()).hexdigest()
-    return {"config": json.loads(json.dumps(fields, sort_keys=True, default=str)), "calibration_tokens": data,
-            "model": model_fingerprint(model), "num_blocks": int(num_blocks)}
+    return {
+        "config": json.loads(json.dumps(fields, sort_keys=True, default=str)),
+        "calibration_tokens": data,
+        "model": model_fingerprint(model),
+        "num_blocks": int(num_blocks),
+    }
 
 
 def _identity_hash(identity: dict[str, Any]) -> str:
@@ -117,15 +134,17 @@ def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     sc, cc = saved.get("config", {}), current["config"]
     for k in sorted(set(sc) | set(cc)):
         if sc.get(k, "<absent>") != cc.get(k, "<absent>"):
-            out.append(f"config field `{k}`: {sc.get(k, '<absent>')!r} in the checkpoint, {cc.get(k, '<absent>')!r} "
-                       f"now")
+            out.append(
+                f"config field `{k}`: {sc.get(k, '<absent>')!r} in the checkpoint, {cc.get(k, '<absent>')!r} now"
+            )
     if saved.get("calibration_tokens") != current["calibration_tokens"]:
         out.append("the calibration tokens (dataset, tokenizer, nsamples, seqlen or seed give other samples)")
     if saved.get("model") != current["model"]:
         out.append("the model (architecture, tensor shapes or weights)")
     if saved.get("num_blocks") != current["num_blocks"]:
-        out.append(f"the number of decoder blocks: {saved.get('num_blocks')} in the checkpoint, "
-                   f"{current['num_blocks']} now")
+        out.append(
+            f"the number of decoder blocks: {saved.get('num_blocks')} in the checkpoint, {current['num_blocks']} now"
+        )
     return out
 
 
@@ -201,35 +220,46 @@ class CheckpointStore:
             state = json.loads(state_path.read_text(encoding="utf-8"))
             run = json.loads((self.folder / "run.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise CheckpointError(f"cbq_hf: calibration checkpoint in {self.folder} cannot be read ({e}); delete the "
-                                  f"folder or choose another checkpoint_dir to start over.") from e
+            raise CheckpointError(
+                f"cbq_hf: calibration checkpoint in {self.folder} cannot be read ({e}); delete the "
+                f"folder or choose another checkpoint_dir to start over."
+            ) from e
         if state.get("version") != CHECKPOINT_VERSION:
-            raise CheckpointError(f"cbq_hf: calibration checkpoint in {self.folder} has layout version "
-                                  f"{state.get('version')!r}; this cbq_hf reads version {CHECKPOINT_VERSION}. Delete "
-                                  f"the folder or choose another checkpoint_dir to start over.")
+            raise CheckpointError(
+                f"cbq_hf: calibration checkpoint in {self.folder} has layout version "
+                f"{state.get('version')!r}; this cbq_hf reads version {CHECKPOINT_VERSION}. Delete "
+                f"the folder or choose another checkpoint_dir to start over."
+            )
         diffs = _differences(run.get("identity", {}), self.identity)
         if diffs:
             raise CheckpointMismatchError(
                 f"cbq_hf: checkpoint_dir {self.folder} holds a calibration of another run, so it is not resumed; "
                 f"differences: " + "; ".join(diffs) + ". To resume it, rerun with the settings, data and model it "
-                f"was started with (see its run.json); to start over, delete the folder or choose another "
-                f"checkpoint_dir.")
+                "was started with (see its run.json); to start over, delete the folder or choose another "
+                "checkpoint_dir."
+            )
         if state.get("identity_sha256") != self.identity_hash:
-            raise CheckpointError(f"cbq_hf: {self.folder}/state.json does not belong to its run.json; delete the "
-                                  f"folder or choose another checkpoint_dir to start over.")
+            raise CheckpointError(
+                f"cbq_hf: {self.folder}/state.json does not belong to its run.json; delete the "
+                f"folder or choose another checkpoint_dir to start over."
+            )
         self._block_hashes = {k: v for k, v in state["files"].items() if k.startswith("block_")}
         return state
 
     def _start_fresh(self) -> None:
         for p in self.folder.iterdir():
             if p.is_file() and _LEGACY_FILE.match(p.name):
-                logger.warning("removing %s: a calibration checkpoint in the old pickle layout (never loaded, it "
-                               "could run code)", p)
+                logger.warning(
+                    "removing %s: a calibration checkpoint in the old pickle layout (never loaded, it could run code)",
+                    p,
+                )
                 p.unlink()
             elif p.is_file() and _OWN_FILE.match(p.name):
                 p.unlink()
-        _write_json(self.folder / "run.json", {"version": CHECKPOINT_VERSION, "config": self.config_dict,
-                                               "identity": self.identity})
+        _write_json(
+            self.folder / "run.json",
+            {"version": CHECKPOINT_VERSION, "config": self.config_dict, "identity": self.identity},
+        )
         _fsync_dir(self.folder)
 
     # ---------------------------------------------------------------- reading
@@ -238,11 +268,15 @@ class CheckpointStore:
         try:
             data = path.read_bytes()
         except OSError as e:
-            raise CheckpointError(f"cbq_hf: calibration checkpoint file {path} is missing or unreadable ({e}); "
-                                  f"delete {self.folder} to start over.") from e
+            raise CheckpointError(
+                f"cbq_hf: calibration checkpoint file {path} is missing or unreadable ({e}); "
+                f"delete {self.folder} to start over."
+            ) from e
         if hashlib.sha256(data).hexdigest() != files.get(name):
-            raise CheckpointError(f"cbq_hf: calibration checkpoint file {path} is damaged (sha256 differs from "
-                                  f"state.json); delete {self.folder} to start over.")
+            raise CheckpointError(
+                f"cbq_hf: calibration checkpoint file {path} is damaged (sha256 differs from "
+                f"state.json); delete {self.folder} to start over."
+            )
         return data
 
     def load_tensors(self, name: str, state: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -255,8 +289,10 @@ class CheckpointStore:
         try:
             return storage.read_file(self.folder / name, tuple(state["stream_shape"]), state["files"].get(name))
         except (OSError, ValueError) as e:
-            raise CheckpointError(f"cbq_hf: calibration checkpoint file {self.folder / name} is missing or damaged "
-                                  f"({e}); delete {self.folder} to start over.") from e
+            raise CheckpointError(
+                f"cbq_hf: calibration checkpoint file {self.folder / name} is missing or damaged "
+                f"({e}); delete {self.folder} to start over."
+            ) from e
 
     # ---------------------------------------------------------------- writing
     def save_frozen_block(self, index: int, block: nn.Module) -> None:
@@ -264,8 +300,15 @@ class CheckpointStore:
         name = f"block_{index}.safetensors"
         self._block_hashes[name] = _write_bytes(self.folder / name, _tensors_bytes(block.state_dict()))
 
-    def save_state(self, next_window: int, x_q: Stream, x_fp: Stream, inflight: dict[int, nn.Module],
-                   gen_state: torch.Tensor, report: dict[str, Any]) -> None:
+    def save_state(
+        self,
+        next_window: int,
+        x_q: Stream,
+        x_fp: Stream,
+        inflight: dict[int, nn.Module],
+        gen_state: torch.Tensor,
+        report: dict[str, Any],
+    ) -> None:
         """Commit the state after window `next_window - 1`.
 
         Args:
@@ -279,16 +322,26 @@ class CheckpointStore:
         files = dict(self._block_hashes)
         tensors = {f"{b}/{n}": t for b, live in inflight.items() for n, t in live.state_dict().items()}
         tensors["gen_state"] = gen_state
-        files[f"window_{k}.safetensors"] = _write_bytes(self.folder / f"window_{k}.safetensors",
-                                                        _tensors_bytes(tensors))
+        files[f"window_{k}.safetensors"] = _write_bytes(
+            self.folder / f"window_{k}.safetensors", _tensors_bytes(tensors)
+        )
         for which, stream in (("x_q", x_q), ("x_fp", x_fp)):
             name = f"window_{k}.{which}.bin"
             files[name] = _write_atomic(self.folder / name, stream.write_to)
         _fsync_dir(self.folder)
-        _write_json(self.folder / "state.json", {
-            "version": CHECKPOINT_VERSION, "identity_sha256": self.identity_hash, "next_window": next_window,
-            "inflight_blocks": sorted(inflight), "stream_shape": list(x_q.shape), "files": files,
-            "windows": report["windows"], "cfp": report["cfp"]})
+        _write_json(
+            self.folder / "state.json",
+            {
+                "version": CHECKPOINT_VERSION,
+                "identity_sha256": self.identity_hash,
+                "next_window": next_window,
+                "inflight_blocks": sorted(inflight),
+                "stream_shape": list(x_q.shape),
+                "files": files,
+                "windows": report["windows"],
+                "cfp": report["cfp"],
+            },
+        )
         _fsync_dir(self.folder)
         for p in self.folder.iterdir():  # older windows' files, after the commit
             m = re.match(r"^window_(\d+)\.", p.name)
@@ -297,8 +350,9 @@ class CheckpointStore:
 
 
 # ------------------------------------------------------------------------------------------------ rebuilding blocks
-def restore_frozen_block(block: nn.Module, tensors: dict[str, torch.Tensor], names: dict[str, str], fmt,
-                         with_input_scale: bool) -> nn.Module:
+def restore_frozen_block(
+    block: nn.Module, tensors: dict[str, torch.Tensor], names: dict[str, str], fmt, with_input_scale: bool
+) -> nn.Module:
     """Turn the float `block` into the saved frozen block: its quantizable linears (relative name -> full name in
     `names`) become `CBQLinear` and every tensor is taken from `tensors` (a saved block state dict)."""
     from ..modeling import empty_cbq_linear, set_module
@@ -310,15 +364,15 @@ def restore_frozen_block(block: nn.Module, tensors: dict[str, torch.Tensor], nam
     return block
 
 
-def restore_live_block(live: nn.Module, tensors: dict[str, torch.Tensor], names: dict[str, str], config, fmt
-                       ) -> dict[str, nn.Module]:
+def restore_live_block(
+    live: nn.Module, tensors: dict[str, torch.Tensor], names: dict[str, str], config, fmt
+) -> dict[str, nn.Module]:
     """Put back the training state of a block still in its window: every quantizable linear of `live` (a float32
     block) becomes a `QuantLinearSim` (`LOBCQLinearSim` for format "lobcq") with the saved quantizer parameters.
     Returns relative name -> sim."""
+    from ..formats.lobcq import LOBCQFormat
     from ..modeling import set_module
     from .rounding import QuantLinearSim
-
-    from ..formats.lobcq import LOBCQFormat
 
     sims = {}
     for rel in names:
@@ -328,16 +382,27 @@ def restore_live_block(live: nn.Module, tensors: dict[str, torch.Tensor], names:
         if isinstance(fmt, LOBCQFormat):
             from .lobcq_sim import LOBCQLinearSim
 
-            sim: nn.Module = LOBCQLinearSim(lin, fmt, lora_rank=config.lora_rank,
-                                            use_lora_rounding=config.use_lora_rounding,
-                                            learn_weight_scales=config.learn_weight_scales, input_scale=input_scale,
-                                            generator=torch.Generator())
+            sim: nn.Module = LOBCQLinearSim(
+                lin,
+                fmt,
+                lora_rank=config.lora_rank,
+                use_lora_rounding=config.use_lora_rounding,
+                learn_weight_scales=config.learn_weight_scales,
+                input_scale=input_scale,
+                generator=torch.Generator(),
+            )
         else:
-            sim = QuantLinearSim(lin, fmt.spec, fmt.act_bits, lora_rank=config.lora_rank,
-                                 use_lora_rounding=config.use_lora_rounding,
-                                 learn_weight_scales=config.learn_weight_scales,
-                                 learn_act_clipping=config.learn_act_clipping, input_scale=input_scale,
-                                 generator=torch.Generator())
+            sim = QuantLinearSim(
+                lin,
+                fmt.spec,
+                fmt.act_bits,
+                lora_rank=config.lora_rank,
+                use_lora_rounding=config.use_lora_rounding,
+                learn_weight_scales=config.learn_weight_scales,
+                learn_act_clipping=config.learn_act_clipping,
+                input_scale=input_scale,
+                generator=torch.Generator(),
+            )
         set_module(live, rel, sim)
         sims[rel] = sim
     _load_exact(live, tensors)
@@ -348,8 +413,11 @@ def _load_exact(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Load `tensors` as the module's state, keeping each module tensor's device (values and dtypes as saved)."""
     devices = {k: v.device for k, v in module.state_dict().items()}
     try:
-        module.load_state_dict({k: v.to(devices.get(k, v.device)) for k, v in tensors.items()}, strict=True,
-                               assign=True)
+        module.load_state_dict(
+            {k: v.to(devices.get(k, v.device)) for k, v in tensors.items()}, strict=True, assign=True
+        )
     except RuntimeError as e:
-        raise CheckpointError(f"cbq_hf: a saved calibration block does not match the model's block ({e}); delete "
-                              f"the checkpoint folder to start over.") from e
+        raise CheckpointError(
+            f"cbq_hf: a saved calibration block does not match the model's block ({e}); delete "
+            f"the checkpoint folder to start over."
+        ) from e

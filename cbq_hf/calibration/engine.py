@@ -29,8 +29,9 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,10 +44,10 @@ from ..modeling import empty_cbq_linear, find_decoder_blocks, quantizable_linear
 from ..nn.linear import CBQLinear
 from .capture import BlockInputs, capture_block_inputs
 from .checkpoint import CheckpointStore, restore_frozen_block, restore_live_block, run_identity
+from .lobcq_sim import LOBCQLinearSim
 from .loss import window_loss
 from .offload import OffloadPlan, finish
 from .preprocess import StatsCollector, smooth_block, weight_truncation
-from .lobcq_sim import LOBCQLinearSim
 from .rounding import QuantLinearSim
 from .streams import Stream, StreamStorage
 from .windows import Window, window_schedule
@@ -60,12 +61,6 @@ SEARCH_TOKENS = 512
 EVAL_BATCHES = 4
 #: Relative error allowed when checking that a CFP fold left the float block unchanged.
 FOLD_TOLERANCE = 1e-4
-
-
-def _has_input_scale(config) -> bool:
-    from ..quantizer import has_input_scale
-
-    return has_input_scale(config)
 
 
 def resolve_device(config, model: nn.Module) -> torch.device:
@@ -94,7 +89,7 @@ def _cast_float(module: nn.Module, dtype: torch.dtype, device: torch.device) -> 
             if m.bias is not None:
                 m.bias.data = m.bias.data.to(dtype)
             continue
-        for name, p in list(m.named_parameters(recurse=False)):
+        for _, p in list(m.named_parameters(recurse=False)):
             p.data = p.data.to(device, dtype if p.is_floating_point() else p.dtype)
         for name, b in list(m.named_buffers(recurse=False)):
             if b is not None:
@@ -120,13 +115,12 @@ def calibrate(model: nn.Module, config, input_ids: torch.Tensor, progress: bool 
     targets = quantizable_linears(model, config.modules_to_not_convert)
     per_block: dict[int, dict[str, str]] = {i: {} for i in range(len(blocks))}
     for full in targets:
-        idx, _, rel = full[len(prefix) + 1:].partition(".")
+        idx, _, rel = full[len(prefix) + 1 :].partition(".")
         per_block[int(idx)][rel] = full
         fmt.check_shape(targets[full].out_features, targets[full].in_features, full)
     del targets  # it holds every float linear: kept, no frozen block's float weights could be freed
     device = resolve_device(config, model)
     plan = OffloadPlan(model, prefix, blocks)  # accelerate device_map / offload: where each block lives
-    model_device = plan.model_device
     orig_dtype = next(model.parameters()).dtype
     was_training = model.training
     model.eval()
@@ -135,16 +129,25 @@ def calibrate(model: nn.Module, config, input_ids: torch.Tensor, progress: bool 
 
     identity = run_identity(config, input_ids, model, len(blocks)) if config.checkpoint_dir else None
     inputs = capture_block_inputs(model, input_ids, config.batch_size)
-    streams = StreamStorage(config.activation_storage,
-                            os.path.join(config.checkpoint_dir, "streams") if config.checkpoint_dir else None)
+    streams = StreamStorage(
+        config.activation_storage, os.path.join(config.checkpoint_dir, "streams") if config.checkpoint_dir else None
+    )
     x_fp = streams.from_tensor(inputs.hidden)
     inputs.hidden = inputs.hidden.new_empty((0, *inputs.hidden.shape[1:]))  # x_fp holds it now
     x_q = x_fp.clone()
     schedule = window_schedule(len(blocks), config.window_size, config.window_overlap)
     states: dict[int, _BlockState] = {}
-    report: dict[str, Any] = {"device": str(device), "num_blocks": len(blocks), "windows": [],
-                              "cfp": {"outlier_channels": 0, "folded_linears": 0, "explicit_scale_linears": 0,
-                                      "truncation_outlier_weights": 0}}
+    report: dict[str, Any] = {
+        "device": str(device),
+        "num_blocks": len(blocks),
+        "windows": [],
+        "cfp": {
+            "outlier_channels": 0,
+            "folded_linears": 0,
+            "explicit_scale_linears": 0,
+            "truncation_outlier_weights": 0,
+        },
+    }
     store = None
     first_window = 0
     if config.checkpoint_dir:
@@ -152,11 +155,12 @@ def calibrate(model: nn.Module, config, input_ids: torch.Tensor, progress: bool 
         saved = store.load_state()
         if saved is not None:
             first_window = saved["next_window"]
-            with_scale = _has_input_scale(config)
+            with_scale = config.has_input_scale()
             for b in range(schedule[first_window - 1].freeze_end):
                 plan.onload(b, blocks[b])
-                restore_frozen_block(blocks[b], store.load_tensors(f"block_{b}.safetensors", saved), per_block[b],
-                                     fmt, with_scale)
+                restore_frozen_block(
+                    blocks[b], store.load_tensors(f"block_{b}.safetensors", saved), per_block[b], fmt, with_scale
+                )
                 _cast_float(blocks[b], orig_dtype, plan.home(b))
                 plan.offload(b, blocks[b])
             window_tensors = store.load_tensors(f"window_{first_window - 1}.safetensors", saved)
@@ -172,10 +176,17 @@ def calibrate(model: nn.Module, config, input_ids: torch.Tensor, progress: bool 
             gen.set_state(window_tensors["gen_state"])
             report["windows"], report["cfp"] = saved["windows"], saved["cfp"]
             report["resumed_from_window"] = first_window
-            logger.info("resuming calibration from %s at window %d/%d", config.checkpoint_dir, first_window + 1,
-                        len(schedule))
-    bar = tqdm(schedule[first_window:], desc="CBQ windows", unit="window", disable=not progress,
-               initial=first_window, total=len(schedule))
+            logger.info(
+                "resuming calibration from %s at window %d/%d", config.checkpoint_dir, first_window + 1, len(schedule)
+            )
+    bar = tqdm(
+        schedule[first_window:],
+        desc="CBQ windows",
+        unit="window",
+        disable=not progress,
+        initial=first_window,
+        total=len(schedule),
+    )
     try:
         for win in bar:
             t0 = time.perf_counter()
@@ -192,12 +203,25 @@ def calibrate(model: nn.Module, config, input_ids: torch.Tensor, progress: bool 
             use_hom = config.use_homologous and config.loss_weight_homologous > 0
             t_hom = _run_float(win, states, inputs, x_q, device, {})[0] if use_hom else None
             for b in new:
-                _prepare_block(b, blocks[b], states[b], per_block[b], collectors[b], first_in[b], inputs, config,
-                               fmt, device, gen, report["cfp"])
+                _prepare_block(
+                    b,
+                    blocks[b],
+                    states[b],
+                    per_block[b],
+                    collectors[b],
+                    first_in[b],
+                    inputs,
+                    config,
+                    fmt,
+                    device,
+                    gen,
+                    report["cfp"],
+                )
             vectors = _block_vectors(win, blocks, states) if config.lr_norm > 0 else []
             try:
-                entry = _train_window(win, len(schedule), blocks, states, inputs, x_q, t_acc, t_hom, config,
-                                      device, gen, vectors)
+                entry = _train_window(
+                    win, len(schedule), blocks, states, inputs, x_q, t_acc, t_hom, config, device, gen, vectors
+                )
             finally:
                 for v in vectors:  # trained inside the window only: the frozen model's parameters need no grad
                     v.requires_grad_(False)
@@ -217,9 +241,17 @@ def calibrate(model: nn.Module, config, input_ids: torch.Tensor, progress: bool 
                     store.save_frozen_block(b, blocks[b])
                 store.save_state(win.index + 1, x_q, x_fp, {b: blocks[b] for b in states}, gen.get_state(), report)
             bar.set_postfix(loss=f"{entry['loss_start']:.3g}->{entry['loss_end']:.3g}")
-            logger.info("window %d/%d (blocks %d-%d): loss %.4g -> %.4g (%s), %.1f s", win.index + 1,
-                        len(schedule), win.start, win.end - 1, entry["loss_start"], entry["loss_end"],
-                        entry["status"], entry["seconds"])
+            logger.info(
+                "window %d/%d (blocks %d-%d): loss %.4g -> %.4g (%s), %.1f s",
+                win.index + 1,
+                len(schedule),
+                win.start,
+                win.end - 1,
+                entry["loss_start"],
+                entry["loss_end"],
+                entry["status"],
+                entry["seconds"],
+            )
     finally:
         model.train(was_training)
         streams.close()
@@ -228,17 +260,26 @@ def calibrate(model: nn.Module, config, input_ids: torch.Tensor, progress: bool 
     statuses = [w["status"] for w in report["windows"]]
     if isinstance(getattr(config, "run_info", None), dict):  # JSON-safe summary saved with the checkpoint
         config.run_info["cbq_calibration"] = {
-            "windows": len(statuses), "windows_reverted": statuses.count("reverted"),
-            "windows_nan_fallback": statuses.count("nan_fallback"), "seconds": report["seconds"],
-            "device": report["device"], **report["cfp"]}
+            "windows": len(statuses),
+            "windows_reverted": statuses.count("reverted"),
+            "windows_nan_fallback": statuses.count("nan_fallback"),
+            "seconds": report["seconds"],
+            "device": report["device"],
+            **report["cfp"],
+        }
     return report
 
 
 # ------------------------------------------------------------------------------------------------ streams
 @torch.no_grad()
-def _run_float(win: Window, states: dict[int, _BlockState], inputs: BlockInputs, x: Stream,
-               device: torch.device, collectors: dict[int, StatsCollector]
-               ) -> tuple[Stream, Stream, dict[int, torch.Tensor]]:
+def _run_float(
+    win: Window,
+    states: dict[int, _BlockState],
+    inputs: BlockInputs,
+    x: Stream,
+    device: torch.device,
+    collectors: dict[int, StatsCollector],
+) -> tuple[Stream, Stream, dict[int, torch.Tensor]]:
     """Float window on stream x: (window output, stream at the window's freeze end, first-batch block inputs)."""
     out = x.empty_like()
     nxt = x.empty_like() if win.freeze_end < win.end else None
@@ -264,8 +305,7 @@ def _run_float(win: Window, states: dict[int, _BlockState], inputs: BlockInputs,
 
 
 @torch.no_grad()
-def _advance(frozen: list[int], blocks: nn.ModuleList, inputs: BlockInputs, x: Stream,
-             device: torch.device) -> Stream:
+def _advance(frozen: list[int], blocks: nn.ModuleList, inputs: BlockInputs, x: Stream, device: torch.device) -> Stream:
     out = x.empty_like()
     for c_idx, (s, e) in enumerate(inputs.batches):
         h = x[s:e].to(device)
@@ -277,12 +317,23 @@ def _advance(frozen: list[int], blocks: nn.ModuleList, inputs: BlockInputs, x: S
 
 # ------------------------------------------------------------------------------------------------ preparation
 @torch.no_grad()
-def _prepare_block(b: int, live: nn.Module, state: _BlockState, names: dict[str, str], stats: StatsCollector,
-                   first_in: torch.Tensor, inputs: BlockInputs, config, fmt: UniformFormat, device: torch.device,
-                   gen: torch.Generator, cfp_report: dict[str, int]) -> None:
+def _prepare_block(
+    b: int,
+    live: nn.Module,
+    state: _BlockState,
+    names: dict[str, str],
+    stats: StatsCollector,
+    first_in: torch.Tensor,
+    inputs: BlockInputs,
+    config,
+    fmt: UniformFormat,
+    device: torch.device,
+    gen: torch.Generator,
+    cfp_report: dict[str, int],
+) -> None:
     """CFP on the live block (float function unchanged), then wrap its quantizable linears for training."""
     linears = {rel: live.get_submodule(rel) for rel in names}
-    input_scales: dict[str, torch.Tensor | None] = {rel: None for rel in names}
+    input_scales: dict[str, torch.Tensor | None] = dict.fromkeys(names)
     divisors: dict[str, torch.Tensor] = {}
     if (config.use_cfp or config.smooth_alpha is not None) and linears:
         ref = inputs.call_block(state.fp, b, 0, first_in)
@@ -291,11 +342,23 @@ def _prepare_block(b: int, live: nn.Module, state: _BlockState, names: dict[str,
             out = inputs.call_block(live, b, 0, first_in)
             return bool((out - ref).norm() <= FOLD_TOLERANCE * ref.norm())
 
-        sm = smooth_block(live, linears, stats.stats, config.cfp_lambda1, config.cfp_lambda2, config.cfp_alpha,
-                          unchanged, smooth_alpha=config.smooth_alpha, fmt=fmt)
+        sm = smooth_block(
+            live,
+            linears,
+            stats.stats,
+            config.cfp_lambda1,
+            config.cfp_lambda2,
+            config.cfp_alpha,
+            unchanged,
+            smooth_alpha=config.smooth_alpha,
+            fmt=fmt,
+        )
         if sm.alphas:
-            logger.info("block %d smoothing: %s", b, ", ".join(
-                f"{k}: {'CFP' if a is None else f'alpha {a}'}" for k, a in sm.alphas.items()))
+            logger.info(
+                "block %d smoothing: %s",
+                b,
+                ", ".join(f"{k}: {'CFP' if a is None else f'alpha {a}'}" for k, a in sm.alphas.items()),
+            )
             chosen = cfp_report.setdefault("smooth_alpha_chosen", {})
             for a in sm.alphas.values():
                 key = "cfp" if a is None else f"{a:g}"
@@ -315,15 +378,29 @@ def _prepare_block(b: int, live: nn.Module, state: _BlockState, names: dict[str,
             cfp_report["truncation_outlier_weights"] += n_out
         if isinstance(fmt, LOBCQFormat):  # LO-BCQ: learned array scales and codeword choice (lobcq_sim)
             sim = LOBCQLinearSim(
-                lin, fmt, lora_rank=config.lora_rank, use_lora_rounding=config.use_lora_rounding,
-                learn_weight_scales=config.learn_weight_scales, input_scale=None if s is None else s.to(device),
-                channel_weight=ms, generator=gen).to(device)
+                lin,
+                fmt,
+                lora_rank=config.lora_rank,
+                use_lora_rounding=config.use_lora_rounding,
+                learn_weight_scales=config.learn_weight_scales,
+                input_scale=None if s is None else s.to(device),
+                channel_weight=ms,
+                generator=gen,
+            ).to(device)
         else:
             sim = QuantLinearSim(
-                lin, fmt.spec, fmt.act_bits, lora_rank=config.lora_rank, use_lora_rounding=config.use_lora_rounding,
-                learn_weight_scales=config.learn_weight_scales, learn_act_clipping=config.learn_act_clipping,
-                input_scale=None if s is None else s.to(device), channel_weight=ms.to(device),
-                truncation=truncation, generator=gen).to(device)
+                lin,
+                fmt.spec,
+                fmt.act_bits,
+                lora_rank=config.lora_rank,
+                use_lora_rounding=config.use_lora_rounding,
+                learn_weight_scales=config.learn_weight_scales,
+                learn_act_clipping=config.learn_act_clipping,
+                input_scale=None if s is None else s.to(device),
+                channel_weight=ms.to(device),
+                truncation=truncation,
+                generator=gen,
+            ).to(device)
         state.sims[rel] = sim
         set_module(live, rel, sim)
 
@@ -333,8 +410,9 @@ def _window_sims(win: Window, states: dict[int, _BlockState]) -> list[QuantLinea
     return [sim for b in win.blocks for sim in states[b].sims.values()]
 
 
-def _forward_window(win: Window, blocks: nn.ModuleList, inputs: BlockInputs, c_idx: int, h: torch.Tensor
-                    ) -> torch.Tensor:
+def _forward_window(
+    win: Window, blocks: nn.ModuleList, inputs: BlockInputs, c_idx: int, h: torch.Tensor
+) -> torch.Tensor:
     for b in win.blocks:
         h = inputs.call_block(blocks[b], b, c_idx, h)
     return h
@@ -353,9 +431,20 @@ def _block_vectors(win: Window, blocks: nn.ModuleList, states: dict[int, _BlockS
     return out
 
 
-def _train_window(win: Window, n_windows: int, blocks: nn.ModuleList, states: dict[int, _BlockState],
-                  inputs: BlockInputs, x_q: Stream, t_acc: Stream, t_hom: Stream | None, config,
-                  device: torch.device, gen: torch.Generator, vectors: list[nn.Parameter]) -> dict[str, Any]:
+def _train_window(
+    win: Window,
+    n_windows: int,
+    blocks: nn.ModuleList,
+    states: dict[int, _BlockState],
+    inputs: BlockInputs,
+    x_q: Stream,
+    t_acc: Stream,
+    t_hom: Stream | None,
+    config,
+    device: torch.device,
+    gen: torch.Generator,
+    vectors: list[nn.Parameter],
+) -> dict[str, Any]:
     """Train the window's quantizers (and `vectors`: the blocks' norm parameters, with lr_norm) on the window loss;
     put everything back at its start when the loss ends higher or turns non-finite."""
     sims = _window_sims(win, states)
@@ -366,8 +455,15 @@ def _train_window(win: Window, n_windows: int, blocks: nn.ModuleList, states: di
         s, e = inputs.batches[c_idx]
         out = _forward_window(win, blocks, inputs, c_idx, x_q[s:e].to(device))
         hom = t_hom[s:e].to(device) if t_hom is not None else None
-        return window_loss(out, t_acc[s:e].to(device), hom, config.loss_weight_accumulated,
-                           config.loss_weight_homologous, kl, config.token_normalized_loss)
+        return window_loss(
+            out,
+            t_acc[s:e].to(device),
+            hom,
+            config.loss_weight_accumulated,
+            config.loss_weight_homologous,
+            kl,
+            config.token_normalized_loss,
+        )
 
     eval_ids = list(range(min(EVAL_BATCHES, len(inputs.batches))))
 
@@ -386,12 +482,18 @@ def _train_window(win: Window, n_windows: int, blocks: nn.ModuleList, states: di
                 v.copy_(snap)
 
     loss_start = eval_loss()
-    entry: dict[str, Any] = {"blocks": [win.start, win.end - 1], "loss_start": loss_start, "steps": 0,
-                             "status": "ok"}
+    entry: dict[str, Any] = {"blocks": [win.start, win.end - 1], "loss_start": loss_start, "steps": 0, "status": "ok"}
     rounding = [p for sim in sims for p in sim.rounding_parameters()]
     scales = [p for sim in sims for p in sim.scale_parameters()]
-    groups = [g for g in ({"params": rounding, "lr": config.lr}, {"params": scales, "lr": config.lr_scale},
-                          {"params": vectors, "lr": config.lr_norm}) if g["params"]]
+    groups = [
+        g
+        for g in (
+            {"params": rounding, "lr": config.lr},
+            {"params": scales, "lr": config.lr_scale},
+            {"params": vectors, "lr": config.lr_norm},
+        )
+        if g["params"]
+    ]
     total = config.epochs * len(inputs.batches)
     if not math.isfinite(loss_start):
         _fallback(restore_start, label, "its starting loss is not finite")
@@ -441,17 +543,19 @@ def _train_window(win: Window, n_windows: int, blocks: nn.ModuleList, states: di
 
 def _fallback(restore_start: Callable[[], None], label: str, why: str) -> None:
     restore_start()
-    warnings.warn(f"cbq_hf: {label}: {why}; falling back to the window's starting point.", RuntimeWarning,
-                  stacklevel=3)
+    warnings.warn(
+        f"cbq_hf: {label}: {why}; falling back to the window's starting point.", RuntimeWarning, stacklevel=3
+    )
     logger.warning("%s: %s; falling back to the window's starting point", label, why)
 
 
 # ------------------------------------------------------------------------------------------------ freezing
 @torch.no_grad()
-def _freeze_block(live: nn.Module, state: _BlockState, names: dict[str, str], fmt: UniformFormat, config,
-                  device: torch.device) -> None:
+def _freeze_block(
+    live: nn.Module, state: _BlockState, names: dict[str, str], fmt: UniformFormat, config, device: torch.device
+) -> None:
     """Replace every `QuantLinearSim` of the block by its packed `CBQLinear` (hard rounding)."""
-    with_scale = _has_input_scale(config)
+    with_scale = config.has_input_scale()
     for rel, sim in state.sims.items():
         if isinstance(sim, LOBCQLinearSim):
             packed = sim.freeze()  # packed LO-BCQ buffers (checks its scales)
@@ -464,7 +568,10 @@ def _freeze_block(live: nn.Module, state: _BlockState, names: dict[str, str], fm
         input_scale = None
         if with_scale:
             input_scale = sim.input_scale if sim.input_scale is not None else torch.ones(sim.in_features)
-        q.load_packed({k: v.to(device) for k, v in packed.items()},
-                      bias=sim.bias, input_scale=None if input_scale is None else input_scale.to(device))
+        q.load_packed(
+            {k: v.to(device) for k, v in packed.items()},
+            bias=sim.bias,
+            input_scale=None if input_scale is None else input_scale.to(device),
+        )
         set_module(live, rel, q)
     state.sims.clear()

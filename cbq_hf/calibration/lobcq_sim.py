@@ -53,7 +53,7 @@ from ..formats.lobcq import (
 from .rounding import TrainableQuantizer, inverse_rectified_sigmoid, rectified_sigmoid, rounding_regularizer
 
 #: Smallest positive E4M3 value (subnormal 2^-9): learned array scales never reach zero.
-E4M3_MIN = 2.0 ** -9
+E4M3_MIN = 2.0**-9
 #: E4M3 codes tried above and below each array's max-based scale code by the starting-point search.
 SCALE_SEARCH = 1
 
@@ -81,10 +81,19 @@ class LOBCQLinearSim(TrainableQuantizer):
     #: Last run-time activation encoding (see `quantize_input`), shared by every instance.
     _act_memo = LastInputMemo()
 
-    def __init__(self, linear: nn.Linear, fmt: LOBCQFormat, *, lora_rank: int = 5, use_lora_rounding: bool = True,
-                 learn_weight_scales: bool = True, input_scale: torch.Tensor | None = None,
-                 channel_weight: torch.Tensor | None = None, scale_search: int = SCALE_SEARCH,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        linear: nn.Linear,
+        fmt: LOBCQFormat,
+        *,
+        lora_rank: int = 5,
+        use_lora_rounding: bool = True,
+        learn_weight_scales: bool = True,
+        input_scale: torch.Tensor | None = None,
+        channel_weight: torch.Tensor | None = None,
+        scale_search: int = SCALE_SEARCH,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
         spec = fmt.spec
         w = linear.weight.detach().float().clone()
@@ -140,7 +149,7 @@ class LOBCQLinearSim(TrainableQuantizer):
     def regularizer(self, beta: float) -> torch.Tensor:
         if not self.use_lora_rounding:
             return self.weight.new_zeros(())
-        return rounding_regularizer(self.offsets()[:, :self.in_features], beta)
+        return rounding_regularizer(self.offsets()[:, : self.in_features], beta)
 
     # ---------------------------------------------------------------- quantization
     def _scales(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,7 +193,7 @@ class LOBCQLinearSim(TrainableQuantizer):
             q = q + (h - h.detach()) * (hi - lo)
         n = self.out_features
         w = (q.view(n, -1, self.spec.array_len) * real.unsqueeze(-1)).reshape(n, self.padded)
-        return w[:, :self.in_features]
+        return w[:, : self.in_features]
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         raw = x
@@ -213,11 +222,12 @@ class LOBCQLinearSim(TrainableQuantizer):
         real, aq = self._scales()
         y, lo, hi, lo_i, hi_i = self._neighbours(real)
         up, _ = self._choice(y, lo, hi)
-        index = torch.where(up, hi_i, lo_i)[:, :self.in_features].to(torch.uint8)
+        index = torch.where(up, hi_i, lo_i)[:, : self.in_features].to(torch.uint8)
         if not torch.isfinite(aq).all():
             raise RuntimeError("cbq_hf: non-finite LO-BCQ array scales at freeze time")
-        return LOBCQCodes(index.cpu(), self.selector.cpu(), e4m3_encode(aq).cpu(), self.tensor_scale.cpu(),
-                          float("nan"))
+        return LOBCQCodes(
+            index.cpu(), self.selector.cpu(), e4m3_encode(aq).cpu(), self.tensor_scale.cpu(), float("nan")
+        )
 
     @torch.no_grad()
     def freeze(self) -> dict[str, torch.Tensor]:

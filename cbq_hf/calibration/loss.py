@@ -30,9 +30,15 @@ def distance(h1: torch.Tensor, h2: torch.Tensor, kl_weight: float, token_normali
     return out
 
 
-def window_loss(q_out: torch.Tensor, fp_on_fp: torch.Tensor, fp_on_q: torch.Tensor | None,
-                weight_accumulated: float, weight_homologous: float, kl_weight: float,
-                token_normalized: bool = False) -> torch.Tensor:
+def window_loss(
+    q_out: torch.Tensor,
+    fp_on_fp: torch.Tensor,
+    fp_on_q: torch.Tensor | None,
+    weight_accumulated: float,
+    weight_homologous: float,
+    kl_weight: float,
+    token_normalized: bool = False,
+) -> torch.Tensor:
     """Loss of a window.
 
     Args:

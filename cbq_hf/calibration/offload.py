@@ -37,8 +37,10 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-_OFFLOAD_HELP = ("Load the model with transformers' `device_map=` / `max_memory=` / `offload_folder=` (accelerate "
-                 "offload hooks) or without offload.")
+_OFFLOAD_HELP = (
+    "Load the model with transformers' `device_map=` / `max_memory=` / `offload_folder=` (accelerate "
+    "offload hooks) or without offload."
+)
 
 
 # ------------------------------------------------------------------------------------------------ inspection
@@ -121,7 +123,8 @@ def materialize(module: nn.Module, name: str = "module", device: torch.device | 
                 continue
             recurse = bool(getattr(hook, "place_submodules", False))
             named = list(sub.named_parameters(recurse=recurse)) + [
-                (n, b) for n, b in sub.named_buffers(recurse=recurse) if b is not None]
+                (n, b) for n, b in sub.named_buffers(recurse=recurse) if b is not None
+            ]
             for tname, t in named:
                 if t.device.type != "meta" or tname not in wmap:
                     continue
@@ -131,7 +134,8 @@ def materialize(module: nn.Module, name: str = "module", device: torch.device | 
     if missing:
         raise ValueError(
             f"cbq_hf: {name}.{missing[0]} (and {len(missing) - 1} more) is on the meta device with no accelerate "
-            f"offload hook to load it from, so calibration cannot read its weights. {_OFFLOAD_HELP}")
+            f"offload hook to load it from, so calibration cannot read its weights. {_OFFLOAD_HELP}"
+        )
     remove_hook_from_module(module, recurse=True)
 
 
@@ -139,8 +143,9 @@ class OnloadHook(ModelHook):
     """Accelerate hook for a frozen block kept on `home` (CPU) but executed on `execution_device`: the block moves
     to the execution device for its forward and back afterwards; its tensors are always real (never meta)."""
 
-    def __init__(self, execution_device: torch.device, home: torch.device, io_same_device: bool = False,
-                 skip_keys: Any = None) -> None:
+    def __init__(
+        self, execution_device: torch.device, home: torch.device, io_same_device: bool = False, skip_keys: Any = None
+    ) -> None:
         self.execution_device = torch.device(execution_device)
         self.home = torch.device(home)
         self.io_same_device = io_same_device
@@ -157,8 +162,10 @@ class OnloadHook(ModelHook):
         if self.io_same_device:
             self.input_device = find_device([args, kwargs])
         module.to(self.execution_device)
-        return (send_to_device(args, self.execution_device),
-                send_to_device(kwargs, self.execution_device, skip_keys=self.skip_keys))
+        return (
+            send_to_device(args, self.execution_device),
+            send_to_device(kwargs, self.execution_device, skip_keys=self.skip_keys),
+        )
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
         module.to(self.home)
@@ -201,13 +208,23 @@ class OffloadPlan:
                 self.homes.append(BlockHome(None, dev or self.model_device, offloaded))
                 continue
             dev = torch.device("cpu") if offloaded else (_real_device(block) or exec_dev)
-            self.homes.append(BlockHome(exec_dev, dev, offloaded,
-                                        io_same_device=bool(top and top[0].io_same_device),
-                                        skip_keys=top[0].skip_keys if top else None))
+            self.homes.append(
+                BlockHome(
+                    exec_dev,
+                    dev,
+                    offloaded,
+                    io_same_device=bool(top and top[0].io_same_device),
+                    skip_keys=top[0].skip_keys if top else None,
+                )
+            )
         if self.dispatched:
             n_off = sum(h.offloaded for h in self.homes)
-            logger.info("accelerate-dispatched model: %d of %d decoder blocks offloaded (meta weights) are loaded "
-                        "one window at a time", n_off, len(self.homes))
+            logger.info(
+                "accelerate-dispatched model: %d of %d decoder blocks offloaded (meta weights) are loaded "
+                "one window at a time",
+                n_off,
+                len(self.homes),
+            )
 
     def home(self, index: int) -> torch.device:
         """Device the frozen block `index` is moved to when it leaves the window."""
@@ -221,7 +238,8 @@ class OffloadPlan:
             raise ValueError(
                 f"cbq_hf: decoder block {self.prefix}.{index} has weights on the meta device "
                 f"({meta_tensor_names(block)[0]}) and no accelerate offload hook; calibration cannot read them. "
-                f"{_OFFLOAD_HELP}")
+                f"{_OFFLOAD_HELP}"
+            )
 
     def offload(self, index: int, block: nn.Module) -> None:
         """Attach an accelerate hook to the frozen block `index` (already on `home(index)`) so it runs on the
@@ -231,8 +249,12 @@ class OffloadPlan:
             return
         remove_hook_from_module(block, recurse=True)
         if h.execution_device == h.device:
-            hook: Any = AlignDevicesHook(execution_device=h.execution_device, io_same_device=h.io_same_device,
-                                         place_submodules=True, skip_keys=h.skip_keys)
+            hook: Any = AlignDevicesHook(
+                execution_device=h.execution_device,
+                io_same_device=h.io_same_device,
+                place_submodules=True,
+                skip_keys=h.skip_keys,
+            )
         else:
             hook = OnloadHook(h.execution_device, h.device, io_same_device=h.io_same_device, skip_keys=h.skip_keys)
         add_hook_to_module(block, hook)
@@ -262,24 +284,31 @@ def finish(model: nn.Module, plan: OffloadPlan | None = None) -> None:
                     block.to(h.device)
                 plan.offload(i, block)
     for name, module in list(model.named_modules()):
-        if not any(t.device.type == "meta" for t in
-                   list(module.parameters(recurse=False)) + [b for b in module.buffers(recurse=False)
-                                                             if b is not None]):
+        if not any(
+            t.device.type == "meta"
+            for t in list(module.parameters(recurse=False))
+            + [b for b in module.buffers(recurse=False) if b is not None]
+        ):
             continue
         hooks = _align_hooks(module)
-        exec_dev = torch.device(hooks[0].execution_device) if hooks and hooks[0].execution_device is not None \
+        exec_dev = (
+            torch.device(hooks[0].execution_device)
+            if hooks and hooks[0].execution_device is not None
             else torch.device("cpu")
+        )
         io_same = bool(hooks and hooks[0].io_same_device)
         skip = hooks[0].skip_keys if hooks else None
         # Only this module's own tensors: materialise without recursing into (already handled) children.
         _materialize_own(module, name or "model")
         remove_hook_from_module(module)
         if exec_dev.type == "cpu":
-            add_hook_to_module(module, AlignDevicesHook(execution_device=exec_dev, io_same_device=io_same,
-                                                        skip_keys=skip))
+            add_hook_to_module(
+                module, AlignDevicesHook(execution_device=exec_dev, io_same_device=io_same, skip_keys=skip)
+            )
         else:
-            add_hook_to_module(module, OnloadHook(exec_dev, torch.device("cpu"), io_same_device=io_same,
-                                                  skip_keys=skip))
+            add_hook_to_module(
+                module, OnloadHook(exec_dev, torch.device("cpu"), io_same_device=io_same, skip_keys=skip)
+            )
         logger.info("materialised offloaded module %s on the CPU (runs on %s)", name or "<model>", exec_dev)
     tie = getattr(model, "tie_weights", None)
     if callable(tie):
@@ -292,15 +321,18 @@ def finish(model: nn.Module, plan: OffloadPlan | None = None) -> None:
         model.hf_device_map = {k: ("cpu" if v == "disk" else v) for k, v in dmap.items()}
     missing = meta_tensor_names(model)
     if missing:
-        raise ValueError(f"cbq_hf: {missing[0]} is still on the meta device after calibration; refusing to leave "
-                         f"a model that would save placeholder weights. {_OFFLOAD_HELP}")
+        raise ValueError(
+            f"cbq_hf: {missing[0]} is still on the meta device after calibration; refusing to leave "
+            f"a model that would save placeholder weights. {_OFFLOAD_HELP}"
+        )
 
 
 @torch.no_grad()
 def _materialize_own(module: nn.Module, name: str) -> None:
     """Load the meta tensors owned directly by `module` from its hook's weights map onto the CPU."""
     own = list(module.named_parameters(recurse=False)) + [
-        (n, b) for n, b in module.named_buffers(recurse=False) if b is not None]
+        (n, b) for n, b in module.named_buffers(recurse=False) if b is not None
+    ]
     for hook in _align_hooks(module):
         wmap = getattr(hook, "weights_map", None)
         if wmap is None:
@@ -308,41 +340,14 @@ def _materialize_own(module: nn.Module, name: str) -> None:
         for tname, t in own:
             if t.device.type == "meta" and tname in wmap:
                 set_module_tensor_to_device(module, tname, "cpu", value=wmap[tname].to(t.dtype))
-    missing = [n for n, t in list(module.named_parameters(recurse=False)) +
-               [(n, b) for n, b in module.named_buffers(recurse=False) if b is not None] if t.device.type == "meta"]
+    missing = [
+        n
+        for n, t in list(module.named_parameters(recurse=False))
+        + [(n, b) for n, b in module.named_buffers(recurse=False) if b is not None]
+        if t.device.type == "meta"
+    ]
     if missing:
-        raise ValueError(f"cbq_hf: {name}.{missing[0]} is on the meta device with no accelerate offload hook to "
-                         f"load it from. {_OFFLOAD_HELP}")
-
-
-# ------------------------------------------------------------------------------------------------ RTN
-@torch.no_grad()
-def quantize_rtn_dispatched(model: nn.Module, fmt: Any, modules_to_not_convert: list[str] | None = None,
-                            progress: bool = True) -> list[str]:
-    """RTN for an accelerate-dispatched model, one decoder block at a time: load the block's weights (`onload`),
-    replace its quantizable linears by RTN-packed `CBQLinear` (the same computation as `rtn.quantize_rtn`), put
-    the block back (`offload`). Returns the names of the converted modules."""
-    from tqdm.auto import tqdm
-
-    from ..modeling import empty_cbq_linear, find_decoder_blocks, quantizable_linears, set_module
-
-    prefix, blocks = find_decoder_blocks(model)
-    plan = OffloadPlan(model, prefix, blocks)
-    names = list(quantizable_linears(model, modules_to_not_convert))
-    done: list[str] = []
-    for i in tqdm(range(len(blocks)), desc="RTN packing (per block)", disable=not progress, unit="block"):
-        block = blocks[i]
-        plan.onload(i, block)
-        block_prefix = f"{prefix}.{i}."
-        for full in names:
-            if not full.startswith(block_prefix):
-                continue
-            lin = block.get_submodule(full[len(block_prefix):])
-            q = empty_cbq_linear(lin, fmt, has_input_scale=False, device=lin.weight.device, name=full)
-            q.load_packed(fmt.quantize_rtn(lin.weight.data), bias=lin.bias)
-            set_module(block, full[len(block_prefix):], q)
-            done.append(full)
-        block.to(plan.home(i))
-        plan.offload(i, block)
-    finish(model, plan)
-    return done
+        raise ValueError(
+            f"cbq_hf: {name}.{missing[0]} is on the meta device with no accelerate offload hook to "
+            f"load it from. {_OFFLOAD_HELP}"
+        )

@@ -51,7 +51,7 @@ def outlier_counts(values: torch.Tensor, lambda1: float, lambda2: float) -> torc
     cs2 = srt.pow(2).cumsum(1)
     total, total2 = cs[:, -1:], cs2[:, -1:]
     k = torch.arange(1, kmax + 1, dtype=v.dtype)
-    gap = srt[:, :kmax] - srt[:, 1:kmax + 1]  # smallest outlier minus largest remaining value
+    gap = srt[:, :kmax] - srt[:, 1 : kmax + 1]  # smallest outlier minus largest remaining value
     n_rest = m - k
     mean_rest = (total - cs[:, :kmax]) / n_rest
     var_rest = ((total2 - cs2[:, :kmax]) / n_rest - mean_rest.pow(2)).clamp(min=0)
@@ -150,7 +150,7 @@ class StatsCollector:
         self._outputs: dict[str, torch.Tensor] = {}
         self._first = True
 
-    def __enter__(self) -> "StatsCollector":
+    def __enter__(self) -> StatsCollector:
         for name, mod in self.block.named_modules():
             if name in self.names:
                 self._handles.append(mod.register_forward_hook(self._linear_hook(name)))
@@ -173,6 +173,7 @@ class StatsCollector:
         def hook(mod, args, out):
             if self._first and isinstance(out, torch.Tensor):
                 self._outputs[name] = out  # kept alive for the batch so its storage cannot be reused
+
         return hook
 
     def _linear_hook(self, name: str):
@@ -193,8 +194,10 @@ class StatsCollector:
                 rows = xf[: self.keep_tokens - have].cpu()
                 st.samples[name] = torch.cat([st.samples[name], rows]) if have else rows.clone()
             if self._first:
-                st.feeds[name] = next((n for n, o in self._outputs.items()
-                                       if o.data_ptr() == x.data_ptr() and o.shape == x.shape), None)
+                st.feeds[name] = next(
+                    (n for n, o in self._outputs.items() if o.data_ptr() == x.data_ptr() and o.shape == x.shape), None
+                )
+
         return hook
 
     def mean_square(self, name: str) -> torch.Tensor:
@@ -223,9 +226,17 @@ class Smoothing:
 
 
 @torch.no_grad()
-def smooth_block(block: nn.Module, linears: dict[str, nn.Linear], stats: BlockStats, lambda1: float,
-                 lambda2: float, alpha: float, check, smooth_alpha: float | str | None = None,
-                 fmt=None) -> Smoothing:
+def smooth_block(
+    block: nn.Module,
+    linears: dict[str, nn.Linear],
+    stats: BlockStats,
+    lambda1: float,
+    lambda2: float,
+    alpha: float,
+    check,
+    smooth_alpha: float | str | None = None,
+    fmt=None,
+) -> Smoothing:
     """Apply activation smoothing to `block` in place (weights of `linears` and, where possible, norms): CFP's
     outlier channels (`smoothing_scales`), or with `smooth_alpha` every channel (`smoothquant_scales`); with
     smooth_alpha="auto", per group of linears sharing an input, whichever of CFP and the ALPHA_CANDIDATES gives the
@@ -246,7 +257,7 @@ def smooth_block(block: nn.Module, linears: dict[str, nn.Linear], stats: BlockSt
     for name in linears:
         key = stats.feeds.get(name) or f"<input of {name}>"
         groups.setdefault(key, []).append(name)
-    scales: dict[str, torch.Tensor | None] = {n: None for n in linears}
+    scales: dict[str, torch.Tensor | None] = dict.fromkeys(linears)
     folded, explicit, n_out = [], [], 0
     modules = dict(block.named_modules())
     pending: list[tuple[list[str], torch.Tensor]] = []
@@ -260,8 +271,16 @@ def smooth_block(block: nn.Module, linears: dict[str, nn.Linear], stats: BlockSt
         else:
             wmax = torch.stack([linears[n].weight.detach().abs().amax(0).float().cpu() for n in names]).amax(0)
             if smooth_alpha == "auto":
-                s, chosen = _search_alpha(amax, wmax, [linears[n].weight.detach().cpu() for n in names],
-                                          stats.samples[names[0]], fmt, lambda1, lambda2, alpha)
+                s, chosen = _search_alpha(
+                    amax,
+                    wmax,
+                    [linears[n].weight.detach().cpu() for n in names],
+                    stats.samples[names[0]],
+                    fmt,
+                    lambda1,
+                    lambda2,
+                    alpha,
+                )
                 alphas[key] = chosen
             else:
                 s = smoothquant_scales(amax, wmax, smooth_alpha)
@@ -277,7 +296,7 @@ def smooth_block(block: nn.Module, linears: dict[str, nn.Linear], stats: BlockSt
             _scale_columns(linears[n], s)
         if _fold_into_norm(norm, s, check):
             folded += names
-            divisors.update({n: s for n in names})
+            divisors.update(dict.fromkeys(names, s))
         else:
             for n in names:
                 linears[n].weight.data.copy_(saved[n])
@@ -292,8 +311,16 @@ def smooth_block(block: nn.Module, linears: dict[str, nn.Linear], stats: BlockSt
     return Smoothing(scales, divisors, folded, explicit, n_out, alphas)
 
 
-def _search_alpha(amax: torch.Tensor, wmax: torch.Tensor, weights: list[torch.Tensor], x: torch.Tensor, fmt,
-                  lambda1: float, lambda2: float, cfp_alpha: float) -> tuple[torch.Tensor, float | None]:
+def _search_alpha(
+    amax: torch.Tensor,
+    wmax: torch.Tensor,
+    weights: list[torch.Tensor],
+    x: torch.Tensor,
+    fmt,
+    lambda1: float,
+    lambda2: float,
+    cfp_alpha: float,
+) -> tuple[torch.Tensor, float | None]:
     """(divisors, chosen alpha; None = CFP's outlier-only smoothing) with the smallest `smoothing_error`."""
     candidates: list[tuple[float | None, torch.Tensor]] = [(None, smoothing_scales(amax, lambda1, lambda2, cfp_alpha))]
     candidates += [(a, smoothquant_scales(amax, wmax, a)) for a in ALPHA_CANDIDATES]

@@ -82,9 +82,13 @@ def _fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: 
 
 
 @torch.no_grad()
-def init_qparams(weight: torch.Tensor, spec: UniformSpec, channel_weight: torch.Tensor | None = None,
-                 truncation: torch.Tensor | None = None, clip_grid: tuple[float, ...] = CLIP_GRID
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def init_qparams(
+    weight: torch.Tensor,
+    spec: UniformSpec,
+    channel_weight: torch.Tensor | None = None,
+    truncation: torch.Tensor | None = None,
+    clip_grid: tuple[float, ...] = CLIP_GRID,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group (scale, zero) [N, G] minimising the (channel-weighted) squared weight error over clip ratios.
 
     Args:
@@ -162,10 +166,21 @@ class QuantLinearSim(TrainableQuantizer):
         generator: random generator of the LoRA factor initialisation (determinism).
     """
 
-    def __init__(self, linear: nn.Linear, spec: UniformSpec, act_bits: int | None = None, *, lora_rank: int = 5,
-                 use_lora_rounding: bool = True, learn_weight_scales: bool = True, learn_act_clipping: bool = True,
-                 input_scale: torch.Tensor | None = None, channel_weight: torch.Tensor | None = None,
-                 truncation: torch.Tensor | None = None, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        linear: nn.Linear,
+        spec: UniformSpec,
+        act_bits: int | None = None,
+        *,
+        lora_rank: int = 5,
+        use_lora_rounding: bool = True,
+        learn_weight_scales: bool = True,
+        learn_act_clipping: bool = True,
+        input_scale: torch.Tensor | None = None,
+        channel_weight: torch.Tensor | None = None,
+        truncation: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
         w = linear.weight.detach().float().clone()
         n, k = w.shape
@@ -240,8 +255,9 @@ class QuantLinearSim(TrainableQuantizer):
     def quantized_weight(self) -> torch.Tensor:
         scale = self.scale()
         q = self._codes(scale)
-        return (q - expand_groups(self.zero, self.in_features, self.spec)) * expand_groups(scale, self.in_features,
-                                                                                           self.spec)
+        return (q - expand_groups(self.zero, self.in_features, self.spec)) * expand_groups(
+            scale, self.in_features, self.spec
+        )
 
     def regularizer(self, beta: float) -> torch.Tensor:
         if not self.use_lora_rounding:

@@ -57,7 +57,7 @@ class Stream:
             n *= d
         return n
 
-    def empty_like(self) -> "Stream":
+    def empty_like(self) -> Stream:
         """A new, uninitialised stream of the same shape in the same storage."""
         raise NotImplementedError
 
@@ -78,16 +78,16 @@ class Stream:
         h = hashlib.sha256()
         step = self._chunk_rows()
         for s in range(0, self.shape[0], step):
-            data = self[s:s + step].contiguous().numpy().tobytes()
+            data = self[s : s + step].contiguous().numpy().tobytes()
             h.update(data)
             fh.write(data)
         return h.hexdigest()
 
-    def clone(self) -> "Stream":
+    def clone(self) -> Stream:
         out = self.empty_like()
         step = self._chunk_rows()
         for s in range(0, self.shape[0], step):
-            out[s:s + step] = self[s:s + step]
+            out[s : s + step] = self[s : s + step]
         return out
 
 
@@ -100,7 +100,7 @@ class CPUStream(Stream):
         self.tensor = tensor
         self.shape = tuple(tensor.shape)
 
-    def empty_like(self) -> "CPUStream":
+    def empty_like(self) -> CPUStream:
         return CPUStream(torch.empty_like(self.tensor))
 
     def __getitem__(self, key: slice) -> torch.Tensor:
@@ -124,10 +124,10 @@ class DiskStream(Stream):
     def __init__(self, shape: tuple[int, ...], folder: Path) -> None:
         self.shape = tuple(int(d) for d in shape)
         self.folder = folder
-        self._file = tempfile.TemporaryFile(dir=folder, prefix="cbq_stream_", buffering=0)
+        self._file = tempfile.TemporaryFile(dir=folder, prefix="cbq_stream_", buffering=0)  # noqa: SIM115 (closed by close())
         os.ftruncate(self._file.fileno(), self.shape[0] * self.row_bytes)
 
-    def empty_like(self) -> "DiskStream":
+    def empty_like(self) -> DiskStream:
         return DiskStream(self.shape, self.folder)
 
     def __getitem__(self, key: slice) -> torch.Tensor:
@@ -150,8 +150,7 @@ class DiskStream(Stream):
         s, e = _rows(key, self.shape[0])
         value = value.detach().to("cpu", torch.float32).contiguous()
         if tuple(value.shape) != (e - s, *self.shape[1:]):
-            raise ValueError(f"stream rows {s}:{e} expect shape {(e - s, *self.shape[1:])}, got "
-                             f"{tuple(value.shape)}")
+            raise ValueError(f"stream rows {s}:{e} expect shape {(e - s, *self.shape[1:])}, got {tuple(value.shape)}")
         view = memoryview(value.numpy()).cast("B")
         pos, done = s * self.row_bytes, 0
         while done < len(view):
@@ -206,7 +205,7 @@ class StreamStorage:
         if self.kind == "cpu":
             return CPUStream(tensor)
         out = self.empty(tuple(tensor.shape))
-        out[0:tensor.shape[0]] = tensor
+        out[0 : tensor.shape[0]] = tensor
         return out
 
     def read_file(self, path: Path, shape: tuple[int, ...], sha256: str | None = None) -> Stream:
@@ -219,8 +218,9 @@ class StreamStorage:
         expected = out.shape[0] * out.row_bytes
         size = os.path.getsize(path)
         if size != expected:
-            raise ValueError(f"{path.name} holds {size} bytes, expected {expected} for a stream of shape "
-                             f"{list(shape)}")
+            raise ValueError(
+                f"{path.name} holds {size} bytes, expected {expected} for a stream of shape {list(shape)}"
+            )
         h = hashlib.sha256()
         step = out._chunk_rows()
         with open(path, "rb") as fh:

@@ -40,8 +40,9 @@ def window_schedule(num_blocks: int, size: int, overlap: int) -> list[Window]:
     if size < 1:
         raise ValueError(f"window size must be >= 1, got {size}")
     if not 0 <= overlap < size:
-        raise ValueError(f"window overlap must be in [0, size={size}), got {overlap} (windows advance by "
-                         f"size - overlap blocks)")
+        raise ValueError(
+            f"window overlap must be in [0, size={size}), got {overlap} (windows advance by size - overlap blocks)"
+        )
     stride = size - overlap
     starts = [0]
     while starts[-1] + size < num_blocks:

@@ -154,8 +154,9 @@ def _arrays(x: torch.Tensor, array_len: int) -> torch.Tensor:
     return xf.view(r, -1, array_len)
 
 
-def scale_arrays(x: torch.Tensor, array_len: int, cmax: int, per_row: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def scale_arrays(
+    x: torch.Tensor, array_len: int, cmax: int, per_row: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scales of X [R, K] and the scaled values.
 
     Returns:
@@ -202,8 +203,14 @@ def _block_view(y: torch.Tensor, k: int, spec: LOBCQSpec) -> tuple[torch.Tensor,
     return blocks.reshape(-1, spec.block_len), valid
 
 
-def encode(x: torch.Tensor, codebooks: torch.Tensor, spec: LOBCQSpec, per_row: bool = False,
-           scale_search: int = 0, channel_weight: torch.Tensor | None = None) -> LOBCQCodes:
+def encode(
+    x: torch.Tensor,
+    codebooks: torch.Tensor,
+    spec: LOBCQSpec,
+    per_row: bool = False,
+    scale_search: int = 0,
+    channel_weight: torch.Tensor | None = None,
+) -> LOBCQCodes:
     """Encode X [R, K] with `codebooks` [nc, 16] (integer entries, rows sorted ascending).
 
     scale_search: also try the E4M3 scale codes up to this many steps above and below the max-based one and keep,
@@ -225,13 +232,21 @@ def encode(x: torch.Tensor, codebooks: torch.Tensor, spec: LOBCQSpec, per_row: b
     sel, idx, err = encode_blocks(blocks, cb, spec.cmax, valid)
     nb = spec.num_blocks(k)
     index = idx.view(r, nb * spec.block_len)[:, :k].to(torch.uint8)
-    return LOBCQCodes(index, sel.view(r, nb).to(torch.uint8), scale_codes, tensor_scale,
-                      float(err.detach().double().sum()))
+    return LOBCQCodes(
+        index, sel.view(r, nb).to(torch.uint8), scale_codes, tensor_scale, float(err.detach().double().sum())
+    )
 
 
-def _encode_search(x: torch.Tensor, cb: torch.Tensor, spec: LOBCQSpec, base_codes: torch.Tensor,
-                   tensor_scale: torch.Tensor, per_row: bool, steps: int,
-                   channel_weight: torch.Tensor | None = None) -> LOBCQCodes:
+def _encode_search(
+    x: torch.Tensor,
+    cb: torch.Tensor,
+    spec: LOBCQSpec,
+    base_codes: torch.Tensor,
+    tensor_scale: torch.Tensor,
+    per_row: bool,
+    steps: int,
+    channel_weight: torch.Tensor | None = None,
+) -> LOBCQCodes:
     """`encode` with a per-array search over E4M3 scale codes base - steps .. base + steps (see `encode`)."""
     r, k = x.shape
     nb, na = spec.num_blocks(k), spec.num_arrays(k)
@@ -266,12 +281,19 @@ def _encode_search(x: torch.Tensor, cb: torch.Tensor, spec: LOBCQSpec, base_code
         best[3] = torch.where(better, cand[3], best[3])
         best[4] = torch.where(better, cand[4], best[4])
     codes, sel, idx, _, scaled_err = best
-    return LOBCQCodes(idx[:, :k].to(torch.uint8), sel.to(torch.uint8), codes, tensor_scale,
-                      float(scaled_err.detach().double().sum()))
+    return LOBCQCodes(
+        idx[:, :k].to(torch.uint8), sel.to(torch.uint8), codes, tensor_scale, float(scaled_err.detach().double().sum())
+    )
 
 
-def decode(index: torch.Tensor, selector: torch.Tensor, scale_codes: torch.Tensor, tensor_scale: torch.Tensor,
-           codebooks: torch.Tensor, spec: LOBCQSpec) -> torch.Tensor:
+def decode(
+    index: torch.Tensor,
+    selector: torch.Tensor,
+    scale_codes: torch.Tensor,
+    tensor_scale: torch.Tensor,
+    codebooks: torch.Tensor,
+    spec: LOBCQSpec,
+) -> torch.Tensor:
     """X_hat float32 [R, K] = C[selector, index] * e4m3(scale) * tensor_scale (shapes as in `LOBCQCodes`)."""
     r, k = index.shape
     cb = codebooks.float().reshape(-1)
@@ -282,8 +304,9 @@ def decode(index: torch.Tensor, selector: torch.Tensor, scale_codes: torch.Tenso
     return vals * scale
 
 
-def fake_quantize(x: torch.Tensor, codebooks: torch.Tensor, spec: LOBCQSpec, per_row: bool = False,
-                  scale_search: int = 0) -> torch.Tensor:
+def fake_quantize(
+    x: torch.Tensor, codebooks: torch.Tensor, spec: LOBCQSpec, per_row: bool = False, scale_search: int = 0
+) -> torch.Tensor:
     """decode(encode(X)) in float32 [R, K]: what LO-BCQ storage (or run-time activation encoding) yields."""
     c = encode(x, codebooks, spec, per_row, scale_search)
     return decode(c.index, c.selector, c.scale_codes, c.tensor_scale, codebooks, spec)
@@ -298,9 +321,15 @@ def fake_quantize_activations(x: torch.Tensor, codebooks: torch.Tensor, spec: LO
     return fake_quantize(flat, codebooks, spec, per_row=True).reshape(x.shape).to(x.dtype)
 
 
-def design_layer_codebooks(weight: torch.Tensor, spec: LOBCQSpec, init: torch.Tensor, iters: int,
-                           max_blocks: int = PER_LAYER_DESIGN_BLOCKS, seed: int = 0, check: bool = True
-                           ) -> torch.Tensor:
+def design_layer_codebooks(
+    weight: torch.Tensor,
+    spec: LOBCQSpec,
+    init: torch.Tensor,
+    iters: int,
+    max_blocks: int = PER_LAYER_DESIGN_BLOCKS,
+    seed: int = 0,
+    check: bool = True,
+) -> torch.Tensor:
     """Per-layer weight codebooks int8 [nc, 16]: LO-BCQ on (a fixed random sample of) this weight's scaled blocks,
     started from `init`; with `check`, returns `init` when the designed set does not lower the whole weight's
     error (without it the caller compares, e.g. `LOBCQFormat.encode_weight`, which reuses the encodings)."""
@@ -327,11 +356,13 @@ def design_layer_codebooks(weight: torch.Tensor, spec: LOBCQSpec, init: torch.Te
 class LOBCQFormat(QuantFormat):
     """Block-clustered codebook format (see module docstring). bits = 4; act_bits None (weight-only) or 4."""
 
-    def __init__(self, spec: LOBCQSpec = LOBCQSpec(), act_bits: int | None = 4, codebooks: str = "universal",
-                 iters: int = 20) -> None:
+    def __init__(
+        self, spec: LOBCQSpec = LOBCQSpec(), act_bits: int | None = 4, codebooks: str = "universal", iters: int = 20
+    ) -> None:
         if act_bits not in (None, 4):
-            raise ValueError(f"LO-BCQ encodes activations with 4-bit codebooks; act_bits must be None or 4, "
-                             f"got {act_bits}")
+            raise ValueError(
+                f"LO-BCQ encodes activations with 4-bit codebooks; act_bits must be None or 4, got {act_bits}"
+            )
         if codebooks not in ("universal", "per_layer"):
             raise ValueError(f"codebooks must be 'universal' or 'per_layer', got {codebooks!r}")
         self.spec = spec
@@ -342,9 +373,10 @@ class LOBCQFormat(QuantFormat):
         self._act_memo = LastInputMemo()
 
     @classmethod
-    def from_config(cls, config) -> "LOBCQFormat":
-        spec = LOBCQSpec(config.lobcq_block_len, config.lobcq_array_len, config.lobcq_num_codebooks,
-                         config.lobcq_codebook_bits)
+    def from_config(cls, config) -> LOBCQFormat:
+        spec = LOBCQSpec(
+            config.lobcq_block_len, config.lobcq_array_len, config.lobcq_num_codebooks, config.lobcq_codebook_bits
+        )
         return cls(spec, config.act_bits, config.lobcq_codebooks, config.lobcq_iters)
 
     def universal(self) -> torch.Tensor:
@@ -359,8 +391,7 @@ class LOBCQFormat(QuantFormat):
             "qweight": ((out_features, packed_len(in_features, 4)), torch.uint8),
         }
         if s.selector_bits:
-            specs["selectors"] = ((out_features, packed_len(s.num_blocks(in_features), s.selector_bits)),
-                                  torch.uint8)
+            specs["selectors"] = ((out_features, packed_len(s.num_blocks(in_features), s.selector_bits)), torch.uint8)
         specs["scales"] = ((out_features, s.num_arrays(in_features)), torch.uint8)
         specs["tensor_scale"] = ((1,), torch.float32)
         specs["codebooks"] = ((s.num_codebooks, ENTRIES), torch.int8)
@@ -372,8 +403,9 @@ class LOBCQFormat(QuantFormat):
         if in_features < 1 or out_features < 1:
             raise ValueError(f"{name} has an empty weight ({out_features}x{in_features}); nothing to quantize.")
 
-    def pack(self, codes: LOBCQCodes, codebooks: torch.Tensor, act_codebooks: torch.Tensor | None = None
-             ) -> dict[str, torch.Tensor]:
+    def pack(
+        self, codes: LOBCQCodes, codebooks: torch.Tensor, act_codebooks: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Buffers of one linear from its encoded weight and the codebooks int8 [nc, 16] it was encoded with."""
         if codes.tensor_scale.numel() != 1:
             raise ValueError("a weight is encoded with one per-tensor scale (per_row=False)")
@@ -389,8 +421,7 @@ class LOBCQFormat(QuantFormat):
             out["act_codebooks"] = act.to(torch.int8).clone()
         return out
 
-    def unpack(self, buffers: dict[str, torch.Tensor], in_features: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def unpack(self, buffers: dict[str, torch.Tensor], in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(entry indices uint8 [N, K], selectors uint8 [N, ceil(K / Lb)]) of stored buffers."""
         s = self.spec
         index = unpack_bits(buffers["qweight"], 4, in_features)

@@ -82,8 +82,13 @@ def build_lut(codebooks: torch.Tensor, cmax: int) -> CodebookLUT:
 
 
 # ---------------------------------------------------------------------------------------------- block encoding
-def encode_blocks(y: torch.Tensor, codebooks: torch.Tensor, cmax: int, valid: torch.Tensor | None = None,
-                  lut: CodebookLUT | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def encode_blocks(
+    y: torch.Tensor,
+    codebooks: torch.Tensor,
+    cmax: int,
+    valid: torch.Tensor | None = None,
+    lut: CodebookLUT | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Encode scaled blocks with the best codebook each.
 
     Args:
@@ -99,28 +104,28 @@ def encode_blocks(y: torch.Tensor, codebooks: torch.Tensor, cmax: int, valid: to
         selector int64 [B], entry index int64 [B, L], squared error float32 [B] of each block.
     """
     lut = lut or build_lut(codebooks, cmax)
-    b, l = y.shape
+    b, length = y.shape
     nc = lut.values.shape[0]
     sel = torch.empty(b, dtype=torch.long, device=y.device)
-    idx = torch.empty(b, l, dtype=torch.long, device=y.device)
+    idx = torch.empty(b, length, dtype=torch.long, device=y.device)
     err = torch.empty(b, dtype=torch.float32, device=y.device)
     table = lut.values.t().contiguous()  # [S, nc]: one row of candidate values per slot
-    step = max(1, _CHUNK_VALUES // max(1, nc * l))
+    step = max(1, _CHUNK_VALUES // max(1, nc * length))
     for s in range(0, b, step):
-        ys = y[s:s + step]
+        ys = y[s : s + step]
         slots = lut.slots(ys)  # [b', L]
         e = F.embedding(slots, table)  # [b', L, nc] quantized value under every codebook
         e.sub_(ys.unsqueeze(-1)).square_()
         if valid is not None:
-            e.mul_(valid[s:s + step].unsqueeze(-1))
+            e.mul_(valid[s : s + step].unsqueeze(-1))
         # [b', nc]: summed value by value, left to right. A reduction (`e.sum(1)`) adds in another order, and where
         # two codebooks' errors differ by a rounding that flips the choice; the C++ activation encoder sums in this
         # order, so both pick the same codebook (found on a real 513-token window: one block of 1.2M differed).
         e = _sum_in_order(e)
         best_err, best = e.min(1)  # first minimum: ties go to the smaller codebook id
-        sel[s:s + step] = best
-        err[s:s + step] = best_err
-        idx[s:s + step] = lut.index[best.unsqueeze(1), slots]
+        sel[s : s + step] = best
+        err[s : s + step] = best_err
+        idx[s : s + step] = lut.index[best.unsqueeze(1), slots]
     return sel, idx, err
 
 
@@ -138,8 +143,9 @@ def decode_blocks(selector: torch.Tensor, index: torch.Tensor, codebooks: torch.
     return cb.reshape(-1)[selector.long().unsqueeze(1) * cb.shape[1] + index.long()]
 
 
-def block_errors(y: torch.Tensor, codebook: torch.Tensor, cmax: int, valid: torch.Tensor | None = None
-                 ) -> torch.Tensor:
+def block_errors(
+    y: torch.Tensor, codebook: torch.Tensor, cmax: int, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """Squared error float32 [B] of every block of y [B, L] encoded with the single codebook [16]."""
     return encode_blocks(y, codebook.reshape(1, -1), cmax, valid)[2]
 
@@ -159,8 +165,13 @@ def lloyd_max(values: torch.Tensor, init: torch.Tensor, steps: int) -> torch.Ten
     for _ in range(steps):
         mids = (c[1:] + c[:-1]) / 2
         # cell i holds v in (mids[i-1], mids[i]]
-        edges = torch.cat([v.new_zeros(1, dtype=torch.long), torch.searchsorted(v, mids, right=True),
-                           torch.full((1,), v.numel(), dtype=torch.long)])
+        edges = torch.cat(
+            [
+                v.new_zeros(1, dtype=torch.long),
+                torch.searchsorted(v, mids, right=True),
+                torch.full((1,), v.numel(), dtype=torch.long),
+            ]
+        )
         counts = edges[1:] - edges[:-1]
         sums = csum[edges[1:]] - csum[edges[:-1]]
         new = torch.where(counts > 0, (sums / counts.clamp(min=1)).float(), c)
@@ -200,8 +211,9 @@ class DesignResult:
     mse_history: list[float]
 
 
-def initial_codebooks(y: torch.Tensor, num_codebooks: int, cmax: int, lloyd_steps: int = 10,
-                      valid: torch.Tensor | None = None) -> torch.Tensor:
+def initial_codebooks(
+    y: torch.Tensor, num_codebooks: int, cmax: int, lloyd_steps: int = 10, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """Starting codebooks float32 [nc, 16]: blocks y [B, L] sorted by their mean |value| and cut into nc equal
     groups; each group's codebook is Lloyd-Max on its values (narrow codebooks for quiet blocks, wide ones for
     blocks that hold the array maximum)."""
@@ -218,9 +230,16 @@ def initial_codebooks(y: torch.Tensor, num_codebooks: int, cmax: int, lloyd_step
 
 
 @torch.no_grad()
-def design_codebooks(y: torch.Tensor, num_codebooks: int, cmax: int, iters: int = 20,
-                     init: torch.Tensor | None = None, lloyd_steps: int = 5, tol: float = 1e-4,
-                     valid: torch.Tensor | None = None) -> DesignResult:
+def design_codebooks(
+    y: torch.Tensor,
+    num_codebooks: int,
+    cmax: int,
+    iters: int = 20,
+    init: torch.Tensor | None = None,
+    lloyd_steps: int = 5,
+    tol: float = 1e-4,
+    valid: torch.Tensor | None = None,
+) -> DesignResult:
     """LO-BCQ codebook design on scaled blocks y [B, L] (see module docstring).
 
     Args:
@@ -239,8 +258,11 @@ def design_codebooks(y: torch.Tensor, num_codebooks: int, cmax: int, iters: int 
     y = y.float()
     count = float(valid.sum()) if valid is not None else float(y.numel())
     count = max(count, 1.0)
-    cb = (init.float().sort(-1).values.clone() if init is not None
-          else initial_codebooks(y, num_codebooks, cmax, valid=valid))
+    cb = (
+        init.float().sort(-1).values.clone()
+        if init is not None
+        else initial_codebooks(y, num_codebooks, cmax, valid=valid)
+    )
     sel, _, err = encode_blocks(y, cb, cmax, valid)
     history = [float(err.double().sum()) / count]
     for it in range(iters):
@@ -272,8 +294,15 @@ def design_codebooks(y: torch.Tensor, num_codebooks: int, cmax: int, iters: int 
     return DesignResult(cb, history)
 
 
-def _reseed_empty(y: torch.Tensor, valid: torch.Tensor | None, sel: torch.Tensor, err: torch.Tensor,
-                  cb: torch.Tensor, cmax: int, lloyd_steps: int) -> bool:
+def _reseed_empty(
+    y: torch.Tensor,
+    valid: torch.Tensor | None,
+    sel: torch.Tensor,
+    err: torch.Tensor,
+    cb: torch.Tensor,
+    cmax: int,
+    lloyd_steps: int,
+) -> bool:
     """Give every codebook that no block uses (empty cluster, or a duplicate that loses its ties) a new start, in
     place: Lloyd-Max on a slice of the worst-encoded blocks (the j-th empty codebook takes the j-th slice of
     blocks by decreasing error). An unused codebook changes no block's error, so the total cannot increase.
@@ -286,7 +315,7 @@ def _reseed_empty(y: torch.Tensor, valid: torch.Tensor | None, sel: torch.Tensor
     m = max(1, y.shape[0] // (4 * cb.shape[0]))
     changed = False
     for j, c in enumerate(empty):
-        pick = order[j * m:(j + 1) * m]
+        pick = order[j * m : (j + 1) * m]
         if pick.numel() == 0:
             break
         vals = y[pick][valid[pick]] if valid is not None else y[pick].flatten()
@@ -313,7 +342,7 @@ def _shipped_sets() -> dict:
     return json.loads(text).get("sets", {})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _universal_cached(block_len: int, array_len: int, num_codebooks: int, codebook_bits: int) -> torch.Tensor:
     key = universal_key(block_len, array_len, num_codebooks, codebook_bits)
     sets = _shipped_sets()
@@ -330,8 +359,15 @@ def universal_codebooks(block_len: int, array_len: int, num_codebooks: int, code
     return _universal_cached(block_len, array_len, num_codebooks, codebook_bits).clone()
 
 
-def gaussian_universal(block_len: int, array_len: int, num_codebooks: int, codebook_bits: int,
-                       arrays: int = 8192, seed: int = 0, iters: int = 20) -> torch.Tensor:
+def gaussian_universal(
+    block_len: int,
+    array_len: int,
+    num_codebooks: int,
+    codebook_bits: int,
+    arrays: int = 8192,
+    seed: int = 0,
+    iters: int = 20,
+) -> torch.Tensor:
     """Codebooks int8 [nc, 16] designed on scaled Gaussian block arrays (the data-free fallback)."""
     from .lobcq import scale_arrays  # local import: lobcq imports this module
 

@@ -8,11 +8,11 @@ and one `@register_format` line.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-_FORMATS: dict[str, type["QuantFormat"]] = {}
+_FORMATS: dict[str, type[QuantFormat]] = {}
 
 
 class QuantFormat(ABC):
@@ -20,10 +20,15 @@ class QuantFormat(ABC):
 
     name: str = ""
     act_bits: int | None = None
+    #: `CBQConfig` fields besides bits/group_size/sym/act_bits that decide the shapes of the saved buffers (checked
+    #: against a checkpoint's metadata on load).
+    layout_fields: tuple[str, ...] = ()
+    #: Whether a quantized linear of this format applies a per-input-channel smoothing scale before its matmul.
+    supports_input_scale: bool = True
 
     @classmethod
     @abstractmethod
-    def from_config(cls, config) -> "QuantFormat":
+    def from_config(cls, config) -> QuantFormat:
         """Build from a `CBQConfig`."""
 
     @abstractmethod
@@ -47,7 +52,9 @@ class QuantFormat(ABC):
         """Stored bits per weight value, metadata included."""
 
     def check_shape(self, out_features: int, in_features: int, name: str = "layer") -> None:
-        """Raise a clear `ValueError` when a layer of this shape cannot be stored in this format."""
+        """Raise a clear `ValueError` when a layer of this shape cannot be stored in this format (every shape fits
+        unless a format says otherwise)."""
+        return None
 
 
 def register_format(name: str) -> Callable[[type[QuantFormat]], type[QuantFormat]]:
@@ -65,14 +72,19 @@ def register_format(name: str) -> Callable[[type[QuantFormat]], type[QuantFormat
     return deco
 
 
+def format_class(name: str) -> type[QuantFormat]:
+    """The registered format class called `name`."""
+    try:
+        return _FORMATS[name]
+    except KeyError:
+        raise ValueError(f"unknown format {name!r}; registered: {sorted(_FORMATS)}") from None
+
+
 def get_format(config) -> QuantFormat:
     """The format instance described by a `CBQConfig`."""
-    try:
-        cls = _FORMATS[config.format]
-    except KeyError:
-        raise ValueError(f"unknown format {config.format!r}; registered: {sorted(_FORMATS)}") from None
-    return cls.from_config(config)
+    return format_class(config.format).from_config(config)
 
 
 def registered_formats() -> list[str]:
+    """Names of every registered format, sorted."""
     return sorted(_FORMATS)

@@ -93,8 +93,9 @@ def round_scale(scale: torch.Tensor) -> torch.Tensor:
     return scale.clamp(min=MIN_SCALE, max=65504.0).to(torch.float16).to(torch.float32)
 
 
-def minmax_qparams(w: torch.Tensor, spec: UniformSpec, clip: float | torch.Tensor = 1.0
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def minmax_qparams(
+    w: torch.Tensor, spec: UniformSpec, clip: float | torch.Tensor = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest parameters per group: (scales [N, G] float32, stored-exact; zeros [N, G] float32 integers).
 
     Asymmetric: the group's [min, max] (always including 0) maps onto [0, qmax]. Symmetric: max|w| maps onto
@@ -123,8 +124,9 @@ def quantize_codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, s
     return torch.clamp(torch.round(w.float() / s) + z, 0, spec.qmax).to(torch.uint8)
 
 
-def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: UniformSpec
-                     ) -> torch.Tensor:
+def dequantize_codes(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: UniformSpec
+) -> torch.Tensor:
     """W_hat = (q - z) * s in float32, shape [N, K]."""
     k = codes.shape[1]
     s = expand_groups(scales.float(), k, spec)
@@ -168,8 +170,9 @@ def unpack_codes(packed: torch.Tensor, slot_bits: int, in_features: int) -> torc
 
 
 # ---------------------------------------------------------------------------------------------- activations
-def activation_codes(x: torch.Tensor, act_bits: int, clip: torch.Tensor | float = 1.0
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def activation_codes(
+    x: torch.Tensor, act_bits: int, clip: torch.Tensor | float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-token symmetric quantization of x [..., K]: (integer codes as float32 [..., K], steps float32
     [..., 1]). Kernels with integer activations take their codes from here, so they are the simulated ones."""
     qmax = 2 ** (act_bits - 1) - 1
@@ -194,7 +197,7 @@ class UniformFormat(QuantFormat):
         self.act_bits = act_bits
 
     @classmethod
-    def from_config(cls, config) -> "UniformFormat":
+    def from_config(cls, config) -> UniformFormat:
         return cls(config.bits, config.group_size, config.sym, config.act_bits)
 
     def buffer_specs(self, out_features: int, in_features: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -211,8 +214,13 @@ class UniformFormat(QuantFormat):
     def check_shape(self, out_features: int, in_features: int, name: str = "layer") -> None:
         self.spec.check_shape(out_features, in_features, name)
 
-    def pack(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-             act_clip: torch.Tensor | float | None = None) -> dict[str, torch.Tensor]:
+    def pack(
+        self,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        act_clip: torch.Tensor | float | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Buffers of one linear from its codes uint8 [N, K], scales [N, G] and zeros [N, G]."""
         out = {
             "qweight": pack_codes(codes, self.spec.slot_bits),

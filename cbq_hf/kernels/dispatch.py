@@ -37,8 +37,14 @@ _PATHS: list[KernelPath] = []
 _forced: str | None = None
 
 
-def register_kernel(name: str, supports: Callable, fn: Callable, first: bool = False,
-                    prefer: Callable | None = None, bind: Callable | None = None) -> None:
+def register_kernel(
+    name: str,
+    supports: Callable,
+    fn: Callable,
+    first: bool = False,
+    prefer: Callable | None = None,
+    bind: Callable | None = None,
+) -> None:
     """Add (or replace) a kernel path. `supports(module, x)` says whether it can run this call; `prefer(module, x)`
     (default: always) whether automatic selection should take it when it can; `bind(module, x)` (optional) a
     function of x alone that computes what `fn(module, x)` does, valid until the module's kernel cache is cleared."""
@@ -95,9 +101,11 @@ def _select(module, x: torch.Tensor) -> tuple[str, Callable, Callable | None]:
         if path.supports(module, x):
             return path.name, path.fn, (path.bind(module, x) if path.bind is not None else None)
         if forced is not None:
-            raise RuntimeError(f"kernel {forced!r} was forced but cannot run this call "
-                               f"(format={module.fmt.name}, act_bits={module.fmt.act_bits}, dtype={x.dtype}, "
-                               f"device={x.device})")
+            raise RuntimeError(
+                f"kernel {forced!r} was forced but cannot run this call "
+                f"(format={module.fmt.name}, act_bits={module.fmt.act_bits}, dtype={x.dtype}, "
+                f"device={x.device})"
+            )
     if forced is not None:
         raise ValueError(f"{ENV}={forced!r} is not a kernel; available: {available_kernels()}")
     return "reference", reference.linear, None

@@ -27,9 +27,16 @@ class CBQLinear(nn.Module):
         has_input_scale: allocate the per-input-channel smoothing scale `input_scale` [K].
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, fmt: QuantFormat,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                 has_input_scale: bool = False) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        fmt: QuantFormat,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        has_input_scale: bool = False,
+    ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
@@ -41,8 +48,9 @@ class CBQLinear(nn.Module):
         else:
             self.input_scale = None
         if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype or torch.float32, device=device),
-                                     requires_grad=False)
+            self.bias = nn.Parameter(
+                torch.zeros(out_features, dtype=dtype or torch.float32, device=device), requires_grad=False
+            )
         else:
             self.register_parameter("bias", None)
         #: Name of the kernel path that ran in the last forward (see `cbq_hf.kernels.dispatch`).
@@ -55,8 +63,12 @@ class CBQLinear(nn.Module):
         names = self.fmt.buffer_specs(self.out_features, self.in_features)
         return {n: getattr(self, n) for n in names}
 
-    def load_packed(self, buffers: dict[str, torch.Tensor], bias: torch.Tensor | None = None,
-                    input_scale: torch.Tensor | None = None) -> None:
+    def load_packed(
+        self,
+        buffers: dict[str, torch.Tensor],
+        bias: torch.Tensor | None = None,
+        input_scale: torch.Tensor | None = None,
+    ) -> None:
         """Copy packed buffers (as produced by the format) into this module, checking names, shapes and dtypes."""
         expected = self.fmt.buffer_specs(self.out_features, self.in_features)
         if set(buffers) != set(expected):
@@ -93,5 +105,7 @@ class CBQLinear(nn.Module):
 
     def extra_repr(self) -> str:
         act = f", act_bits={self.fmt.act_bits}" if self.fmt.act_bits else ""
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"format={self.fmt.name}{act}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"format={self.fmt.name}{act}"
+        )

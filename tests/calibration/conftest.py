@@ -10,9 +10,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from calib_helpers import tiny_qwen2  # noqa: E402
-from helpers import tiny_llama  # noqa: E402
-
+from calib_helpers import tiny_qwen2
+from helpers import tiny_llama
 
 FAMILIES = {"llama": lambda layers=2: tiny_llama(layers=layers).eval(), "qwen2": tiny_qwen2}
 

@@ -39,8 +39,20 @@ import cbq_hf  # noqa: E402, F401
 from cbq_hf.calibration import checkpoint, engine, streams  # noqa: E402
 from cbq_hf.config import CBQConfig  # noqa: E402
 
-BASE_CONFIG = dict(method="cbq", bits=2, group_size=32, epochs=1, batch_size=2, nsamples=4, seqlen=16,
-                   window_size=2, window_overlap=1, lr=1e-2, lr_scale=1e-3, seed=0)
+BASE_CONFIG = dict(
+    method="cbq",
+    bits=2,
+    group_size=32,
+    epochs=1,
+    batch_size=2,
+    nsamples=4,
+    seqlen=16,
+    window_size=2,
+    window_overlap=1,
+    lr=1e-2,
+    lr_scale=1e-3,
+    seed=0,
+)
 
 
 def _event(path: str, **kw) -> None:
@@ -88,7 +100,7 @@ def _install_hook(point: str, events: str) -> None:
 
         def write_to(self, fh):
             if Path(fh.name).name == f"window_{n}.x_fp.bin.tmp":
-                data = self[0:self.shape[0]].contiguous().numpy().tobytes()
+                data = self[0 : self.shape[0]].contiguous().numpy().tobytes()
                 fh.write(data[: len(data) // 2])
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -128,8 +140,9 @@ def _child(req: dict) -> None:
         _install_hook(req["pause_at"], req["events"])
     model = _MODELS[req["model"]]
     config = CBQConfig(**{**BASE_CONFIG, "checkpoint_dir": req.get("checkpoint_dir"), **req.get("config", {})})
-    ids = torch.randint(0, model.config.vocab_size, (config.nsamples, config.seqlen),
-                        generator=torch.Generator().manual_seed(123))
+    ids = torch.randint(
+        0, model.config.vocab_size, (config.nsamples, config.seqlen), generator=torch.Generator().manual_seed(123)
+    )
     report = engine.calibrate(model, config, ids, progress=False)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, req["out"])
     Path(req["out"] + ".json").write_text(json.dumps(report), encoding="utf-8")
@@ -155,8 +168,10 @@ def main() -> None:
             reply = {"pid": pid}
         elif req["cmd"] == "wait":
             _, status = os.waitpid(req["pid"], 0)
-            reply = {"status": os.waitstatus_to_exitcode(status),
-                     "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None}
+            reply = {
+                "status": os.waitstatus_to_exitcode(status),
+                "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+            }
         else:
             reply = {"error": f"unknown command {req['cmd']!r}"}
         sys.stdout.write(json.dumps(reply) + "\n")

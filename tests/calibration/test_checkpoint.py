@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from calib_helpers import tiny_qwen2
+from helpers import tiny_llama
 from safetensors.torch import load_file
 
 from cbq_hf.calibration import engine
 from cbq_hf.calibration.checkpoint import CheckpointError, CheckpointMismatchError
 from cbq_hf.calibration.engine import calibrate
 from cbq_hf.config import CBQConfig
-
-from calib_helpers import tiny_qwen2
-from helpers import tiny_llama
 
 
 def _cfg(**kw) -> CBQConfig:
@@ -57,8 +56,14 @@ def test_checkpoint_folder_has_no_pickle_and_a_readable_config(monkeypatch, tmp_
     ckpt = tmp_path / "ckpt"
     _partial(monkeypatch, ckpt, calib_ids, lr=0.02)
     files = sorted(p.name for p in ckpt.iterdir() if p.is_file())
-    assert files == ["block_0.safetensors", "run.json", "state.json", "window_0.safetensors", "window_0.x_fp.bin",
-                     "window_0.x_q.bin"]
+    assert files == [
+        "block_0.safetensors",
+        "run.json",
+        "state.json",
+        "window_0.safetensors",
+        "window_0.x_fp.bin",
+        "window_0.x_q.bin",
+    ]
     for name in files:
         head = (ckpt / name).read_bytes()[:2]
         assert head not in (b"\x80\x02", b"\x80\x04", b"\x80\x05", b"PK"), f"{name} looks like a pickle/torch.save"
@@ -76,11 +81,14 @@ def test_checkpoint_folder_has_no_pickle_and_a_readable_config(monkeypatch, tmp_
 
 @pytest.mark.parametrize(
     "change,match",
-    [(dict(kw=dict(lr=0.05)), r"config field `lr`: 0\.01 in the checkpoint, 0\.05 now"),
-     (dict(kw=dict(bits=4)), r"config field `bits`"),
-     (dict(model_seed=1), r"the model \(architecture, tensor shapes or weights\)"),
-     (dict(other_ids=True), r"the calibration tokens")],
-    ids=["lr", "bits", "model", "data"])
+    [
+        (dict(kw=dict(lr=0.05)), r"config field `lr`: 0\.01 in the checkpoint, 0\.05 now"),
+        (dict(kw=dict(bits=4)), r"config field `bits`"),
+        (dict(model_seed=1), r"the model \(architecture, tensor shapes or weights\)"),
+        (dict(other_ids=True), r"the calibration tokens"),
+    ],
+    ids=["lr", "bits", "model", "data"],
+)
 def test_other_run_refuses_to_resume_and_leaves_the_folder(monkeypatch, tmp_path, calib_ids, change, match):
     ckpt = tmp_path / "ckpt"
     _partial(monkeypatch, ckpt, calib_ids)
@@ -96,19 +104,35 @@ def test_other_run_refuses_to_resume_and_leaves_the_folder(monkeypatch, tmp_path
 def test_settings_that_do_not_change_the_result_still_resume(monkeypatch, tmp_path, calib_ids):
     ckpt = tmp_path / "ckpt"
     _partial(monkeypatch, ckpt, calib_ids)
-    rep = calibrate(tiny_llama(layers=3).eval(), _cfg(checkpoint_dir=str(ckpt), activation_storage="disk",
-                                                      calibration_device="cpu"), calib_ids, progress=False)
+    rep = calibrate(
+        tiny_llama(layers=3).eval(),
+        _cfg(checkpoint_dir=str(ckpt), activation_storage="disk", calibration_device="cpu"),
+        calib_ids,
+        progress=False,
+    )
     assert rep["resumed_from_window"] == 1
 
 
-@pytest.mark.parametrize("damage,match", [
-    ("flip x_q", "damaged"), ("truncate x_fp", "missing or damaged"), ("delete block", "missing or unreadable"),
-    ("flip window", "damaged"), ("truncate state.json", "cannot be read")])
+@pytest.mark.parametrize(
+    "damage,match",
+    [
+        ("flip x_q", "damaged"),
+        ("truncate x_fp", "missing or damaged"),
+        ("delete block", "missing or unreadable"),
+        ("flip window", "damaged"),
+        ("truncate state.json", "cannot be read"),
+    ],
+)
 def test_damaged_checkpoint_is_refused(monkeypatch, tmp_path, calib_ids, damage, match):
     ckpt = tmp_path / "ckpt"
     _partial(monkeypatch, ckpt, calib_ids)
-    target = {"flip x_q": "window_0.x_q.bin", "truncate x_fp": "window_0.x_fp.bin", "delete block":
-              "block_0.safetensors", "flip window": "window_0.safetensors", "truncate state.json": "state.json"}[damage]
+    target = {
+        "flip x_q": "window_0.x_q.bin",
+        "truncate x_fp": "window_0.x_fp.bin",
+        "delete block": "block_0.safetensors",
+        "flip window": "window_0.safetensors",
+        "truncate state.json": "state.json",
+    }[damage]
     p = ckpt / target
     data = bytearray(p.read_bytes())
     if damage.startswith("flip"):
@@ -166,8 +190,9 @@ def test_resume_bit_identical_lobcq(monkeypatch, tmp_path, calib_ids):
         with pytest.raises(_Interrupted):
             calibrate(tiny_llama(layers=3).eval(), _cfg(checkpoint_dir=str(ckpt), **kw), calib_ids, progress=False)
     resumed = tiny_llama(layers=3).eval()
-    assert calibrate(resumed, _cfg(checkpoint_dir=str(ckpt), **kw), calib_ids, progress=False)[
-        "resumed_from_window"] == 1
+    assert (
+        calibrate(resumed, _cfg(checkpoint_dir=str(ckpt), **kw), calib_ids, progress=False)["resumed_from_window"] == 1
+    )
     ref, got = _bits(full.state_dict()), _bits(resumed.state_dict())
     assert sorted(got) == sorted(ref) and [k for k in ref if ref[k] != got[k]] == []
 

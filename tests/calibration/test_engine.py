@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from calib_helpers import CharTokenizer
 from transformers import AutoModelForCausalLM
 
 import cbq_hf  # noqa: F401  (registers "cbq" with transformers)
@@ -16,8 +17,6 @@ from cbq_hf.config import CBQConfig
 from cbq_hf.formats import get_format
 from cbq_hf.modeling import NoDecoderBlocksError, quantizable_linears
 from cbq_hf.nn.linear import CBQLinear
-
-from calib_helpers import CharTokenizer
 
 
 def _cfg(**kw) -> CBQConfig:
@@ -105,8 +104,9 @@ def test_nan_loss_falls_back_to_window_start(monkeypatch, calib_ids):
     torch.testing.assert_close(_logits(model, calib_ids), _logits(start, calib_ids), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("switch,value", [("use_homologous", False), ("use_kl", False),
-                                          ("token_normalized_loss", True)])
+@pytest.mark.parametrize(
+    "switch,value", [("use_homologous", False), ("use_kl", False), ("token_normalized_loss", True)]
+)
 def test_loss_switches(monkeypatch, switch, value, calib_ids):
     from helpers import tiny_llama
 
@@ -184,8 +184,18 @@ TEXT = "The quick brown fox jumps over the lazy dog. " * 40
 
 
 def test_save_and_reload_through_transformers(tmp_path, llama_dir):
-    cfg = CBQConfig(method="cbq", bits=4, group_size=32, act_bits=8, dataset=[TEXT], tokenizer=CharTokenizer(),
-                    nsamples=4, seqlen=32, epochs=1, batch_size=2)
+    cfg = CBQConfig(
+        method="cbq",
+        bits=4,
+        group_size=32,
+        act_bits=8,
+        dataset=[TEXT],
+        tokenizer=CharTokenizer(),
+        nsamples=4,
+        seqlen=32,
+        epochs=1,
+        batch_size=2,
+    )
     model = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=cfg)
     assert any(isinstance(m, CBQLinear) for m in model.modules())
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(3))

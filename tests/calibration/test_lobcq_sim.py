@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from calib_helpers import CharTokenizer
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -15,8 +16,6 @@ from cbq_hf.formats import get_format
 from cbq_hf.formats.lobcq import LOBCQFormat, LOBCQSpec, fake_quantize_activations
 from cbq_hf.modeling import quantizable_linears
 from cbq_hf.nn.linear import CBQLinear
-
-from calib_helpers import CharTokenizer
 
 
 def _linear(n: int, k: int, seed: int = 0) -> nn.Linear:
@@ -34,8 +33,7 @@ def test_start_is_the_rtn_encoding(k, mode):
     rtn = fmt.dequantize(fmt.quantize_rtn(lin.weight), k)
     nearest = LOBCQLinearSim(lin, fmt, use_lora_rounding=False, scale_search=0)
     assert torch.equal(nearest.quantized_weight(), rtn)
-    lora = LOBCQLinearSim(lin, fmt, use_lora_rounding=True, scale_search=0,
-                          generator=torch.Generator().manual_seed(0))
+    lora = LOBCQLinearSim(lin, fmt, use_lora_rounding=True, scale_search=0, generator=torch.Generator().manual_seed(0))
     # h(V0) reproduces the nearest entry except (at most) for values within float noise of a midpoint
     assert (lora.quantized_weight() != rtn).float().mean() < 1e-3
 
@@ -150,8 +148,9 @@ def test_clipped_values_do_not_pass_the_scale_gradient_through():
 
 
 def _cfg(**kw) -> CBQConfig:
-    base = dict(method="cbq", format="lobcq", bits=4, act_bits=4, group_size=-1, epochs=3, batch_size=4, lr=1e-2,
-                lr_scale=1e-3)
+    base = dict(
+        method="cbq", format="lobcq", bits=4, act_bits=4, group_size=-1, epochs=3, batch_size=4, lr=1e-2, lr_scale=1e-3
+    )
     return CBQConfig(**{**base, **kw})
 
 
@@ -175,8 +174,9 @@ TEXT = "The quick brown fox jumps over the lazy dog. " * 40
 
 @pytest.mark.parametrize("act_bits", [4, None], ids=["w4a4", "w4a16"])
 def test_calibrated_lobcq_saves_and_reloads_with_identical_logits(tmp_path, llama_dir, act_bits):
-    cfg = _cfg(act_bits=act_bits, dataset=[TEXT], tokenizer=CharTokenizer(), nsamples=4, seqlen=32, epochs=1,
-               batch_size=2)
+    cfg = _cfg(
+        act_bits=act_bits, dataset=[TEXT], tokenizer=CharTokenizer(), nsamples=4, seqlen=32, epochs=1, batch_size=2
+    )
     model = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=cfg)
     q = [m for m in model.modules() if isinstance(m, CBQLinear)]
     assert q and all(m.fmt.name == "lobcq" and m.input_scale is not None for m in q)

@@ -58,8 +58,10 @@ def test_token_normalized_distance_weighs_each_token_by_its_relative_error():
     moved = err.clone()
     moved[0, 0] *= 30.0
     plain_ratio = float(distance(target + moved, target, 0.0) / distance(target + err, target, 0.0))
-    norm_ratio = float(distance(target + moved, target, 0.0, token_normalized=True)
-                       / distance(target + err, target, 0.0, token_normalized=True))
+    norm_ratio = float(
+        distance(target + moved, target, 0.0, token_normalized=True)
+        / distance(target + err, target, 0.0, token_normalized=True)
+    )
     assert plain_ratio > 50 and norm_ratio < 1.01
 
 
@@ -68,7 +70,8 @@ def test_token_normalized_distance_is_mse_for_tokens_of_equal_magnitude():
     target = target / target.pow(2).mean(-1, keepdim=True).sqrt() * 3.0  # every token mean square 9
     q = target + 0.2 * torch.randn(2, 5, 16)
     assert float(distance(q, target, 0.0, token_normalized=True)) == pytest.approx(
-        float(F.mse_loss(q, target)), rel=1e-5)
+        float(F.mse_loss(q, target)), rel=1e-5
+    )
 
 
 def test_token_normalized_distance_survives_an_all_zero_token():

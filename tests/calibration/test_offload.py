@@ -12,26 +12,43 @@ import logging
 
 import pytest
 import torch
+from calib_helpers import CharTokenizer
+from helpers import tiny_llama
 from torch import nn
 from transformers import AutoModelForCausalLM
 
 import cbq_hf
-from calib_helpers import CharTokenizer
 from cbq_hf import CBQLinear
 from cbq_hf.calibration.engine import calibrate
 from cbq_hf.calibration.offload import OnloadHook, input_device, is_dispatched
-from helpers import tiny_llama
 
 #: Blocks 1 and 2 on disk, 0 and 3 on "cpu"; embeddings and lm head on disk too (capture must run through hooks).
-MIXED_MAP = {"model.embed_tokens": "disk", "model.layers.0": "cpu", "model.layers.1": "disk",
-             "model.layers.2": "disk", "model.layers.3": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu",
-             "lm_head": "disk"}
+MIXED_MAP = {
+    "model.embed_tokens": "disk",
+    "model.layers.0": "cpu",
+    "model.layers.1": "disk",
+    "model.layers.2": "disk",
+    "model.layers.3": "cpu",
+    "model.norm": "cpu",
+    "model.rotary_emb": "cpu",
+    "lm_head": "disk",
+}
 TEXT = ["The quick brown fox jumps over the lazy dog. " * 20, "Pack my box with five dozen liquor jugs. " * 20]
 
 
 def _cfg(method: str) -> cbq_hf.CBQConfig:
-    return cbq_hf.CBQConfig(method=method, bits=4, group_size=32, tokenizer=CharTokenizer(), dataset=TEXT,
-                            nsamples=4, seqlen=32, epochs=1, calibration_device="cpu", seed=0)
+    return cbq_hf.CBQConfig(
+        method=method,
+        bits=4,
+        group_size=32,
+        tokenizer=CharTokenizer(),
+        dataset=TEXT,
+        nsamples=4,
+        seqlen=32,
+        epochs=1,
+        calibration_device="cpu",
+        seed=0,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,16 +71,18 @@ def _logits(model, ids) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def in_memory(fp_dir, ids) -> dict[str, torch.Tensor]:
     """Logits of each method calibrated without any device map (the reference)."""
-    return {m: _logits(AutoModelForCausalLM.from_pretrained(fp_dir, quantization_config=_cfg(m)), ids)
-            for m in ("rtn", "cbq")}
+    return {
+        m: _logits(AutoModelForCausalLM.from_pretrained(fp_dir, quantization_config=_cfg(m)), ids)
+        for m in ("rtn", "cbq")
+    }
 
 
 @pytest.mark.parametrize("method", ["rtn", "cbq"])
-def test_disk_and_cpu_offload_calibrates_bit_identically_and_saves(method, fp_dir, ids, in_memory, tmp_path,
-                                                                   caplog):
+def test_disk_and_cpu_offload_calibrates_bit_identically_and_saves(method, fp_dir, ids, in_memory, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="cbq_hf.calibration.offload"):
-        q = AutoModelForCausalLM.from_pretrained(fp_dir, device_map=MIXED_MAP, offload_folder=str(tmp_path / "off"),
-                                                 quantization_config=_cfg(method))
+        q = AutoModelForCausalLM.from_pretrained(
+            fp_dir, device_map=MIXED_MAP, offload_folder=str(tmp_path / "off"), quantization_config=_cfg(method)
+        )
     # the offload path really ran: two blocks had meta weights loaded from disk
     assert "2 of 4 decoder blocks offloaded" in caplog.text
     assert [n for n, t in q.state_dict().items() if t.device.type == "meta"] == []
@@ -88,8 +107,9 @@ def test_device_map_auto_with_max_memory_spills_to_disk_and_calibrates(fp_dir, i
 
 
 def test_whole_model_on_disk(fp_dir, ids, in_memory, tmp_path):
-    q = AutoModelForCausalLM.from_pretrained(fp_dir, device_map={"": "disk"}, offload_folder=str(tmp_path / "off"),
-                                             quantization_config=_cfg("rtn"))
+    q = AutoModelForCausalLM.from_pretrained(
+        fp_dir, device_map={"": "disk"}, offload_folder=str(tmp_path / "off"), quantization_config=_cfg("rtn")
+    )
     assert not any(t.device.type == "meta" for t in q.state_dict().values())
     assert torch.equal(_logits(q, ids), in_memory["rtn"])
 
@@ -97,13 +117,21 @@ def test_whole_model_on_disk(fp_dir, ids, in_memory, tmp_path):
 def test_tied_embeddings_offloaded_stay_tied(tmp_path):
     from transformers import LlamaConfig
 
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "fp")
-    q = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", device_map={"": "disk"},
-                                             offload_folder=str(tmp_path / "off"), quantization_config=_cfg("rtn"))
+    q = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "fp", device_map={"": "disk"}, offload_folder=str(tmp_path / "off"), quantization_config=_cfg("rtn")
+    )
     assert q.lm_head.weight is q.model.embed_tokens.weight
     assert q.lm_head.weight.device.type == "cpu"
 
@@ -154,11 +182,13 @@ def test_onload_hook_moves_block_to_execution_device_for_forward_and_back():
 def test_resume_from_checkpoint_with_offload_rebuilds_hooked_blocks(fp_dir, ids, in_memory, tmp_path, caplog):
     """A rerun that resumes from the saved state restores the frozen blocks into the offloaded model: they are
     loaded, hooked again where accelerate ran them, and give the same logits."""
+
     def load():
         cfg = _cfg("cbq")
         cfg.checkpoint_dir = str(tmp_path / "ck")
-        return AutoModelForCausalLM.from_pretrained(fp_dir, device_map=MIXED_MAP,
-                                                    offload_folder=str(tmp_path / "off"), quantization_config=cfg)
+        return AutoModelForCausalLM.from_pretrained(
+            fp_dir, device_map=MIXED_MAP, offload_folder=str(tmp_path / "off"), quantization_config=cfg
+        )
 
     load()
     with caplog.at_level(logging.INFO, logger="cbq_hf.calibration.engine"):

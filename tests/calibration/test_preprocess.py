@@ -8,8 +8,16 @@ import pytest
 import torch
 from torch import nn
 
-from cbq_hf.calibration.preprocess import (ALPHA_CANDIDATES, StatsCollector, outlier_counts, smooth_block,
-                                           smoothing_error, smoothing_scales, smoothquant_scales, weight_truncation)
+from cbq_hf.calibration.preprocess import (
+    ALPHA_CANDIDATES,
+    StatsCollector,
+    outlier_counts,
+    smooth_block,
+    smoothing_error,
+    smoothing_scales,
+    smoothquant_scales,
+    weight_truncation,
+)
 from cbq_hf.modeling import block_linears
 
 
@@ -33,7 +41,7 @@ def test_smoothing_scales_only_touch_outliers():
     a = torch.ones(64)
     a[7], a[9] = 50.0, 45.0
     s = smoothing_scales(a, 1.5, 1.0, 0.5)
-    assert s[7] == pytest.approx(50.0 ** 0.5) and s[9] == pytest.approx(45.0 ** 0.5)
+    assert s[7] == pytest.approx(50.0**0.5) and s[9] == pytest.approx(45.0**0.5)
     assert torch.all(s[[i for i in range(64) if i not in (7, 9)]] == 1)
     assert torch.all(smoothing_scales(a, 1.5, 1.0, 0.0) == 1)  # alpha 0: no smoothing
 
@@ -99,10 +107,12 @@ def _collect(block, inp, linears, keep_tokens=0):
 
 def _unchanged(block, inp, ref):
     """The fold check smooth_block takes: does the block still compute `ref`?"""
+
     def check():
         with torch.no_grad():
             out = inp.call_block(block, 0, 0, inp.hidden)
         return bool((out - ref).norm() <= 1e-4 * ref.norm())
+
     return check
 
 
@@ -124,8 +134,9 @@ def test_smoothing_keeps_float_output_and_folds_into_norms(family):
     assert col.stats.feeds["mlp.up_proj"] == "post_attention_layernorm"
     sm = smooth_block(block, linears, col.stats, 1.5, 1.0, 0.5, _unchanged(block, inp, ref))
     assert sm.outlier_channels >= 2
-    assert {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
-            "mlp.up_proj"} <= set(sm.folded)
+    assert {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"} <= set(
+        sm.folded
+    )
     assert not torch.equal(block.input_layernorm.weight, ref_block.input_layernorm.weight)
     _assert_float_function_kept(block, inp, linears, sm, ref)  # explicit scales stay in CBQLinear's input_scale
 
@@ -176,8 +187,9 @@ def test_auto_alpha_picks_the_smallest_quantized_output_error(family, fmt_name):
     wmax = torch.stack([w.abs().amax(0) for w in weights]).amax(0)
     errs = {None: smoothing_error(weights, x, smoothing_scales(amax, 1.5, 1.0, 0.5), fmt)}
     errs.update({a: smoothing_error(weights, x, smoothquant_scales(amax, wmax, a), fmt) for a in ALPHA_CANDIDATES})
-    sm = smooth_block(block, linears, col.stats, 1.5, 1.0, 0.5, _unchanged(block, inp, ref), smooth_alpha="auto",
-                      fmt=fmt)
+    sm = smooth_block(
+        block, linears, col.stats, 1.5, 1.0, 0.5, _unchanged(block, inp, ref), smooth_alpha="auto", fmt=fmt
+    )
     chosen = sm.alphas["input_layernorm"]
     assert errs[chosen] == min(errs.values())
     assert min(errs[a] for a in ALPHA_CANDIDATES) < errs[None]  # smoothing every channel beats CFP here

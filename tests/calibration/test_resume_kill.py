@@ -19,9 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from helpers import tiny_llama
+from safetensors.torch import load_file
 
 WORKER = Path(__file__).with_name("resume_worker.py")
 #: 5 blocks, window 2, overlap 1: windows 0..3.
@@ -34,8 +33,13 @@ class Server:
     """The fork server: run(...) starts a calibration child, wait(pid) reaps it."""
 
     def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, cwd=str(WORKER.parent))
+        self.proc = subprocess.Popen(
+            [sys.executable, str(WORKER)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=str(WORKER.parent),
+        )
 
     def _ask(self, **req) -> dict:
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -106,14 +110,22 @@ def test_sigkill_at_four_points_then_resume_is_bit_identical(server, model_dir, 
     ref_pid = server.run(model=model_dir, out=str(ref_out), events=str(ref_events), checkpoint_dir=None)
 
     # (pause point, activation storage of that run, window it must resume from, committed next window after kill)
-    plan = [("after_commit:1", "cpu", None, 1),
-            ("mid_train:2", "disk", 1, 2),
-            ("mid_stream_write:2", "cpu", 2, 2),
-            ("before_commit:4", "disk", 2, 3)]
+    plan = [
+        ("after_commit:1", "cpu", None, 1),
+        ("mid_train:2", "disk", 1, 2),
+        ("mid_stream_write:2", "cpu", 2, 2),
+        ("before_commit:4", "disk", 2, 3),
+    ]
     for i, (point, storage, resumes_from, committed) in enumerate(plan):
         events = tmp_path / f"run{i}.events"
-        pid = server.run(model=model_dir, out=str(tmp_path / f"run{i}.safetensors"), events=str(events),
-                         checkpoint_dir=str(ckpt), pause_at=point, config={"activation_storage": storage})
+        pid = server.run(
+            model=model_dir,
+            out=str(tmp_path / f"run{i}.safetensors"),
+            events=str(events),
+            checkpoint_dir=str(ckpt),
+            pause_at=point,
+            config={"activation_storage": storage},
+        )
         assert _wait_event(events, "paused")["paused"] == point
         os.kill(pid, signal.SIGKILL)
         status = server.wait(pid)
@@ -140,11 +152,19 @@ def test_sigkill_at_four_points_then_resume_is_bit_identical(server, model_dir, 
     ref, got = load_file(str(ref_out)), load_file(str(final_out))
     assert sorted(got) == sorted(ref)
     assert sum(not t.is_floating_point() for t in ref.values()) >= 7 * LAYERS  # packed integer buffers
-    different = [k for k in ref if ref[k].dtype != got[k].dtype or ref[k].shape != got[k].shape
-                 or not torch.equal(_bits(ref[k]), _bits(got[k]))]
+    different = [
+        k
+        for k in ref
+        if ref[k].dtype != got[k].dtype
+        or ref[k].shape != got[k].shape
+        or not torch.equal(_bits(ref[k]), _bits(got[k]))
+    ]
     assert different == [], f"tensors differ after resume: {different[:5]}"
     # Nothing left from the killed runs: only the last commit's files.
     names = sorted(p.name for p in ckpt.iterdir() if p.is_file())
     assert not [n for n in names if n.endswith(".tmp")], names
-    assert {n for n in names if n.startswith("window_")} == {"window_3.safetensors", "window_3.x_q.bin",
-                                                            "window_3.x_fp.bin"}
+    assert {n for n in names if n.startswith("window_")} == {
+        "window_3.safetensors",
+        "window_3.x_q.bin",
+        "window_3.x_fp.bin",
+    }

@@ -6,10 +6,22 @@ import pytest
 import torch
 from torch import nn
 
-from cbq_hf.calibration.rounding import (QuantLinearSim, init_qparams, inverse_rectified_sigmoid,
-                                         rectified_sigmoid, rounding_regularizer)
-from cbq_hf.formats.uniform import (UniformFormat, UniformSpec, dequantize_codes, expand_groups, minmax_qparams,
-                                    quantize_codes, round_scale)
+from cbq_hf.calibration.rounding import (
+    QuantLinearSim,
+    init_qparams,
+    inverse_rectified_sigmoid,
+    rectified_sigmoid,
+    rounding_regularizer,
+)
+from cbq_hf.formats.uniform import (
+    UniformFormat,
+    UniformSpec,
+    dequantize_codes,
+    expand_groups,
+    minmax_qparams,
+    quantize_codes,
+    round_scale,
+)
 from cbq_hf.nn.linear import CBQLinear
 
 SPECS = [UniformSpec(4, 32), UniformSpec(2, 16), UniformSpec(3, 48), UniformSpec(4, 32, sym=True)]
@@ -108,9 +120,14 @@ def test_gradients_reach_every_learnable_part():
     assert sim.log_delta.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("switch,absent", [("use_lora_rounding", ["a1", "a2"]),
-                                           ("learn_weight_scales", ["log_delta"]),
-                                           ("learn_act_clipping", ["act_clip"])])
+@pytest.mark.parametrize(
+    "switch,absent",
+    [
+        ("use_lora_rounding", ["a1", "a2"]),
+        ("learn_weight_scales", ["log_delta"]),
+        ("learn_act_clipping", ["act_clip"]),
+    ],
+)
 def test_ablation_switches_remove_parameters(switch, absent):
     sim = QuantLinearSim(_linear(), UniformSpec(4, 32), 8, **{switch: False})
     names = {n for n, _ in sim.named_parameters()}
@@ -124,8 +141,9 @@ def test_few_steps_lower_reconstruction_error():
     sim = QuantLinearSim(lin, UniformSpec(2, 16), generator=torch.Generator().manual_seed(0))
     x = torch.randn(512, 8) @ torch.randn(8, lin.in_features) + 0.3 * torch.randn(512, lin.in_features)
     target = lin(x).detach()
-    opt = torch.optim.Adam([{"params": sim.rounding_parameters(), "lr": 1e-2},
-                            {"params": sim.scale_parameters(), "lr": 1e-3}])
+    opt = torch.optim.Adam(
+        [{"params": sim.rounding_parameters(), "lr": 1e-2}, {"params": sim.scale_parameters(), "lr": 1e-3}]
+    )
     with torch.no_grad():
         start = float((sim(x) - target).pow(2).mean())
     for _ in range(60):
@@ -149,6 +167,7 @@ def test_step_change_keeps_the_learned_rounding_choice(spec):
     codes1, scale1, _, _ = sim.freeze()
     assert torch.equal(codes0, codes1)
     # and the weight follows the new step exactly: (q - z) * s
-    expected = (codes1.float() - expand_groups(zero, sim.in_features, spec)) * expand_groups(scale1, sim.in_features,
-                                                                                              spec)
+    expected = (codes1.float() - expand_groups(zero, sim.in_features, spec)) * expand_groups(
+        scale1, sim.in_features, spec
+    )
     assert torch.allclose(sim.quantized_weight().detach(), expected)

@@ -8,12 +8,11 @@ import tempfile
 
 import pytest
 import torch
+from helpers import tiny_llama
 
 from cbq_hf.calibration.engine import calibrate
 from cbq_hf.calibration.streams import CPUStream, DiskStream, StreamStorage
 from cbq_hf.config import CBQConfig
-
-from helpers import tiny_llama
 
 
 @pytest.mark.parametrize("kind", ["cpu", "disk"])
@@ -49,7 +48,7 @@ def test_disk_stream_keeps_process_memory_small(tmp_path):
     storage = StreamStorage("disk", tmp_path)
     s = storage.empty((64, 1024, 256))
     for i in range(0, 64, 8):
-        s[i:i + 8] = torch.full((8, 1024, 256), float(i))
+        s[i : i + 8] = torch.full((8, 1024, 256), float(i))
     part = s[40:41]
     assert part.shape == (1, 1024, 256) and bool((part == 40).all())
     assert part.untyped_storage().nbytes() == 1024 * 256 * 4
@@ -111,8 +110,7 @@ def test_frozen_blocks_float_weights_are_freed_during_calibration(calib_ids, mon
         return real(win, *args, **kwargs)
 
     monkeypatch.setattr(engine, "_train_window", train)
-    calibrate(model, CBQConfig(method="cbq", bits=2, group_size=32, epochs=1, batch_size=4), calib_ids,
-              progress=False)
+    calibrate(model, CBQConfig(method="cbq", bits=2, group_size=32, epochs=1, batch_size=4), calib_ids, progress=False)
     # Once wrapped for training, a linear's float weight lives only in its quantizer (and the float reference
     # copy): the model's original nn.Linear weights are released, and nothing keeps them until the end.
     assert alive_at == {0: [], 1: [], 2: []}

@@ -34,7 +34,7 @@ def test_every_block_trained_then_frozen_once(n, size, overlap):
     for w in wins:
         assert len(w.blocks) <= size
         for b in w.frozen:  # a block is frozen when the window leaves it: no later window contains it
-            assert all(b not in later.blocks for later in wins[w.index + 1:])
+            assert all(b not in later.blocks for later in wins[w.index + 1 :])
     for a, b in zip(wins, wins[1:]):
         assert b.start - a.start == size - overlap
         assert len(set(a.blocks) & set(b.blocks)) == min(overlap, len(b.blocks))

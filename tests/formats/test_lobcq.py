@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from helpers import sqnr_db
 
 import cbq_hf
 from cbq_hf.formats.lobcq import (
@@ -15,15 +16,14 @@ from cbq_hf.formats.lobcq import (
     unpack_bits,
 )
 from cbq_hf.formats.lobcq_codebooks import (
+    _shipped_sets,
     build_lut,
     design_codebooks,
     encode_blocks,
     lloyd_max,
     universal_codebooks,
     universal_key,
-    _shipped_sets,
 )
-from helpers import sqnr_db
 
 SMALL = LOBCQSpec(block_len=4, array_len=16, num_codebooks=4, codebook_bits=6)
 DEFAULT = LOBCQSpec()
@@ -40,8 +40,15 @@ def _loop_encode(x: torch.Tensor, cb: torch.Tensor, spec: LOBCQSpec, per_row: bo
     r, k = x.shape
     cbf = cb.float()
     cmax = spec.cmax
-    amax = [[max((abs(float(x[i, j])) for j in range(a * spec.array_len, min(k, (a + 1) * spec.array_len))),
-                 default=0.0) for a in range(spec.num_arrays(k))] for i in range(r)]
+    amax = [
+        [
+            max(
+                (abs(float(x[i, j])) for j in range(a * spec.array_len, min(k, (a + 1) * spec.array_len))), default=0.0
+            )
+            for a in range(spec.num_arrays(k))
+        ]
+        for i in range(r)
+    ]
     if per_row:
         ts = [max(max(row), 0.0) / (cmax * 448.0) for row in amax]
     else:
@@ -109,9 +116,11 @@ def test_encode_blocks_matches_loop_over_codebooks(seed):
 @pytest.mark.parametrize("dist", ["gaussian", "laplace", "student"])
 def test_lobcq_iteration_never_increases_mse(dist):
     g = torch.Generator().manual_seed(0)
-    x = {"gaussian": torch.randn(400, 16, generator=g),
-         "laplace": torch.distributions.Laplace(0.0, 1.0).sample((400, 16)),
-         "student": torch.distributions.StudentT(3.0).sample((400, 16))}[dist]
+    x = {
+        "gaussian": torch.randn(400, 16, generator=g),
+        "laplace": torch.distributions.Laplace(0.0, 1.0).sample((400, 16)),
+        "student": torch.distributions.StudentT(3.0).sample((400, 16)),
+    }[dist]
     y = x / x.abs().amax(1, keepdim=True) * 31
     y = y.reshape(-1, 4)
     res = design_codebooks(y, 4, 31, iters=15, tol=0.0)
@@ -201,8 +210,11 @@ def test_per_layer_codebooks_never_worse_than_universal_on_their_layer():
     assert e_per <= e_uni
 
 
-@pytest.mark.parametrize("spec", [DEFAULT, SMALL, LOBCQSpec(8, 64, 8, 6), LOBCQSpec(8, 32, 1, 5)],
-                         ids=lambda s: f"L{s.block_len}-A{s.array_len}-N{s.num_codebooks}-B{s.codebook_bits}")
+@pytest.mark.parametrize(
+    "spec",
+    [DEFAULT, SMALL, LOBCQSpec(8, 64, 8, 6), LOBCQSpec(8, 32, 1, 5)],
+    ids=lambda s: f"L{s.block_len}-A{s.array_len}-N{s.num_codebooks}-B{s.codebook_bits}",
+)
 @pytest.mark.parametrize("act_bits", [None, 4], ids=["w4a16", "w4a4"])
 def test_bits_per_value_formula_matches_stored_bytes(spec, act_bits):
     fmt = LOBCQFormat(spec, act_bits=act_bits)
@@ -287,16 +299,25 @@ def test_config_builds_the_lobcq_format():
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-@pytest.mark.parametrize("mode,act_bits,array_len", [("universal", 4, 64), ("per_layer", 4, 64),
-                                                     ("universal", None, 64), ("universal", 4, 32)],
-                         ids=["universal-w4a4", "per_layer-w4a4", "universal-w4a16", "universal-w4a4-a32"])
+@pytest.mark.parametrize(
+    "mode,act_bits,array_len",
+    [("universal", 4, 64), ("per_layer", 4, 64), ("universal", None, 64), ("universal", 4, 32)],
+    ids=["universal-w4a4", "per_layer-w4a4", "universal-w4a16", "universal-w4a4-a32"],
+)
 def test_tiny_llama_quantize_save_reload_generate(tmp_path, llama_dir, mode, act_bits, array_len):
     from transformers import AutoModelForCausalLM
 
     from cbq_hf.nn.linear import CBQLinear
 
-    cfg = cbq_hf.CBQConfig(method="rtn", format="lobcq", act_bits=act_bits, group_size=-1, lobcq_codebooks=mode,
-                           lobcq_iters=3, lobcq_array_len=array_len)
+    cfg = cbq_hf.CBQConfig(
+        method="rtn",
+        format="lobcq",
+        act_bits=act_bits,
+        group_size=-1,
+        lobcq_codebooks=mode,
+        lobcq_iters=3,
+        lobcq_array_len=array_len,
+    )
     model = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=cfg)
     ref = AutoModelForCausalLM.from_pretrained(llama_dir)
     ids = torch.randint(0, 128, (2, 12))

@@ -11,12 +11,23 @@ from cbq_hf.formats.uniform import UniformFormat
 from cbq_hf.nn.linear import CBQLinear
 
 
-def make_linear(n: int, k: int, bits: int, group: int, act_bits: int | None = None, sym: bool = False,
-                bias: bool = True, input_scale: bool = True) -> CBQLinear:
+def make_linear(
+    n: int,
+    k: int,
+    bits: int,
+    group: int,
+    act_bits: int | None = None,
+    sym: bool = False,
+    bias: bool = True,
+    input_scale: bool = True,
+) -> CBQLinear:
     fmt = UniformFormat(bits, group, sym, act_bits)
     lin = CBQLinear(k, n, bias, fmt, has_input_scale=input_scale)
-    lin.load_packed(fmt.quantize_rtn(torch.randn(n, k)), bias=torch.randn(n) if bias else None,
-                    input_scale=torch.rand(k) + 0.5 if input_scale else None)
+    lin.load_packed(
+        fmt.quantize_rtn(torch.randn(n, k)),
+        bias=torch.randn(n) if bias else None,
+        input_scale=torch.rand(k) + 0.5 if input_scale else None,
+    )
     if act_bits is not None:
         lin.act_clip.fill_(0.9)
     return lin

@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from kernel_helpers import assert_close, fp32_matmul_in_bf16, magnitude, make_linear
 
 from cbq_hf.kernels import reference
 from cbq_hf.kernels.cpu import build, paths
 from cbq_hf.kernels.dispatch import force_kernel
-
-from kernel_helpers import assert_close, fp32_matmul_in_bf16, magnitude, make_linear
 
 pytestmark = pytest.mark.skipif(build.select_variant() is None, reason="CPU without AVX2/FMA")
 
@@ -93,8 +92,9 @@ def _amx_or_refused(lin, x) -> bool:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m", [1, 15, 16, 37, 130], ids=lambda m: f"m{m}")
-@pytest.mark.parametrize("shape", [(40, 200, 64), (24, 1100, 32), (130, 576, 128), (8, 72, -1), (300, 256, 100)],
-                         ids=_ids)
+@pytest.mark.parametrize(
+    "shape", [(40, 200, 64), (24, 1100, 32), (130, 576, 128), (8, 72, -1), (300, 256, 100)], ids=_ids
+)
 @pytest.mark.parametrize("bits,act_bits", [(4, 8), (4, 4), (3, 8), (2, 8), (2, 4)], ids=lambda v: str(v))
 def test_amx_equals_the_vnni_integer_kernel_bit_for_bit(bits, act_bits, shape, m, dtype):
     """The AMX tiles compute cpu_int's numbers exactly: same codes, same int32 group sums, same float folding; over
@@ -144,19 +144,30 @@ def test_repack_is_cached_and_cleared_on_load():
     assert lin._kernel_cache["cpu_panels"] is first
     lin.load_packed(lin.fmt.quantize_rtn(torch.randn(8, 64)))
     assert "cpu_panels" not in lin._kernel_cache
-    assert_close(_run(lin, torch.ones(1, 64), "cpu_packed"), reference.linear(lin, torch.ones(1, 64)),
-                 magnitude(lin, torch.ones(1, 64)), torch.float32)
+    assert_close(
+        _run(lin, torch.ones(1, 64), "cpu_packed"),
+        reference.linear(lin, torch.ones(1, 64)),
+        magnitude(lin, torch.ones(1, 64)),
+        torch.float32,
+    )
 
 
-@pytest.mark.parametrize("n,k,glen,slot", [(8, 64, 32, 4), (9, 1100, 32, 2), (17, 576, 48, 4), (3, 72, 72, 8),
-                                           (40, 4096, 128, 4)])
+@pytest.mark.parametrize(
+    "n,k,glen,slot", [(8, 64, 32, 4), (9, 1100, 32, 2), (17, 576, 48, 4), (3, 72, 72, 8), (40, 4096, 128, 4)]
+)
 def test_repack_size_matches_the_layout_formula(n, k, glen, slot):
     """layout.panel_bytes (also the shape function under torch.compile) is the size the C++ repack writes."""
     from cbq_hf.kernels.cpu.layout import panel_bytes
 
     g = -(-k // glen)
-    wpack = build.load().repack(torch.randint(0, 256, (n, -(-k * slot // 8)), dtype=torch.uint8),
-                                torch.rand(n, g).half(), torch.zeros(n, g, dtype=torch.uint8), slot, k, glen)
+    wpack = build.load().repack(
+        torch.randint(0, 256, (n, -(-k * slot // 8)), dtype=torch.uint8),
+        torch.rand(n, g).half(),
+        torch.zeros(n, g, dtype=torch.uint8),
+        slot,
+        k,
+        glen,
+    )
     assert wpack.numel() == -(-n // 8) * panel_bytes(k, glen, slot)
 
 
@@ -374,8 +385,9 @@ def test_fixed_point_is_taken_per_vendor_without_timing(vendor, fixed_slots, mon
     monkeypatch.setattr(build, "cpu_vendor", lambda: vendor)
     monkeypatch.setattr(build, "loaded_variant", lambda: "avx512vnni")
     timed = []
-    monkeypatch.setattr(build, "_time_float_mode",
-                        lambda ops, mode, slot, reps=5: timed.append(slot) or 1e-3 * (mode + 2))
+    monkeypatch.setattr(
+        build, "_time_float_mode", lambda ops, mode, slot, reps=5: timed.append(slot) or 1e-3 * (mode + 2)
+    )
     saved = build._state.pop("float_mode", None)
     try:
         chosen = {slot: build.float_mode(slot) for slot in (2, 4, 8)}

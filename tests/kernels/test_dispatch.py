@@ -5,11 +5,10 @@ import sys
 
 import pytest
 import torch
+from kernel_helpers import fp32_matmul_in_bf16, make_linear
 
 from cbq_hf.kernels import dispatch
 from cbq_hf.kernels.cpu import build, paths
-
-from kernel_helpers import fp32_matmul_in_bf16, make_linear
 
 needs_kernels = pytest.mark.skipif(build.select_variant() is None, reason="CPU without AVX2/FMA")
 
@@ -24,12 +23,20 @@ def amx(request, monkeypatch):
 
 
 @needs_kernels
-@pytest.mark.parametrize(("bits", "act_bits", "m", "expected"), [
-    (4, None, 1, "cpu_packed"), (4, None, paths.DEQUANT_MIN_M, "cpu_dequant"),
-    (4, 8, 1, "cpu_int"), (4, 8, paths.AMX_MIN_M - 1, "cpu_int"), (4, 8, paths.AMX_MIN_M, "cpu_int"),
-    (4, 8, paths.DEQUANT_MIN_M_INT[4] - 1, "cpu_int"), (4, 8, paths.DEQUANT_MIN_M_INT[4], "cpu_dequant"),
-    (2, 8, paths.DEQUANT_MIN_M_INT[2] - 1, "cpu_int"), (2, 8, paths.DEQUANT_MIN_M_INT[2], "cpu_dequant"),
-])
+@pytest.mark.parametrize(
+    ("bits", "act_bits", "m", "expected"),
+    [
+        (4, None, 1, "cpu_packed"),
+        (4, None, paths.DEQUANT_MIN_M, "cpu_dequant"),
+        (4, 8, 1, "cpu_int"),
+        (4, 8, paths.AMX_MIN_M - 1, "cpu_int"),
+        (4, 8, paths.AMX_MIN_M, "cpu_int"),
+        (4, 8, paths.DEQUANT_MIN_M_INT[4] - 1, "cpu_int"),
+        (4, 8, paths.DEQUANT_MIN_M_INT[4], "cpu_dequant"),
+        (2, 8, paths.DEQUANT_MIN_M_INT[2] - 1, "cpu_int"),
+        (2, 8, paths.DEQUANT_MIN_M_INT[2], "cpu_dequant"),
+    ],
+)
 def test_automatic_choice_by_rows(bits, act_bits, m, expected, amx):
     """Where AMX is available, activation-quantized formats take cpu_amx from AMX_MIN_M rows on, and never the
     dequantize path."""
@@ -98,10 +105,12 @@ def test_no_compiler_falls_back_to_reference_with_one_warning(monkeypatch, caplo
 
 
 def test_import_does_not_build_or_import_a_compiler():
-    code = ("import sys, cbq_hf, cbq_hf.kernels.dispatch as d; from cbq_hf.kernels.cpu import build; "
-            "assert 'torch.utils.cpp_extension' not in sys.modules, 'cpp_extension imported'; "
-            "assert build._state == {}, 'built at import'; assert 'cpu_packed' in d.available_kernels(); "
-            "assert 'gpu_packed' in d.available_kernels(); assert 'triton' not in sys.modules, 'triton imported'")
+    code = (
+        "import sys, cbq_hf, cbq_hf.kernels.dispatch as d; from cbq_hf.kernels.cpu import build; "
+        "assert 'torch.utils.cpp_extension' not in sys.modules, 'cpp_extension imported'; "
+        "assert build._state == {}, 'built at import'; assert 'cpu_packed' in d.available_kernels(); "
+        "assert 'gpu_packed' in d.available_kernels(); assert 'triton' not in sys.modules, 'triton imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "CBQ_KERNEL": ""})
 
 

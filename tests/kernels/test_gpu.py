@@ -1,13 +1,12 @@
 """The Triton CUDA paths against the reference.
 
 On a machine with CUDA they run compiled on the GPU. Without one (CI) the very same kernels run on CPU tensors in
-Triton's interpreter (``TRITON_INTERPRET=1``, set by tests/conftest.py before anything imports Triton), forced by name: that checks their
-indexing, unpacking, masking and arithmetic, not their speed. Tests that need the real automatic choice on CUDA
-skip without a GPU.
+Triton's interpreter (``TRITON_INTERPRET=1``, set by tests/conftest.py before anything imports Triton), forced by
+name: that checks their indexing, unpacking, masking and arithmetic, not their speed. Tests that need the real
+automatic choice on CUDA skip without a GPU.
 """
 
 import logging
-import os
 import sys
 
 import pytest
@@ -15,11 +14,11 @@ import torch
 
 pytest.importorskip("triton", reason="the GPU paths' tests need Triton (pip install triton, in the test extra)")
 
-from cbq_hf.kernels import reference  # noqa: E402
-from cbq_hf.kernels.dispatch import force_kernel  # noqa: E402
-from cbq_hf.kernels.gpu import paths  # noqa: E402
+from kernel_helpers import assert_close, magnitude, make_linear
 
-from kernel_helpers import assert_close, magnitude, make_linear  # noqa: E402
+from cbq_hf.kernels import reference
+from cbq_hf.kernels.dispatch import force_kernel
+from cbq_hf.kernels.gpu import paths
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -60,8 +59,12 @@ def _check(lin, x, kernels):
     for kernel in kernels:
         y = _run(lin, x, kernel)
         assert y.dtype == x.dtype and y.shape == ref.shape and y.device == x.device
-        assert_close(y.cpu(), ref.cpu(), magnitude(lin.cpu(), x.cpu()), torch.float32 if x.dtype == torch.float32
-                     else torch.bfloat16)
+        assert_close(
+            y.cpu(),
+            ref.cpu(),
+            magnitude(lin.cpu(), x.cpu()),
+            torch.float32 if x.dtype == torch.float32 else torch.bfloat16,
+        )
         lin.to(DEVICE)
 
 
@@ -108,8 +111,9 @@ def test_dequantize_equals_the_reference_weight(bits, group):
     lin = make_linear(70, 300, bits, group)
     out = torch.empty(70, 300, device=DEVICE)
     spec = lin.fmt.spec
-    triton_uniform.dequantize(lin.qweight.to(DEVICE), lin.scales.to(DEVICE), lin.zeros.to(DEVICE),
-                              spec.slot_bits, spec.group_len(300), out)
+    triton_uniform.dequantize(
+        lin.qweight.to(DEVICE), lin.scales.to(DEVICE), lin.zeros.to(DEVICE), spec.slot_bits, spec.group_len(300), out
+    )
     assert torch.equal(out.cpu(), lin.dequantized_weight())
 
 

@@ -3,14 +3,13 @@ GEMM within float tolerance, over geometries that take the vectorised and the sc
 
 import pytest
 import torch
+from kernel_helpers import assert_close, magnitude
 
 from cbq_hf.formats.lobcq import LOBCQFormat, LOBCQSpec
 from cbq_hf.kernels import reference
 from cbq_hf.kernels.cpu import build, lobcq_paths
 from cbq_hf.kernels.dispatch import force_kernel
 from cbq_hf.nn.linear import CBQLinear
-
-from kernel_helpers import assert_close, magnitude
 
 pytestmark = pytest.mark.skipif(build.select_variant() is None, reason="CPU without AVX2/FMA")
 
@@ -19,14 +18,21 @@ pytestmark = pytest.mark.skipif(build.select_variant() is None, reason="CPU with
 SPECS = [(8, 64, 16), (8, 32, 8), (8, 64, 1), (4, 24, 4)]
 
 
-def _random_lobcq(n: int, k: int, spec: LOBCQSpec, act_bits: int | None = None, bias: bool = True,
-                  input_scale: bool = False, seed: int = 0) -> CBQLinear:
+def _random_lobcq(
+    n: int,
+    k: int,
+    spec: LOBCQSpec,
+    act_bits: int | None = None,
+    bias: bool = True,
+    input_scale: bool = False,
+    seed: int = 0,
+) -> CBQLinear:
     """A LO-BCQ CBQLinear with random codes, selectors, E4M3 scales and codebooks (no design step needed)."""
     g = torch.Generator().manual_seed(seed)
     fmt = LOBCQFormat(spec, act_bits=act_bits)
     specs = fmt.buffer_specs(n, k)
     bufs = {}
-    for name, (shape, dtype) in specs.items():
+    for name, (shape, _dtype) in specs.items():
         if name == "scales":
             bufs[name] = torch.randint(40, 72, shape, dtype=torch.uint8, generator=g)  # E4M3 ~0.06 .. 1.1
         elif name == "tensor_scale":
@@ -38,8 +44,11 @@ def _random_lobcq(n: int, k: int, spec: LOBCQSpec, act_bits: int | None = None, 
         else:
             bufs[name] = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
     lin = CBQLinear(k, n, bias, fmt, has_input_scale=input_scale)
-    lin.load_packed(bufs, bias=torch.randn(n, generator=g) if bias else None,
-                    input_scale=torch.rand(k, generator=g) + 0.5 if input_scale else None)
+    lin.load_packed(
+        bufs,
+        bias=torch.randn(n, generator=g) if bias else None,
+        input_scale=torch.rand(k, generator=g) + 0.5 if input_scale else None,
+    )
     return lin
 
 
@@ -50,22 +59,26 @@ def _run(lin, x, kernel):
     return y
 
 
-@pytest.mark.parametrize(("geometry", "k", "n"), [(g, k, 13) for g in SPECS for k in (64, 100, 37, 576)]
-                         + [(g, 2100, 2048) for g in SPECS[::3]],
-                         ids=lambda v: f"b{v[0]}a{v[1]}n{v[2]}" if isinstance(v, tuple) else str(v))
+@pytest.mark.parametrize(
+    ("geometry", "k", "n"),
+    [(g, k, 13) for g in SPECS for k in (64, 100, 37, 576)] + [(g, 2100, 2048) for g in SPECS[::3]],
+    ids=lambda v: f"b{v[0]}a{v[1]}n{v[2]}" if isinstance(v, tuple) else str(v),
+)
 def test_dequantize_into_is_the_reference_weight_bit_for_bit(geometry, k, n):
     """2048 x 2100 outputs (8.6 / 17.2 MB, above kStreamMinBytes) are written with streaming stores where aligned."""
     lin = _random_lobcq(n, k, LOBCQSpec(*geometry))
     st = lobcq_paths._state(lin)
     ops = build.load()
     out = torch.empty(n, k)
-    ops.lobcq_dequantize_into(lin.qweight, st["selectors"], lin.scales, st["tensor_scale"], st["codebooks"],
-                              st["e4m3"], *st["geometry"], out)
+    ops.lobcq_dequantize_into(
+        lin.qweight, st["selectors"], lin.scales, st["tensor_scale"], st["codebooks"], st["e4m3"], *st["geometry"], out
+    )
     ref = lin.dequantized_weight()
     assert torch.equal(out, ref)
     bf = torch.empty(n, k, dtype=torch.bfloat16)
-    ops.lobcq_dequantize_into(lin.qweight, st["selectors"], lin.scales, st["tensor_scale"], st["codebooks"],
-                              st["e4m3"], *st["geometry"], bf)
+    ops.lobcq_dequantize_into(
+        lin.qweight, st["selectors"], lin.scales, st["tensor_scale"], st["codebooks"], st["e4m3"], *st["geometry"], bf
+    )
     assert torch.equal(bf, ref.to(torch.bfloat16))
 
 
@@ -128,8 +141,16 @@ def test_activation_encoder_is_bit_identical_to_the_formats(geometry, k):
     x[7, 3] = 5e3
     x[9] = torch.randn(k).mul(8).round()
     e4m3 = e4m3_decode(torch.arange(256, dtype=torch.uint8))
-    got = build.load().lobcq_encode_act(x, lut.values.float().contiguous(), lut.index.to(torch.uint8).contiguous(),
-                                        cb.float().contiguous(), e4m3, spec.block_len, spec.array_len, spec.cmax)
+    got = build.load().lobcq_encode_act(
+        x,
+        lut.values.float().contiguous(),
+        lut.index.to(torch.uint8).contiguous(),
+        cb.float().contiguous(),
+        e4m3,
+        spec.block_len,
+        spec.array_len,
+        spec.cmax,
+    )
     assert torch.equal(got, fake_quantize_activations(x, cb, spec))
 
 
@@ -152,15 +173,70 @@ def test_shared_inputs_are_encoded_once_and_in_place_changes_are_seen():
 # two codebooks' squared errors for block 4 differ by a rounding: summed in another order they pick different
 # codebooks. The token's largest value (another array) fixes the tensor scale.
 _NEAR_TIE_ARRAY = [
-    -0.266615629, -0.156886905, -0.0224702861, -0.114742413, 0.497671455, 0.0512244478, -0.0371828973,
-    -0.361242205, -0.0422159992, 0.0197481886, -0.155538946, -0.00989568606, -0.0416565835, 0.146892622,
-    0.0393923521, 0.093243964, -0.105600044, 0.120281585, -0.0107987029, -0.100686103, 0.0214201584, -0.144136474,
-    -0.0107488865, 0.00206716382, -0.00193630229, 0.00973045174, 0.0396688804, -0.0347794853, -0.0623170622,
-    0.0219922867, 0.0034908629, 0.885654807, -0.16218403, 0.215670824, 0.0412396826, 0.0595115572, 0.0796199217,
-    0.00553857349, -0.207907543, 0.0521641448, -0.0436961129, 0.00807869621, 0.0375279151, 0.0407509506,
-    0.00813001394, -0.1415115, 0.00551724155, -0.0545137562, 0.134239227, 0.187884912, -0.314323515, -0.155376181,
-    -0.0242062956, 0.662857115, 0.189114317, -0.114800297, -0.0930747688, 0.339967519, -0.00798560306,
-    -0.174584821, -0.0919822529, 0.00305164768, -0.0647314638, -0.162118629,
+    -0.266615629,
+    -0.156886905,
+    -0.0224702861,
+    -0.114742413,
+    0.497671455,
+    0.0512244478,
+    -0.0371828973,
+    -0.361242205,
+    -0.0422159992,
+    0.0197481886,
+    -0.155538946,
+    -0.00989568606,
+    -0.0416565835,
+    0.146892622,
+    0.0393923521,
+    0.093243964,
+    -0.105600044,
+    0.120281585,
+    -0.0107987029,
+    -0.100686103,
+    0.0214201584,
+    -0.144136474,
+    -0.0107488865,
+    0.00206716382,
+    -0.00193630229,
+    0.00973045174,
+    0.0396688804,
+    -0.0347794853,
+    -0.0623170622,
+    0.0219922867,
+    0.0034908629,
+    0.885654807,
+    -0.16218403,
+    0.215670824,
+    0.0412396826,
+    0.0595115572,
+    0.0796199217,
+    0.00553857349,
+    -0.207907543,
+    0.0521641448,
+    -0.0436961129,
+    0.00807869621,
+    0.0375279151,
+    0.0407509506,
+    0.00813001394,
+    -0.1415115,
+    0.00551724155,
+    -0.0545137562,
+    0.134239227,
+    0.187884912,
+    -0.314323515,
+    -0.155376181,
+    -0.0242062956,
+    0.662857115,
+    0.189114317,
+    -0.114800297,
+    -0.0930747688,
+    0.339967519,
+    -0.00798560306,
+    -0.174584821,
+    -0.0919822529,
+    0.00305164768,
+    -0.0647314638,
+    -0.162118629,
 ]
 _NEAR_TIE_TOKEN_MAX = 1.75079048
 
@@ -179,7 +255,15 @@ def test_encoders_agree_on_a_near_tie_between_codebooks():
     x[0, :64] = torch.tensor(_NEAR_TIE_ARRAY)
     x[0, 64] = _NEAR_TIE_TOKEN_MAX
     e4m3 = e4m3_decode(torch.arange(256, dtype=torch.uint8))
-    got = build.load().lobcq_encode_act(x, lut.values.float().contiguous(), lut.index.to(torch.uint8).contiguous(),
-                                        cb.float().contiguous(), e4m3, spec.block_len, spec.array_len, spec.cmax)
+    got = build.load().lobcq_encode_act(
+        x,
+        lut.values.float().contiguous(),
+        lut.index.to(torch.uint8).contiguous(),
+        cb.float().contiguous(),
+        e4m3,
+        spec.block_len,
+        spec.array_len,
+        spec.cmax,
+    )
     ref = fake_quantize_activations(x, cb, spec)
     assert torch.equal(got, ref)

@@ -1,11 +1,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_helpers import make_linear
 
 from cbq_hf.formats.uniform import fake_quantize_activations
 from cbq_hf.kernels import reference
-
-from kernel_helpers import make_linear
 
 
 @pytest.mark.parametrize("act_bits", [None, 8, 4], ids=lambda a: f"a{a}")

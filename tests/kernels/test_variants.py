@@ -21,19 +21,38 @@ _default = build.select_variant() if not os.environ.get(build.VARIANT_ENV) else 
 _others = [v for v, need in build._REQUIRED_FLAGS.items() if need <= _flags and v != _default]
 
 
-@pytest.mark.skipif(not _others, reason="this CPU runs only one build variant (tested by test_cpu.py and "
-                    "test_lobcq_cpu.py)")
+@pytest.mark.skipif(
+    not _others, reason="this CPU runs only one build variant (tested by test_cpu.py and test_lobcq_cpu.py)"
+)
 @pytest.mark.parametrize("variant", _others or ["none"])
 def test_lower_variant_passes_the_cpu_kernel_tests(variant):
     env = dict(os.environ, **{build.VARIANT_ENV: variant})
     check = subprocess.run(
         [sys.executable, "-c", "from cbq_hf.kernels.cpu import build; build.load(); print(build.loaded_variant())"],
-        env=env, capture_output=True, text=True, timeout=600)
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert check.returncode == 0 and check.stdout.split()[-1] == variant, check.stderr[-2000:]
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(HERE / "test_cpu.py"),
-         str(HERE / "test_lobcq_cpu.py")],
-        env=env, capture_output=True, text=True, timeout=900, cwd=HERE.parent.parent)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            str(HERE / "test_cpu.py"),
+            str(HERE / "test_lobcq_cpu.py"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=HERE.parent.parent,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-1000:]
 

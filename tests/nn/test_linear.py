@@ -11,8 +11,7 @@ def _make(n, k, bits, group, act_bits=None, bias=True, input_scale=False):
     w = torch.randn(n, k)
     b = torch.randn(n) if bias else None
     lin = CBQLinear(k, n, bias, fmt, has_input_scale=input_scale)
-    lin.load_packed(fmt.quantize_rtn(w), bias=b,
-                    input_scale=torch.rand(k) + 0.5 if input_scale else None)
+    lin.load_packed(fmt.quantize_rtn(w), bias=b, input_scale=torch.rand(k) + 0.5 if input_scale else None)
     return lin, w, b
 
 

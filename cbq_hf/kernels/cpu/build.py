@@ -27,8 +27,13 @@ SOURCE = Path(__file__).with_name("cbq_cpu.cpp")
 #: Every source of the extension: the uniform-format kernels, the 2-bit table-lookup kernel, the AMX integer GEMM and
 #: the LO-BCQ kernels (ops in the same namespace), and the Python bindings of the decode GEMMs (`direct()`).
 BINDINGS = Path(__file__).with_name("bindings.cpp")
-SOURCES = (SOURCE, Path(__file__).with_name("lut2_cpu.cpp"), Path(__file__).with_name("amx_cpu.cpp"),
-           Path(__file__).with_name("lobcq_cpu.cpp"), BINDINGS)
+SOURCES = (
+    SOURCE,
+    Path(__file__).with_name("lut2_cpu.cpp"),
+    Path(__file__).with_name("amx_cpu.cpp"),
+    Path(__file__).with_name("lobcq_cpu.cpp"),
+    BINDINGS,
+)
 #: Headers they include (part of the build's cache key: a changed header must rebuild).
 HEADERS = (Path(__file__).with_name("cpu_common.h"), Path(__file__).with_name("panel_layout.h"))
 
@@ -73,10 +78,8 @@ def cpu_vendor() -> str:
 
 VARIANT_ENV = "CBQ_HF_CPU_VARIANT"
 STREAMS_ENV = "CBQ_HF_CPU_STREAMS"
-#: Panels each kernel thread streams at once, by CPU vendor (4 elsewhere). Measured at M=1 on one core, A/B in one
-#: process with the same weights: Sapphire Rapids, one stream ~9 GB/s, four ~12-13 GB/s (session 6); AMD Zen 4,
-#: 4096 x 4096 W4A8 0.378 / 0.355 / 0.458 ms and W4A16 0.591 / 0.529 / 0.536 ms with 1 / 2 / 4 streams, 4096 x 11008
-#: W4A8 1.003 / 0.973 / 1.300 ms (session 9).
+#: Panels each kernel thread streams at once, by CPU vendor (4 elsewhere): more concurrent streams draw more memory
+#: bandwidth from one core until the core's prefetchers saturate (docs/benchmarks_kernels.md, "Weight streams").
 VENDOR_STREAMS = {"AuthenticAMD": 2}
 STREAM_CHOICES = (1, 2, 4)
 
@@ -88,8 +91,9 @@ def weight_streams(vendor: str | None = None) -> int:
     forced = os.environ.get(STREAMS_ENV, "").strip()
     if forced:
         if forced not in {str(c) for c in STREAM_CHOICES}:
-            raise ValueError(f"{STREAMS_ENV}={forced!r} is not one of {list(STREAM_CHOICES)}; unset it to use this "
-                             f"CPU's default.")
+            raise ValueError(
+                f"{STREAMS_ENV}={forced!r} is not one of {list(STREAM_CHOICES)}; unset it to use this CPU's default."
+            )
         return int(forced)
     return VENDOR_STREAMS.get(cpu_vendor() if vendor is None else vendor, 4)
 
@@ -106,12 +110,16 @@ def select_variant(flags: set[str] | None = None) -> str | None:
     forced = os.environ.get(VARIANT_ENV, "").strip().lower()
     if forced:
         if forced not in _REQUIRED_FLAGS:
-            raise ValueError(f"{VARIANT_ENV}={forced!r} is not one of {sorted(_REQUIRED_FLAGS)}; unset it to let "
-                             "cbq_hf pick the best variant for this CPU.")
+            raise ValueError(
+                f"{VARIANT_ENV}={forced!r} is not one of {sorted(_REQUIRED_FLAGS)}; unset it to let "
+                "cbq_hf pick the best variant for this CPU."
+            )
         missing = _REQUIRED_FLAGS[forced] - flags
         if missing:
-            raise ValueError(f"{VARIANT_ENV}={forced!r} needs CPU flags this CPU lacks ({', '.join(sorted(missing))}); "
-                             "choose a lower variant or unset it.")
+            raise ValueError(
+                f"{VARIANT_ENV}={forced!r} needs CPU flags this CPU lacks ({', '.join(sorted(missing))}); "
+                "choose a lower variant or unset it."
+            )
         return forced
     for name, needed in _REQUIRED_FLAGS.items():
         if needed <= flags:
@@ -130,8 +138,9 @@ def _sources(bindings: bool) -> tuple[Path, ...]:
 
 def build_dir(variant: str, bindings: bool = True) -> Path:
     """Where a variant's build lives: keyed by torch version and a hash of the sources, headers and flags."""
-    digest = hashlib.sha256(b"".join(src.read_bytes() for src in _sources(bindings) + HEADERS)
-                            + " ".join(VARIANT_FLAGS[variant]).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(
+        b"".join(src.read_bytes() for src in _sources(bindings) + HEADERS) + " ".join(VARIANT_FLAGS[variant]).encode()
+    ).hexdigest()[:12]
     tv = torch.__version__.replace("+", "_")
     return cache_dir() / "kernels" / f"cpu-{variant}{'' if bindings else '-ops'}-torch{tv}-{digest}"
 
@@ -189,6 +198,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake(lib + "lut2_repack")
     def _(qweight, scales, zeros, K, glen):
         from .layout import lut2_bytes
+
         return qweight.new_empty((lut2_bytes(qweight.shape[0], K, glen),))
 
     @torch.library.register_fake(lib + "gemm_int_amx")
@@ -224,11 +234,12 @@ def load():
                 raise RuntimeError(f"this CPU ({platform.machine()}) has no AVX2/FMA support")
             bindings = python_headers_available()
             if not bindings:
-                logger.info("cbq_hf: no Python headers (Python.h); building the CPU kernels without their direct "
-                            "bindings")
+                logger.info(
+                    "cbq_hf: no Python headers (Python.h); building the CPU kernels without their direct bindings"
+                )
             direct_module = _build(variant, bindings)
             _register_fakes()
-        except Exception as exc:  # noqa: BLE001 - any build failure means: use the reference path
+        except Exception as exc:
             _state["error"] = f"{type(exc).__name__}: {exc}".strip()
             logger.warning(
                 "cbq_hf: the packed CPU kernels could not be built (%s); CBQLinear falls back to the slow pure "
@@ -240,8 +251,12 @@ def load():
         _state["direct"] = direct_module
         _state["variant"] = variant
         torch.ops.cbq_hf_cpu.set_streams(streams)
-        logger.info("cbq_hf: loaded CPU kernels (%s, %d weight streams) from %s", variant, streams,
-                    build_dir(variant, direct_module is not None))
+        logger.info(
+            "cbq_hf: loaded CPU kernels (%s, %d weight streams) from %s",
+            variant,
+            streams,
+            build_dir(variant, direct_module is not None),
+        )
         return _state["ops"]
 
 
@@ -258,14 +273,10 @@ def direct():
 FLOAT_MODES = {"convert": 0, "auto": -1, "fixed": 2}
 #: Variants whose build has the fixed-point mode (elsewhere mode 2 runs as convert).
 FIXED_VARIANTS = {"avx512vnni"}
-#: Code widths for which those variants take the fixed-point mode without timing. It wins on weights streamed from
-#: memory, which a small timed call cannot show (it fits in L2, where the modes are about equally fast): 4096 x 4096,
-#: one Sapphire Rapids core, weights cycled over more copies than L3 holds, 4-bit codes g128 0.64 ms (fixed) vs
-#: 0.87 ms (convert), 2-bit codes g64 0.82 vs 1.02 ms (session 10, with three-digit groups; with four digits
-#: everywhere 2-bit fixed was no faster than convert). 2-bit codes only on Intel, where that was measured: on AMD
-#: Zen 4 the timed choice (denormal, 0.73 ms) beat four-digit fixed point (0.86 ms) and three digits were not
-#: measured there.
+#: Code widths for which those variants take the fixed-point mode without timing: it wins on weights streamed from
+#: memory, which a small timed call (in L2, where the modes run about equally fast) cannot show.
 FIXED_SLOTS = {4}
+#: The same by CPU vendor: Intel cores take it for 2-bit codes too (docs/benchmarks_kernels.md, "Float modes").
 VENDOR_FIXED_SLOTS = {"GenuineIntel": {2, 4}}
 FLOAT_MODE_ENV = "CBQ_HF_CPU_FLOAT_MODE"
 
@@ -292,9 +303,8 @@ def float_mode(slot: int = 4) -> int:
     """The ``mode`` to pass to ``gemm_float`` for `slot`-bit codes on this CPU, measured once per process and slot.
 
     Three ways to multiply packed codes by float activations: convert every code (vcvtdq2ps + FMA), reinterpret it
-    as a denormal float (no conversion: ~1.3x faster where denormal operands run at full speed, on AMD Zen, but Intel
-    cores take a microcode assist per denormal operand: 140 ms instead of ~1.5 ms per 4096 x 4096 call on a Sapphire
-    Rapids core), or (AVX-512 VNNI builds) fixed point on the integer dot-product units, which is taken for the code
+    as a denormal float (no conversion: ~1.3x faster where denormal operands run at full speed, as on AMD cores, but
+    Intel cores take a microcode assist per denormal operand, ~100x slower), or (AVX-512 VNNI builds) fixed point on the integer dot-product units, which is taken for the code
     widths in VENDOR_FIXED_SLOTS / FIXED_SLOTS (see there). Between the first two the faster is picked by timing a
     small call in each (a few ms, once per slot). All give the reference's sums within fp32 rounding.
     ``CBQ_HF_CPU_FLOAT_MODE=convert|auto|fixed`` fixes the choice instead (fixed runs as convert where it is
@@ -307,8 +317,10 @@ def float_mode(slot: int = 4) -> int:
     forced = os.environ.get(FLOAT_MODE_ENV, "").strip().lower()
     if forced:
         if forced not in FLOAT_MODES:
-            raise ValueError(f"{FLOAT_MODE_ENV}={forced!r} is not one of {sorted(FLOAT_MODES)}; unset it to let "
-                             "cbq_hf time the modes.")
+            raise ValueError(
+                f"{FLOAT_MODE_ENV}={forced!r} is not one of {sorted(FLOAT_MODES)}; unset it to let "
+                "cbq_hf time the modes."
+            )
         mode = FLOAT_MODES[forced]
     elif ops is None:
         mode = FLOAT_MODES["convert"]
@@ -320,8 +332,12 @@ def float_mode(slot: int = 4) -> int:
             times = {name: _time_float_mode(ops, FLOAT_MODES[name], slot) for name in ("convert", "auto")}
             best = min(times, key=times.get)
         mode = FLOAT_MODES[best]
-        logger.info("cbq_hf: float kernel mode for %d-bit codes: %s (%s)", slot, best,
-                    ", ".join(f"{n} {1e3 * t:.3f} ms" for n, t in times.items()) or "measured offline")
+        logger.info(
+            "cbq_hf: float kernel mode for %d-bit codes: %s (%s)",
+            slot,
+            best,
+            ", ".join(f"{n} {1e3 * t:.3f} ms" for n, t in times.items()) or "measured offline",
+        )
     modes[slot] = mode
     return mode
 
@@ -335,6 +351,3 @@ def build_error() -> str | None:
     """Why the build failed, or None."""
     return _state.get("error")  # type: ignore[return-value]
 
-
-def _reset_for_tests() -> None:
-    _state.clear()

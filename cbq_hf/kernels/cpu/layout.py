@@ -41,8 +41,15 @@ class Panels:
         return self.wpack.numel() * self.wpack.element_size()
 
 
-def repack(ops, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: UniformSpec,
-           in_features: int, bias: torch.Tensor | None = None) -> Panels:
+def repack(
+    ops,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    spec: UniformSpec,
+    in_features: int,
+    bias: torch.Tensor | None = None,
+) -> Panels:
     """Panel layout of one linear from its packed buffers (qweight [N, bytes], scales/zeros [N, G]); `ops` is the
     loaded ``torch.ops.cbq_hf_cpu`` namespace."""
     slot, glen = spec.slot_bits, spec.group_len(in_features)
@@ -80,8 +87,15 @@ class Lut2Weights:
         return self.wlut.numel() * self.wlut.element_size()
 
 
-def repack_lut2(ops, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: UniformSpec,
-                in_features: int, bias: torch.Tensor | None = None) -> Lut2Weights:
+def repack_lut2(
+    ops,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    spec: UniformSpec,
+    in_features: int,
+    bias: torch.Tensor | None = None,
+) -> Lut2Weights:
     """Table layout of one 2-bit linear from its packed buffers (see `repack`)."""
     if spec.slot_bits != 2:
         raise ValueError(f"the table layout takes 2-bit codes, got {spec.slot_bits}-bit slots")

@@ -22,8 +22,8 @@ from ...formats.input_memo import LastInputMemo
 from ...formats.lobcq import e4m3_decode
 from ...formats.lobcq_codebooks import build_lut
 from .. import reference
+from ..workspace import workspace
 from . import build
-from .paths import workspace
 
 #: Rows (tokens) from which `cpu_lobcq_dequant` is chosen over the row-decoding GEMM, measured with
 #: `benchmarks/lobcq_speed.py` on the demo model's 576x1536 / 1536x576 shapes (see docs/lobcq.md "Speed").
@@ -49,9 +49,15 @@ def _state(module) -> dict:
         }
         if module.fmt.act_bits is not None:
             lut = build_lut(module.act_codebooks, spec.cmax)
-            st["act"] = (lut.values.float().contiguous(), lut.index.to(torch.uint8).contiguous(),
-                         module.act_codebooks.float().contiguous(), st["e4m3"], spec.block_len, spec.array_len,
-                         spec.cmax)
+            st["act"] = (
+                lut.values.float().contiguous(),
+                lut.index.to(torch.uint8).contiguous(),
+                module.act_codebooks.float().contiguous(),
+                st["e4m3"],
+                spec.block_len,
+                spec.array_len,
+                spec.cmax,
+            )
             st["act_key"] = bytes(module.act_codebooks.to(torch.int8).numpy().tobytes())
         module._kernel_cache["cpu_lobcq"] = st
     return st
@@ -106,8 +112,17 @@ def prefer_dequant(module, x: torch.Tensor) -> bool:
 def linear_lobcq(module, x: torch.Tensor) -> torch.Tensor:
     st = _state(module)
     xq = prepare_input(module, x)
-    y = build.load().lobcq_gemm(xq, module.qweight, st["selectors"], module.scales, st["tensor_scale"],
-                                st["codebooks"], st["e4m3"], st["bias"], *st["geometry"])
+    y = build.load().lobcq_gemm(
+        xq,
+        module.qweight,
+        st["selectors"],
+        module.scales,
+        st["tensor_scale"],
+        st["codebooks"],
+        st["e4m3"],
+        st["bias"],
+        *st["geometry"],
+    )
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
@@ -115,8 +130,16 @@ def linear_lobcq_dequant(module, x: torch.Tensor) -> torch.Tensor:
     st = _state(module)
     n, k = module.out_features, module.in_features
     w = workspace(n * k).view(n, k)
-    build.load().lobcq_dequantize_into(module.qweight, st["selectors"], module.scales, st["tensor_scale"],
-                                       st["codebooks"], st["e4m3"], *st["geometry"], w)
+    build.load().lobcq_dequantize_into(
+        module.qweight,
+        st["selectors"],
+        module.scales,
+        st["tensor_scale"],
+        st["codebooks"],
+        st["e4m3"],
+        *st["geometry"],
+        w,
+    )
     return F.linear(prepare_input(module, x), w, st["bias"]).to(x.dtype)
 
 

@@ -14,7 +14,7 @@ Paths (automatic choice in this order; each can be forced by name):
   int32 sums per group.
 - ``cpu_lut2``: 2-bit weights with float activations (no ``act_bits``) on AVX-512 builds: per token a table of the
   16 partial sums of every pair of activations, looked up for 16 rows at once by the codes (`lut2_cpu.cpp`);
-  1.6-1.8x faster than ``cpu_packed`` on a 2-bit decode GEMV (docs/benchmarks_kernels.md, session 11). Exact
+  1.6-1.8x faster than ``cpu_packed`` on a 2-bit decode GEMV (docs/benchmarks_kernels.md, "2-bit weights"). Exact
   w.r.t. the dequantized weights up to float rounding.
 - ``cpu_packed``: every other case (fp32/bf16/fp16 activations, 8-bit weights, act_bits with 8-bit weights on
   simulated-quantized inputs): float FMA straight from the packed codes, exact w.r.t. the dequantized weights.
@@ -28,56 +28,34 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
+from ..workspace import workspace
 from . import build
 from .layout import Lut2Weights, Panels, repack, repack_lut2
 
-#: Rows (tokens) from which `cpu_dequant` (dequantize + one dense GEMM) is chosen over the packed kernels, measured
-#: with `benchmarks/kernels.py --shapes 4096x4096 --ms 4 8 16 32 64 128 512 --paths cpu_packed cpu_int cpu_dequant
-#: --reps 3 --min-time 0 --threads 1 --out kernels_crossover_spr` on a quiet Sapphire Rapids core (AVX-512, AMX;
-#: benchmarks/results/kernels_crossover_spr.md), dequantization taking ~9 ms (fp32) / ~6 ms (bf16) per 4096x4096:
-#:   * float activations: packed 15 / 36 / 76 ms at M = 16 / 32 / 64, dequantize + fp32 GEMM 30 / 38 / 47 ms;
-#:   * bf16 activations on a CPU with bf16 matrix units: packed 7.1 / 14.8 ms at M = 8 / 16, dequantize to bf16 +
-#:     bf16 GEMM 10.7 / 14.5 ms;
-#:   * integer path (W4A8): 19 / 55 / 177 ms at M = 64 / 128 / 512 against 48 / 61 / 171 ms (fp32 GEMM), and
-#:     against 21.5 / 18.7 ms at M = 64 / 128 with the bf16 GEMM.
-#: On the AVX2 Zen 3 machine of earlier sessions (emulated bf16 GEMM, so the bf16 rows do not apply there) the float
-#: crossover was ~100-128 rows with a 4x slower dequantization than today's; not re-measured since.
-#: With the 512-bit VNNI integer kernel (2026-12-02, `benchmarks/kernels.py --shapes 4096x4096 --ms 256 512 1024
-#: --paths cpu_int cpu_dequant --reps 3 --min-time 0 --threads 1 --out kernels_int_crossover_spr_s5`) the integer
-#: path with 4-bit slots beats dequantize + fp32 GEMM at every M measured: 66 / 145 / 313 ms at M = 256 / 512 / 1024
-#: against 99 / 192 / 398 ms (and the 3-shape table agrees at M = 512); with 2-bit slots it is even at 256-512
-#: (100 / 201 ms) and slower at 1024 (493 ms). Above 1024 rows nothing was measured: dequantize from 2048 on.
-#: Re-measured after the dequantization got ~2x cheaper (session 13: table lookups, streaming stores; `--shapes
-#: 4096x4096 576x1536 --ms 8 16 24 32 48 64 96 --paths cpu_packed cpu_lut2 cpu_dequant --reps 3 --min-time 0
-#: --threads 1 --out kernels_crossover_spr_s13`): float32 W4 packed / dequantize 31.6 / 33.4 ms at M = 48 and 42.1 /
-#: 38.5 at 64 (576 x 1536: 2.34 / 2.47 and 2.96 / 2.69), so 48 stays; bf16 W4 10.9 / 8.5 ms at M = 16 on 4096 x 4096
-#: and 0.84 / 0.96 on 576 x 1536 (even at ~22 rows), so 16 stays. Float32 inputs under the bf16 float32-matmul
-#: setting take the bf16 limit too (`--ms 8 16 24 32 --paths cpu_packed cpu_dequant --fp32-matmul medium --out
-#: kernels_crossover_medium_s13`): 12.4 / 9.2 ms at M = 16 on 4096 x 4096, 1.06 / 1.03 at M = 24 on 576 x 1536.
+# Rows (tokens) from which a path takes over. Dequantizing a whole weight costs a fixed few ms per call, which the
+# dense GEMM after it wins back per row over the packed kernels; where the two cross is measured with forced paths in
+# docs/benchmarks_kernels.md, "Prefill crossovers" (AMX: "Integer prefill on AMX tiles").
+#: float inputs, float32 GEMM: `cpu_packed` below, dequantize + fp32 GEMM from here.
 DEQUANT_MIN_M = 48
+#: bf16 GEMM (bf16 inputs, or the bf16 float32-matmul setting) on bf16 matrix units: a cheaper GEMM switches earlier.
 DEQUANT_MIN_M_BF16 = 16
-#: The same for 2-bit weights on the `cpu_lut2` path (session 11, 4096 x 4096 g64, one Sapphire Rapids core, fp32 /
-#: bf16 inputs, /tmp script timing forced paths): float32 inputs lut2 31 / 45 / 55 / 80 ms at M = 48 / 64 / 96 / 128
-#: against dequantize + fp32 GEMM 45 / 52 / 56 / 78 ms; bfloat16 inputs (AMX) 4.9 / 11.1 / 22.0 ms at M = 8 / 16 / 32
-#: against 12.8 / 12.8 / 15.1 ms. Session 13 (cheaper dequantization, same command as above): float32 lut2 37.0 /
-#: 56.9 ms at M = 64 / 96 against 38.9 / 49.5 (576 x 1536: 2.41 / 3.54 against 2.62 / 3.07), even at ~70-74 rows.
+#: 2-bit weights on `cpu_lut2` (faster per row than `cpu_packed`, so it holds out longer), float32 GEMM.
 DEQUANT_MIN_M_LUT2 = 72
+#: 2-bit weights on `cpu_lut2` against the bf16 GEMM.
 DEQUANT_MIN_M_LUT2_BF16 = 24
+#: `cpu_int` by slot bits: 4-bit stays ahead of dequantize + fp32 GEMM through 1024 rows (the most measured), 2-bit
+#: draws even at 256-512.
 DEQUANT_MIN_M_INT = {4: 2048, 2: 512}
-#: Rows from which the AMX integer GEMM (`cpu_amx`) is chosen over the VNNI panel kernel (`cpu_int`) for
-#: activation-quantized formats, where AMX is available (session 12, one Sapphire Rapids core, W4A8 g128, hot weights,
-#: /tmp timing script): 4096 x 4096 AMX 2.21 / 2.21 / 2.43 / 3.41 ms at M = 4 / 8 / 16 / 32 against VNNI 1.56 / 2.85
-#: / 5.21 / 10.27 ms; 576 x 1536 0.13 / 0.13 / 0.16 / 0.24 against 0.09 / 0.18 / 0.35 / 0.68 ms. Below ~8 rows the
-#: AMX kernel's fixed cost (unpacking every weight once per call) dominates. With cold weights see
-#: docs/benchmarks_kernels.md (session 12).
-AMX_MIN_M = 8
-NEVER = 1 << 62
+#: `cpu_int` against dequantize + bf16 GEMM (between the crossing at 64 and 128 rows).
 DEQUANT_MIN_M_INT_BF16 = 96
+#: `cpu_amx` over `cpu_int` from here: below it the per-call unpacking of every weight outweighs the tile products.
+AMX_MIN_M = 8
+#: A row count no input reaches: the path is never taken automatically.
+NEVER = 1 << 62
 _BF16_MATRIX_FLAGS = {"amx_bf16", "avx512_bf16"}
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_workspace: dict[str, torch.Tensor] = {}
-_workspace_flags: dict[str, bool] = {}
+_capabilities: dict[str, bool] = {}
 
 
 def _rows(x: torch.Tensor) -> int:
@@ -100,11 +78,11 @@ def supports_packed(module, x: torch.Tensor) -> bool:
 
 def _build_reports(key: str, op_name: str) -> bool:
     """The loaded kernels' answer to the no-argument op `op_name` (False where none are loaded), asked once and kept
-    in ``_workspace_flags[key]``."""
-    if key not in _workspace_flags:
+    in ``_capabilities[key]``."""
+    if key not in _capabilities:
         ops = build.load()
-        _workspace_flags[key] = ops is not None and bool(getattr(ops, op_name)())
-    return _workspace_flags[key]
+        _capabilities[key] = ops is not None and bool(getattr(ops, op_name)())
+    return _capabilities[key]
 
 
 def lut2_available() -> bool:
@@ -114,8 +92,12 @@ def lut2_available() -> bool:
 
 def supports_lut2(module, x: torch.Tensor) -> bool:
     # act_bits None only: simulated activation quantization with 2-bit weights goes to cpu_int
-    return (_supports_common(module, x) and module.fmt.act_bits is None and module.fmt.spec.slot_bits == 2
-            and lut2_available())
+    return (
+        _supports_common(module, x)
+        and module.fmt.act_bits is None
+        and module.fmt.spec.slot_bits == 2
+        and lut2_available()
+    )
 
 
 def supports_int(module, x: torch.Tensor) -> bool:
@@ -136,17 +118,17 @@ def supports_amx(module, x: torch.Tensor) -> bool:
 
 def bf16_gemm_is_native() -> bool:
     """Whether this CPU has bf16 matrix instructions (AMX or AVX512-BF16); without them torch emulates the bf16
-    GEMM (7x slower than fp32 on the AVX2 Zen 3 machine), so `cpu_dequant` keeps fp32 for bf16 inputs."""
-    if "bf16_native" not in _workspace_flags:
-        _workspace_flags["bf16_native"] = bool(_BF16_MATRIX_FLAGS & build.cpu_flags())
-    return _workspace_flags["bf16_native"]
+    GEMM (several times slower than fp32 on AVX2-only CPUs), so `cpu_dequant` keeps fp32 for bf16 inputs."""
+    if "bf16_native" not in _capabilities:
+        _capabilities["bf16_native"] = bool(_BF16_MATRIX_FLAGS & build.cpu_flags())
+    return _capabilities["bf16_native"]
 
 
 def fp32_matmul_in_bf16() -> bool:
     """Whether torch runs float32 matrix products on the CPU in bfloat16: the user opted in with
     ``torch.set_float32_matmul_precision("medium")`` or ``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``
     (the default, "highest" / "none", keeps float32). A dense float32 `F.linear` then rounds its operands to bf16
-    (4096 x 4096, M = 512 on one Sapphire Rapids core: 188 -> 92 ms, max error 4e-7 -> 3e-3 relative), and
+    (about 2x faster at M = 512, relative error 4e-7 -> 3e-3: docs/benchmarks_kernels.md, "Float32 inputs"), and
     `cpu_dequant` follows the same setting for float32 and float16 inputs. Read at every prefill call (~2 us), never
     on the decode paths."""
     mkldnn_matmul = getattr(torch.backends.mkldnn, "matmul", None)
@@ -169,9 +151,9 @@ def dequant_min_rows(module, x: torch.Tensor) -> int:
     bf16 = _bf16_gemm(x)
     slot = getattr(getattr(module.fmt, "spec", None), "slot_bits", None)  # LO-BCQ formats have no slots
     if supports_amx(module, x):
-        # cpu_amx: exact integer sums, 4-5x faster than dequantize + fp32 GEMM at M = 64-512; dequantize + bf16 GEMM
-        # (bf16 inputs) rounds the weights to bf16 and was 62 vs 38 ms at 4096x4096, M=512 in session 12's first
-        # run (dense bf16 is faster in some runs of the day: docs/benchmarks_kernels.md)
+        # cpu_amx gives exact integer sums, 4-5x faster than dequantize + fp32 GEMM at M = 64-512; dequantize + bf16
+        # GEMM would round the weights to bf16 and is not reliably faster (docs/benchmarks_kernels.md, "Integer
+        # prefill on AMX tiles")
         return NEVER
     if module.fmt.act_bits is not None:
         if bf16:
@@ -205,8 +187,9 @@ def _repacked(module, key: str, repack_fn):
     cached = module._kernel_cache.get(key)
     if cached is None:
         b = module.packed_buffers()
-        cached = repack_fn(build.load(), b["qweight"], b["scales"], b["zeros"], module.fmt.spec, module.in_features,
-                           module.bias)
+        cached = repack_fn(
+            build.load(), b["qweight"], b["scales"], b["zeros"], module.fmt.spec, module.in_features, module.bias
+        )
         module._kernel_cache[key] = cached
     return cached
 
@@ -247,17 +230,6 @@ def _output(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
-def workspace(numel: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
-    """A buffer of at least `numel` elements of `dtype` on `device`, shared by all layers (one layer runs at a time;
-    the CUDA paths use it too); reusing it avoids a fresh allocation, and its page faults, per call."""
-    key = f"{dtype}@{torch.device(device)}"
-    buf = _workspace.get(key)
-    if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=dtype, device=device)
-        _workspace[key] = buf
-    return buf[:numel]
-
-
 def eager_or_op(name: str) -> Callable:
     """A function calling the GEMM `name` (``gemm_float``, ``gemm_int_act``, ``gemm_lut2``): the Python binding
     outside torch.compile (no dispatcher: ~5 us less per call, a third of a small decode GEMV), the torch op while
@@ -281,8 +253,14 @@ def bind_packed(module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tenso
     not the module."""
     pan = panels(module)
     op = eager_or_op("gemm_float")
-    wpack, bias, slot, n, glen, mode = pan.wpack, pan.bias, pan.slot, module.out_features, pan.glen, \
-        build.float_mode(pan.slot)
+    wpack, bias, slot, n, glen, mode = (
+        pan.wpack,
+        pan.bias,
+        pan.slot,
+        module.out_features,
+        pan.glen,
+        build.float_mode(pan.slot),
+    )
     prep = reference.bind_prepare_input(module)  # act_bits here: weights the integer path does not take
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -337,14 +315,14 @@ def linear_amx(module, x: torch.Tensor) -> torch.Tensor:
     ops = build.load()
     xs = _kernel_input(reference.scale_input(module.input_scale, x))
     codes, steps = ops.quantize_act(xs.reshape(-1, xs.shape[-1]), _act_clip(module), module.fmt.act_bits)
-    return _output(ops.gemm_int_amx(codes, steps, xs, pan.wpack, pan.bias, pan.slot, module.out_features, pan.glen),
-                   x)
+    return _output(ops.gemm_int_amx(codes, steps, xs, pan.wpack, pan.bias, pan.slot, module.out_features, pan.glen), x)
 
 
 def quantize_activations(module, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer codes int8 [M, K] and steps float32 [M] of x2 [M, K] (already divided by input_scale)."""
-    return build.load().quantize_act(_kernel_input(x2).reshape(-1, x2.shape[-1]), _act_clip(module),
-                                     module.fmt.act_bits)
+    return build.load().quantize_act(
+        _kernel_input(x2).reshape(-1, x2.shape[-1]), _act_clip(module), module.fmt.act_bits
+    )
 
 
 def linear_dequant(module, x: torch.Tensor) -> torch.Tensor:
@@ -358,8 +336,9 @@ def linear_dequant(module, x: torch.Tensor) -> torch.Tensor:
     n, k = module.out_features, module.in_features
     wdtype = torch.bfloat16 if _bf16_gemm(x) else torch.float32
     w = workspace(n * k, wdtype).view(n, k)
-    ops.dequantize_into(module.qweight, module.scales, module.zeros, module.fmt.spec.slot_bits,
-                        module.fmt.spec.group_len(k), w)
+    ops.dequantize_into(
+        module.qweight, module.scales, module.zeros, module.fmt.spec.slot_bits, module.fmt.spec.group_len(k), w
+    )
     xq = reference.prepare_input(module, x)
     bias = module.bias.to(wdtype) if module.bias is not None else None
     return F.linear(xq.to(wdtype), w, bias).to(x.dtype)

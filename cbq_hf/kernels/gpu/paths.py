@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
-from ..cpu.paths import workspace
+from ..workspace import workspace
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +54,12 @@ def load():
         try:
             triton_uniform = importlib.import_module(f"{__package__}.triton_uniform")
         except Exception as e:  # ImportError, or a broken Triton install
-            logger.warning("Triton is not available (%s: %s); CBQLinear on CUDA uses the slow PyTorch reference path. "
-                           "Install it with `pip install triton`.", type(e).__name__, e)
+            logger.warning(
+                "Triton is not available (%s: %s); CBQLinear on CUDA uses the slow PyTorch reference path. "
+                "Install it with `pip install triton`.",
+                type(e).__name__,
+                e,
+            )
             triton_uniform = None
         _state["mod"] = triton_uniform
     return _state["mod"]
@@ -84,8 +88,13 @@ def _int_tile(module) -> int | None:
 
 def supports_int(module, x: torch.Tensor) -> bool:
     act = module.fmt.act_bits
-    return (supports_packed(module, x) and act is not None and 2 <= act <= 8
-            and module.fmt.spec.slot_bits in (2, 4) and _int_tile(module) is not None)
+    return (
+        supports_packed(module, x)
+        and act is not None
+        and 2 <= act <= 8
+        and module.fmt.spec.slot_bits in (2, 4)
+        and _int_tile(module) is not None
+    )
 
 
 def _on_cuda(x: torch.Tensor) -> bool:

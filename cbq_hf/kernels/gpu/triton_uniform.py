@@ -26,8 +26,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _dequant_tile(q_ptr, s_ptr, z_ptr, rk, rn, N, K, G, glen, row_bytes,
-                  SLOT: tl.constexpr):
+def _dequant_tile(q_ptr, s_ptr, z_ptr, rk, rn, N, K, G, glen, row_bytes, SLOT: tl.constexpr):
     """W_hat[rn, rk] transposed to a [BK, BN] float32 tile ((q - z) * s; 0 outside the matrix)."""
     PER: tl.constexpr = 8 // SLOT
     CODE_MASK: tl.constexpr = (1 << SLOT) - 1
@@ -42,16 +41,35 @@ def _dequant_tile(q_ptr, s_ptr, z_ptr, rk, rn, N, K, G, glen, row_bytes,
 
 
 @triton.jit
-def _packed_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, G, glen, row_bytes, stride_xm,
-                        SLOT: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _packed_gemm_kernel(
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    z_ptr,
+    b_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    G,
+    glen,
+    row_bytes,
+    stride_xm,
+    SLOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :],
-                    other=0.0)
+        x = tl.load(
+            x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :], other=0.0
+        )
         w = _dequant_tile(q_ptr, s_ptr, z_ptr, rk, rn, N, K, G, glen, row_bytes, SLOT)
         acc += tl.dot(x.to(tl.float32), w, input_precision=PRECISION)
     if HAS_BIAS:
@@ -61,9 +79,26 @@ def _packed_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, G, gl
 
 
 @triton.jit
-def _int_gemm_kernel(a_ptr, step_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, G, glen, row_bytes,
-                     SLOT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _int_gemm_kernel(
+    a_ptr,
+    step_ptr,
+    q_ptr,
+    s_ptr,
+    z_ptr,
+    b_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    G,
+    glen,
+    row_bytes,
+    SLOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
     """Requires BK to divide glen (or G == 1), so that every K tile lies inside one weight group."""
     PER: tl.constexpr = 8 // SLOT
     CODE_MASK: tl.constexpr = (1 << SLOT) - 1
@@ -93,8 +128,9 @@ def _int_gemm_kernel(a_ptr, step_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K
 
 
 @triton.jit
-def _dequantize_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, K, G, glen, row_bytes,
-                       SLOT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _dequantize_kernel(
+    q_ptr, s_ptr, z_ptr, w_ptr, N, K, G, glen, row_bytes, SLOT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr
+):
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     rk = tl.program_id(1) * BK + tl.arange(0, BK)
     w = _dequant_tile(q_ptr, s_ptr, z_ptr, rk, rn, N, K, G, glen, row_bytes, SLOT)
@@ -108,18 +144,43 @@ def _block_m(m: int) -> int:
     return 16 if m <= 16 else 32 if m <= 32 else 64
 
 
-def packed_gemm(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                bias: torch.Tensor | None, slot: int, glen: int, n: int) -> torch.Tensor:
+def packed_gemm(
+    x2: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bias: torch.Tensor | None,
+    slot: int,
+    glen: int,
+    n: int,
+) -> torch.Tensor:
     """y [M, N] float32 from x2 [M, K] (float32/float16/bfloat16, last dim contiguous) and the packed buffers
     (qweight uint8 [N, ceil(K*slot/8)], scales float16 [N, G], zeros uint8 [N, G]); `glen` = inputs per group."""
     m, k = x2.shape
     y = torch.empty(m, n, dtype=torch.float32, device=x2.device)
     bm, bn, bk = _block_m(m), 64, 64
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-    _packed_gemm_kernel[grid](x2, qweight, scales, zeros, bias if bias is not None else y, y, m, n, k,
-                              scales.shape[1], glen, qweight.shape[1], x2.stride(0), SLOT=slot,
-                              HAS_BIAS=bias is not None, PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
-                              BM=bm, BN=bn, BK=bk)
+    _packed_gemm_kernel[grid](
+        x2,
+        qweight,
+        scales,
+        zeros,
+        bias if bias is not None else y,
+        y,
+        m,
+        n,
+        k,
+        scales.shape[1],
+        glen,
+        qweight.shape[1],
+        x2.stride(0),
+        SLOT=slot,
+        HAS_BIAS=bias is not None,
+        PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
+        BM=bm,
+        BN=bn,
+        BK=bk,
+    )
     return y
 
 
@@ -135,8 +196,17 @@ def int_tile_k(glen: int, groups: int) -> int | None:
     return None
 
 
-def int_gemm(codes: torch.Tensor, steps: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-             zeros: torch.Tensor, bias: torch.Tensor | None, slot: int, glen: int, n: int) -> torch.Tensor:
+def int_gemm(
+    codes: torch.Tensor,
+    steps: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bias: torch.Tensor | None,
+    slot: int,
+    glen: int,
+    n: int,
+) -> torch.Tensor:
     """y [M, N] float32 from per-token integer activations: codes int8 [M, K] (contiguous), steps float32 [M]."""
     m, k = codes.shape
     groups = scales.shape[1]
@@ -146,18 +216,37 @@ def int_gemm(codes: torch.Tensor, steps: torch.Tensor, qweight: torch.Tensor, sc
     y = torch.empty(m, n, dtype=torch.float32, device=codes.device)
     bm, bn = _block_m(m), 64
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-    _int_gemm_kernel[grid](codes, steps, qweight, scales, zeros, bias if bias is not None else y, y, m, n, k,
-                           groups, glen, qweight.shape[1], SLOT=slot, HAS_BIAS=bias is not None,
-                           BM=bm, BN=bn, BK=bk)
+    _int_gemm_kernel[grid](
+        codes,
+        steps,
+        qweight,
+        scales,
+        zeros,
+        bias if bias is not None else y,
+        y,
+        m,
+        n,
+        k,
+        groups,
+        glen,
+        qweight.shape[1],
+        SLOT=slot,
+        HAS_BIAS=bias is not None,
+        BM=bm,
+        BN=bn,
+        BK=bk,
+    )
     return y
 
 
-def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, slot: int, glen: int,
-               out: torch.Tensor) -> torch.Tensor:
+def dequantize(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, slot: int, glen: int, out: torch.Tensor
+) -> torch.Tensor:
     """Write W_hat [N, K] into `out` (contiguous, float32/float16/bfloat16, on the buffers' device)."""
     n, k = out.shape
     bn, bk = 32, 64
     grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
-    _dequantize_kernel[grid](qweight, scales, zeros, out, n, k, scales.shape[1], glen, qweight.shape[1],
-                             SLOT=slot, BN=bn, BK=bk)
+    _dequantize_kernel[grid](
+        qweight, scales, zeros, out, n, k, scales.shape[1], glen, qweight.shape[1], SLOT=slot, BN=bn, BK=bk
+    )
     return out
