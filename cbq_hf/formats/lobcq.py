@@ -356,6 +356,14 @@ def design_layer_codebooks(
 class LOBCQFormat(QuantFormat):
     """Block-clustered codebook format (see module docstring). bits = 4; act_bits None (weight-only) or 4."""
 
+    layout_fields = (
+        "lobcq_block_len",
+        "lobcq_array_len",
+        "lobcq_num_codebooks",
+        "lobcq_codebook_bits",
+        "lobcq_codebooks",
+    )
+
     def __init__(
         self, spec: LOBCQSpec = LOBCQSpec(), act_bits: int | None = 4, codebooks: str = "universal", iters: int = 20
     ) -> None:
