@@ -21,7 +21,16 @@ from .config import FORMAT_VERSION, CBQConfig
 from .formats import get_format
 from .hub import install_save_hooks
 from .lm_head import empty_lm_head, quantize_lm_head
-from .modeling import empty_cbq_linear, find_decoder_blocks, quantizable_linears, set_module
+from .modeling import (
+    conv1d_to_linear,
+    empty_cbq_experts,
+    empty_cbq_linear,
+    find_decoder_blocks,
+    quantizable_experts,
+    quantizable_linears,
+    set_module,
+)
+from .nn.experts import CBQExperts
 from .nn.linear import CBQLinear
 
 logger = logging.getLogger(__name__)
@@ -65,12 +74,33 @@ class CBQHfQuantizer(HfQuantizer):
             set_module(model, name, q)
             for buf, (shape, _) in fmt.buffer_specs(q.out_features, q.in_features).items():
                 expected[f"{name}.{buf}"] = shape
+        for name, experts in quantizable_experts(model, cfg.modules_to_not_convert).items():
+            q = empty_cbq_experts(experts, fmt, device="meta", name=name)
+            set_module(model, name, q)
+            for rel, lin in q.expert_linears().items():
+                for buf, (shape, _) in fmt.buffer_specs(lin.out_features, lin.in_features).items():
+                    expected[f"{name}.{rel}.{buf}"] = shape
         if cfg.lm_head_bits is not None:
             expected.update(empty_lm_head(model, cfg.lm_head_bits))
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
         from .serialization import verify_checkpoint
 
-        verify_checkpoint(checkpoint_files or [], expected, cfg.loading_signature())
+        # The transforms transformers will apply to the checkpoint's names when it loads them (renamed heads,
+        # MoE blocks renamed, float experts fused), computed on the skeleton holding the quantized modules.
+        conversions = get_model_conversion_mapping(model)
+        verify_checkpoint(checkpoint_files or [], expected, cfg.loading_signature(), conversions)
         return model
+
+    def preprocess_model(self, model, dtype=None, **kwargs: Any):
+        """transformers' hook around `_process_model_before_weight_loading`; for a saved checkpoint it then lets
+        transformers skip the load guard saved under each quantized linear's `weight` name (see
+        `serialization.load_guards`)."""
+        super().preprocess_model(model, dtype=dtype, **kwargs)
+        if self.pre_quantized:
+            from .serialization import guarded_linears, ignore_load_guards
+
+            ignore_load_guards(model, guarded_linears(model))
 
     # ------------------------------------------------------------------ after loading
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
@@ -94,11 +124,13 @@ class CBQHfQuantizer(HfQuantizer):
     def _calibrate(self, model) -> None:
         cfg = self.quantization_config
         fmt = get_format(cfg)
-        if cfg.method == "rtn":
-            from .calibration.rtn import quantize_rtn
+        from .calibration.rtn import quantize_rtn
 
+        if cfg.method == "rtn":
             quantize_rtn(model, fmt, cfg.modules_to_not_convert)  # block by block, offloaded models included
             return
+        # CBQ calibration trains [out, in] linear weights: GPT-2's Conv1D layers become nn.Linear first.
+        conv1d_to_linear(model, list(quantizable_linears(model, cfg.modules_to_not_convert)))
         from .calibration.engine import calibrate
         from .data import get_calibration_batches
 
@@ -114,6 +146,16 @@ class CBQHfQuantizer(HfQuantizer):
             tokenizer = AutoTokenizer.from_pretrained(source)
         input_ids = get_calibration_batches(cfg.dataset, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
         self.calibration_report = calibrate(model, cfg, input_ids)  # per-window losses (CLI summary / plot)
+        experts = quantize_rtn(model, fmt, cfg.modules_to_not_convert, progress=False, linears=False)
+        if experts:
+            logger.warning(
+                "cbq_hf: CBQ calibration does not train mixture-of-experts weights yet; the %d fused experts "
+                "module(s) (first: %s) were quantized with RTN instead (the attention and other linears are "
+                "CBQ-calibrated).",
+                len(experts),
+                experts[0],
+            )
+        cfg.run_info["experts_method"] = "rtn" if experts else None
 
     def _summary(self, model) -> dict[str, Any]:
         linears = [m for m in model.modules() if isinstance(m, CBQLinear)]
@@ -121,7 +163,12 @@ class CBQHfQuantizer(HfQuantizer):
             m.fmt.bits_per_weight(m.out_features, m.in_features) * m.out_features * m.in_features for m in linears
         )
         weights = sum(m.out_features * m.in_features for m in linears)
-        return {"quantized_linears": len(linears), "bits_per_weight": round(bits / weights, 4) if weights else None}
+        experts = sum(isinstance(m, CBQExperts) for m in model.modules())
+        return {
+            "quantized_linears": len(linears),  # every packed matrix, the per-expert ones included
+            "quantized_experts_modules": experts,
+            "bits_per_weight": round(bits / weights, 4) if weights else None,
+        }
 
     def _check_loaded(self, model) -> None:
         for name, m in model.named_modules():
@@ -139,9 +186,21 @@ class CBQHfQuantizer(HfQuantizer):
 
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-        from .serialization import META_CHECKSUMS, META_CONFIG, META_VERSION, checksum_metadata
+        from .serialization import (
+            META_CHECKSUMS,
+            META_CONFIG,
+            META_VERSION,
+            checksum_metadata,
+            guarded_linears,
+            load_guards,
+        )
 
         state_dict = remove_tied_weights_from_state_dict(model.state_dict(), model)
+        guards = load_guards(guarded_linears(model))
+        clash = sorted(set(guards) & set(state_dict))
+        if clash:
+            raise ValueError(f"cbq_hf: the load guard {clash[0]} would replace a tensor of the model's state dict.")
+        state_dict.update(guards)  # a loader without cbq_hf refuses the checkpoint (serialization.load_guards)
         on_meta = [k for k, v in state_dict.items() if v.device.type == "meta"]
         if on_meta:
             raise ValueError(

@@ -8,6 +8,10 @@ safetensors metadata, beside the format version.
 Loading: before transformers copies any tensor, `verify_checkpoint` checks the format version, that every tensor
 the metadata lists is present and unchanged, and that the packed tensors have the shapes the
 `quantization_config` implies. A truncated, bit-flipped, incomplete or inconsistent checkpoint is refused.
+
+Load guards: every quantized linear is saved with a one-byte tensor under its float `weight` name
+(`load_guards`), so that transformers refuses the checkpoint when `cbq_hf` was not imported instead of loading
+random linears; with `cbq_hf` imported the quantizer marks these keys as expected extras (`ignore_load_guards`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -38,6 +43,41 @@ _MODEL_FILES = {"config.json", "generation_config.json", "README.md"}
 
 class CheckpointError(ValueError):
     """A saved cbq checkpoint is corrupted, incomplete or disagrees with its quantization_config."""
+
+
+# ---------------------------------------------------------------------------------------------- load guards
+#: Suffix of the guard tensor saved for each quantized linear: the name its float `nn.Linear` weight would have.
+GUARD_SUFFIX = ".weight"
+
+
+def load_guards(module_names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """One-byte guard tensors, `<name>.weight` -> uint8 [1], for the quantized linears `module_names`.
+
+    Without `import cbq_hf`, transformers does not know the "cbq" quantization method: it warns, builds plain
+    `nn.Linear` modules and would leave their weights randomly initialised. Under each of those weight names the
+    checkpoint holds a 1-element tensor instead, a shape no `nn.Linear` weight has ([1] against [out, in]), and
+    transformers refuses shape mismatches unless `ignore_mismatched_sizes=True` (RuntimeError "You set
+    `ignore_mismatched_sizes` to `False`, thus raising an error", after a report listing the MISMATCH keys). Each
+    guard is its own tensor: transformers would drop tensors sharing storage as tied weights.
+    """
+    return {f"{name}{GUARD_SUFFIX}": torch.zeros(1, dtype=torch.uint8) for name in module_names}
+
+
+def guarded_linears(model: torch.nn.Module) -> list[str]:
+    """Names of the quantized linears that get a load guard: every `CBQLinear` standing where the float model has
+    an `nn.Linear` of that name. The per-expert matrices of fused experts modules are list elements
+    (``...experts.down.3``) with no float `weight` of that name, so they get none."""
+    from .nn.linear import CBQLinear
+
+    return [n for n, m in model.named_modules() if isinstance(m, CBQLinear) and not n.rpartition(".")[2].isdigit()]
+
+
+def ignore_load_guards(model: torch.nn.Module, module_names: Iterable[str]) -> None:
+    """Tell transformers that the load guards of `module_names` are expected checkpoint keys with no place in the
+    model (`_keys_to_ignore_on_load_unexpected`), so it neither loads nor reports them. A checkpoint saved before
+    guards existed has none, and loads the same."""
+    patterns = {f"^{re.escape(name + GUARD_SUFFIX)}$" for name in module_names}
+    model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | patterns
 
 
 def tensor_digest(t: torch.Tensor) -> str:
@@ -62,15 +102,84 @@ def _open(path: str):
         ) from e
 
 
+def to_model_names(
+    present: dict[str, tuple[str, tuple[int, ...]]], handles: dict[str, object], conversions: list | None
+) -> tuple[dict[str, str], dict[str, tuple[tuple[int, ...], str]]]:
+    """Take checkpoint tensor names through transformers' loading transforms (`conversions`), as
+    `transformers.core_model_loading.convert_and_load_state_dict_in_model` does: every renaming, then at most one
+    converter.
+
+    Args:
+        present: checkpoint name -> (file, shape).
+        handles: file -> open safetensors handle (read only for converted tensors).
+        conversions: `WeightRenaming`/`WeightConverter` list, or None.
+
+    Returns:
+        (model name -> checkpoint name for renamed or unchanged tensors,
+         model name -> (shape, SHA-256) for tensors a converter builds from several checkpoint tensors, e.g. float
+         experts fused on load).
+    """
+    if not conversions:
+        return {n: n for n in present}, {}
+    from copy import deepcopy
+
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    renamed: dict[str, str] = {}
+    groups: dict[str, WeightConverter] = {}
+    for name in sorted(present, key=dot_natural_key):
+        model_name, pattern = rename_source_key(name, renamings, converters)
+        if pattern is None:
+            if model_name in renamed:
+                raise CheckpointError(
+                    f"checkpoint tensors {renamed[model_name]!r} and {name!r} both load into {model_name!r}; the "
+                    f"checkpoint was modified after saving."
+                )
+            renamed[model_name] = name
+            continue
+        path = present[name][0]
+        groups.setdefault(model_name, deepcopy(by_pattern[pattern])).add_tensor(
+            model_name, name, pattern, lambda f=handles[path], n=name: f.get_tensor(n)
+        )
+    converted: dict[str, tuple[tuple[int, ...], str]] = {}
+    for layer_name, converter in groups.items():
+        try:
+            built = converter.convert(layer_name)
+        except Exception as e:
+            raise CheckpointError(
+                f"cannot rebuild {layer_name!r} from the checkpoint's tensors ({e}); the checkpoint is incomplete or "
+                f"was modified after saving."
+            ) from e
+        for model_name, t in built.items():
+            t = t[0] if isinstance(t, list) else t
+            converted[model_name] = (tuple(t.shape), tensor_digest(t))
+    return renamed, converted
+
+
 def verify_checkpoint(
-    checkpoint_files: Iterable[str], expected_shapes: dict[str, tuple[int, ...]], signature: dict
+    checkpoint_files: Iterable[str],
+    expected_shapes: dict[str, tuple[int, ...]],
+    signature: dict,
+    conversions: list | None = None,
 ) -> None:
     """Refuse a checkpoint that is corrupted or does not match what the model expects.
 
+    The checksums in the metadata are keyed by the model's own tensor names (what `state_dict()` gives), while
+    `save_pretrained` writes the files under transformers' checkpoint names (`revert_weight_conversion`: GPT-NeoX's
+    ``lm_head`` saved as ``embed_out``, Mixtral's ``mlp`` as ``block_sparse_moe``, float fused experts unfused per
+    expert). The file names are therefore first taken through `conversions`, the same transforms transformers
+    applies when it loads these files (`to_model_names`), and every check below is on model names.
+
     Args:
         checkpoint_files: the safetensors files of the checkpoint.
-        expected_shapes: tensor name -> shape of every packed tensor the config implies.
+        expected_shapes: model tensor name -> shape of every packed tensor the config implies.
         signature: `CBQConfig.loading_signature()` of the config that will be used to build the model.
+        conversions: transformers' weight transforms for the model being loaded
+            (`transformers.conversion_mapping.get_model_conversion_mapping(model)`); None when the file names are
+            the model's names.
     """
     from .config import FORMAT_VERSION
 
@@ -112,30 +221,33 @@ def verify_checkpoint(
             listed.update(json.loads(meta.get(META_CHECKSUMS, "{}")))
             for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 present[name] = (path, tuple(f.get_slice(name).get_shape()))
-        missing = sorted(set(listed) - set(present))
+        renamed, converted = to_model_names(present, handles, conversions)
+        present = {model_name: present[file_name] for model_name, file_name in renamed.items()}
+        shapes = {n: v[1] for n, v in present.items()} | {n: v[0] for n, v in converted.items()}
+        missing = sorted(set(listed) - set(shapes))
         if missing:
             raise CheckpointError(
                 f"{len(missing)} tensor(s) listed in the checkpoint metadata are missing from its files (first: "
                 f"{missing[:3]}); the checkpoint is incomplete. Save or download it again."
             )
-        unlisted = sorted(set(present) - set(listed))
+        unlisted = sorted(set(shapes) - set(listed))
         if unlisted:
             raise CheckpointError(
                 f"tensor(s) {unlisted[:3]} are not listed in the checkpoint's checksums; the file was modified after "
                 f"saving."
             )
         for name, shape in expected_shapes.items():
-            if name not in present:
+            if name not in shapes:
                 raise CheckpointError(
                     f"packed tensor {name!r} is missing: the checkpoint does not match its quantization_config "
                     f"(or was saved from a different model)."
                 )
-            if present[name][1] != tuple(shape):
+            if shapes[name] != tuple(shape):
                 raise CheckpointError(
-                    f"packed tensor {name!r} has shape {list(present[name][1])} but the quantization_config "
+                    f"packed tensor {name!r} has shape {list(shapes[name])} but the quantization_config "
                     f"({signature}) implies {list(shape)}; config.json and the weights disagree."
                 )
-        bad = []
+        bad = [name for name, (_, digest) in converted.items() if digest != listed[name]]
         by_file: dict[str, list[str]] = {}
         for name, (path, _) in present.items():
             by_file.setdefault(path, []).append(name)
@@ -143,7 +255,7 @@ def verify_checkpoint(
             f = handles[path]
             for name in names:
                 try:
-                    digest = tensor_digest(f.get_tensor(name))
+                    digest = tensor_digest(f.get_tensor(renamed[name]))
                 except Exception as e:
                     raise CheckpointError(f"cannot read tensor {name!r} from {path}: {e}") from e
                 if digest != listed[name]:

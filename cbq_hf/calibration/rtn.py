@@ -7,22 +7,41 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..formats.registry import QuantFormat
-from ..modeling import empty_cbq_linear, find_decoder_blocks, quantizable_linears, set_module
+from ..modeling import (
+    empty_cbq_experts,
+    empty_cbq_linear,
+    find_decoder_blocks,
+    linear_weight,
+    quantizable_experts,
+    quantizable_linears,
+    set_module,
+)
+from ..nn.experts import CBQExperts
+from ..nn.linear import CBQLinear
 from .offload import OffloadPlan, finish
 
 
 @torch.no_grad()
 def quantize_rtn(
-    model: nn.Module, fmt: QuantFormat, modules_to_not_convert: list[str] | None = None, progress: bool = True
+    model: nn.Module,
+    fmt: QuantFormat,
+    modules_to_not_convert: list[str] | None = None,
+    progress: bool = True,
+    linears: bool = True,
 ) -> list[str]:
-    """Replace every quantizable decoder linear of `model` by an RTN-packed `CBQLinear`, in place, one decoder block
-    at a time: with an accelerate device map the block's offloaded weights are loaded, converted and put back where
-    accelerate runs them (`offload.OffloadPlan`); without one nothing moves.
+    """Replace every quantizable decoder linear (`nn.Linear`, `Conv1D`) of `model` by an RTN-packed `CBQLinear` and
+    every fused experts module by an RTN-packed `CBQExperts`, in place, one decoder block at a time: with an
+    accelerate device map the block's offloaded weights are loaded, converted and put back where accelerate runs
+    them (`offload.OffloadPlan`); without one nothing moves.
+
+    Args:
+        linears: also convert the linears; False converts only the experts (what CBQ calibration leaves float).
 
     Returns the names of the converted modules.
     """
     prefix, blocks = find_decoder_blocks(model)
-    names = list(quantizable_linears(model, modules_to_not_convert))
+    names = list(quantizable_linears(model, modules_to_not_convert)) if linears else []
+    expert_names = list(quantizable_experts(model, modules_to_not_convert))
     plan = OffloadPlan(model, prefix, blocks)
     done: list[str] = []
     for i in tqdm(range(len(blocks)), desc="RTN packing", disable=not progress, unit="block"):
@@ -31,8 +50,20 @@ def quantize_rtn(
         for full in (n for n in names if n.startswith(block_prefix)):
             rel = full[len(block_prefix) :]
             lin = block.get_submodule(rel)
+            if isinstance(lin, CBQLinear):
+                continue
             q = empty_cbq_linear(lin, fmt, has_input_scale=False, device=lin.weight.device, name=full)
-            q.load_packed(fmt.quantize_rtn(lin.weight.data), bias=lin.bias)
+            q.load_packed(fmt.quantize_rtn(linear_weight(lin).detach()), bias=lin.bias)
+            set_module(block, rel, q)
+            done.append(full)
+        for full in (n for n in expert_names if n.startswith(block_prefix)):
+            rel = full[len(block_prefix) :]
+            experts = block.get_submodule(rel)
+            if isinstance(experts, CBQExperts):
+                continue
+            device = next(experts.parameters()).device
+            q = empty_cbq_experts(experts, fmt, device=device, name=full)
+            q.load_rtn(experts)
             set_module(block, rel, q)
             done.append(full)
         block.to(plan.home(i))

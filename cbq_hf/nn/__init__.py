@@ -1,3 +1,4 @@
+from .experts import CBQExperts
 from .linear import CBQLinear
 
-__all__ = ["CBQLinear"]
+__all__ = ["CBQExperts", "CBQLinear"]
