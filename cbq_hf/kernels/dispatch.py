@@ -6,8 +6,11 @@ vs prefill?) are both true, in registration order, and falls back to the referen
 A path may also give `bind(module, x)`: a function of x alone with the module's kernel state looked up once (or
 None where it has no such shortcut); `linear()` remembers it with the choice, so a decode step pays no per-call
 lookups beyond the memo (~9 us of Python per call otherwise, about 2 ms per generated token on a 30-layer model).
-Force a path with the environment variable ``CBQ_KERNEL=<name>`` or `force_kernel(name)` (only `supports` is asked
-then; a forced path that cannot run is an error); the path that ran is recorded on the module as `module.last_kernel`.
+Choose a path for every forward with `set_kernel(name)` (None: automatic again) or, for a block, `with
+force_kernel(name):`; only `supports` is asked then, and a chosen path that cannot run is an error. The environment
+variable ``CBQ_KERNEL=<name>`` gives the initial choice, read once at import (for a process started with it, e.g. a
+benchmark's subprocess); nothing reads the environment per call. The path that ran is recorded on the module as
+`module.last_kernel`.
 The compiled CPU paths and the Triton CUDA paths are registered at the end of this module; nothing is built or
 imported before a forward asks for them.
 """
@@ -34,7 +37,12 @@ class KernelPath:
 
 
 _PATHS: list[KernelPath] = []
-_forced: str | None = None
+#: Name of the environment variable holding the initial kernel choice (read once, at import).
+ENV = "CBQ_KERNEL"
+_forced: str | None = os.environ.get(ENV) or None
+#: Bumped whenever the choice or the set of paths changes; part of every memo key, so a change takes effect on the
+#: next forward of every module.
+_generation = 0
 
 
 def register_kernel(
@@ -48,8 +56,9 @@ def register_kernel(
     """Add (or replace) a kernel path. `supports(module, x)` says whether it can run this call; `prefer(module, x)`
     (default: always) whether automatic selection should take it when it can; `bind(module, x)` (optional) a
     function of x alone that computes what `fn(module, x)` does, valid until the module's kernel cache is cleared."""
-    global _PATHS
+    global _PATHS, _generation
     _PATHS = [p for p in _PATHS if p.name != name]
+    _generation += 1
     path = KernelPath(name, supports, fn, prefer, bind)
     if first:
         _PATHS.insert(0, path)
@@ -61,36 +70,40 @@ def available_kernels() -> list[str]:
     return [p.name for p in _PATHS] + ["reference"]
 
 
+def kernel_choice() -> str | None:
+    """The kernel every `CBQLinear` forward is made to use, or None for the automatic choice."""
+    return _forced
+
+
+def set_kernel(name: str | None) -> None:
+    """Make every `CBQLinear` forward from now on use kernel `name` (one of `available_kernels()`; an error at the
+    forward if it cannot run that call), or choose automatically again with None. Takes effect on the next forward.
+
+    Raises:
+        ValueError: `name` is not a registered kernel.
+    """
+    global _forced, _generation
+    if name is not None and name not in available_kernels():
+        raise ValueError(f"{name!r} is not a kernel; available: {available_kernels()}")
+    _forced = name
+    _generation += 1
+
+
 @contextlib.contextmanager
 def force_kernel(name: str | None) -> Iterator[None]:
-    """Within the block, every `CBQLinear` uses kernel `name` (error if it cannot run the call)."""
-    global _forced
-    old, _forced = _forced, name
+    """Within the block every `CBQLinear` uses kernel `name` (see `set_kernel`; None: the automatic choice); the
+    previous choice is restored after it."""
+    old = _forced
+    set_kernel(name)
     try:
         yield
     finally:
-        _forced = old
-
-
-ENV = "CBQ_KERNEL"
-# os.environ.get costs ~2 us per call (it encodes the key and decodes the value), a tenth of a small decode GEMV;
-# the mapping's own dict (bytes keys on POSIX) is read directly where CPython has one, and still sees every change
-# made through os.environ (monkeypatch.setenv included).
-_ENV_DATA = getattr(os.environ, "_data", None)
-_ENV_KEY = os.environ.encodekey(ENV) if _ENV_DATA is not None and hasattr(os.environ, "encodekey") else None
-
-
-def _env_forced() -> str | None:
-    """The kernel named by ``CBQ_KERNEL`` (None when unset or empty)."""
-    if _ENV_KEY is None:
-        return os.environ.get(ENV) or None
-    value = _ENV_DATA.get(_ENV_KEY)
-    return os.environ.decodevalue(value) if value else None
+        set_kernel(old)
 
 
 def _select(module, x: torch.Tensor) -> tuple[str, Callable, Callable | None]:
     """(name, fn(module, x), bound fn(x) or None) of the path for this call."""
-    forced = _forced or _env_forced()
+    forced = _forced
     if forced == "reference":
         return "reference", reference.linear, None
     for path in _PATHS:
@@ -107,24 +120,27 @@ def _select(module, x: torch.Tensor) -> tuple[str, Callable, Callable | None]:
                 f"device={x.device})"
             )
     if forced is not None:
-        raise ValueError(f"{ENV}={forced!r} is not a kernel; available: {available_kernels()}")
+        raise ValueError(
+            f"kernel {forced!r} (chosen by {ENV} or set_kernel) is not a kernel; available: {available_kernels()}"
+        )
     return "reference", reference.linear, None
 
 
-#: Distinct (forced, dtype, device, shape) selections remembered per module; prefill with many prompt lengths would
-#: otherwise grow the memo without bound.
+#: Distinct (choice generation, dtype, device, shape) selections remembered per module; prefill with many prompt
+#: lengths would otherwise grow the memo without bound.
 _MEMO_SIZE = 32
 
 
 def linear(module, x: torch.Tensor) -> torch.Tensor:
     """Forward of a `CBQLinear` through the selected kernel path.
 
-    The choice depends only on the forced name, x's dtype, device and row count (the memo keys on x's shape, which
-    fixes the rows and is cheaper to read), and on the module's format and buffers; it is remembered per module in
+    The choice depends only on the chosen kernel (`set_kernel`), x's dtype, device and row count (the memo keys on
+    x's shape, which fixes the rows and is cheaper to read), and on the module's format and buffers; it is remembered
+    per module in
     ``module._kernel_cache`` (cleared whenever the buffers are replaced or moved), because asking every path's
     `supports`/`prefer` costs more than a small decode GEMV (~20 us per call).
     """
-    key = (_forced or _env_forced(), x.dtype, x.device, x.shape)
+    key = (_generation, x.dtype, x.device, x.shape)
     cache = module._kernel_cache
     memo = cache.get("dispatch")
     if memo is None:

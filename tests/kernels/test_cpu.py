@@ -66,7 +66,7 @@ def test_dequant_follows_the_bf16_fp32_matmul_setting(in_dtype, monkeypatch):
     """Default: float32 GEMM (the reference's numbers). Under torch's bf16 float32-matmul setting, on a CPU with bf16
     matrix units: the bf16 GEMM a dense layer gets, i.e. exactly F.linear of the bf16-rounded input, weight and bias,
     returned in the input's dtype."""
-    monkeypatch.setitem(paths._workspace_flags, "bf16_native", True)
+    monkeypatch.setitem(paths._capabilities, "bf16_native", True)
     lin = make_linear(24, 576, 4, 128, input_scale=False)
     x = torch.randn(64, 576).to(in_dtype)
     exact = _run(lin, x, "cpu_dequant")

@@ -1,5 +1,5 @@
-// Integer GEMM of the activation-quantized formats (W4A8, W4A4, W2A8, ...) on the AMX tile units (Intel Sapphire
-// Rapids and later), for prefill: many tokens against the same weights. Same numbers as the VNNI panel kernel
+// Integer GEMM of the activation-quantized formats (W4A8, W4A4, W2A8, ...) on the AMX tile units (Intel Xeon, 4th
+// generation and later), for prefill: many tokens against the same weights. Same numbers as the VNNI panel kernel
 // (cbq_cpu.cpp, panel_int), bit for bit: per row n, token m and group g the bracket sum_k q_k c_k - z_g sum_k c_k is
 // an exact int32, folded as acc = fma(s_g, float(bracket), acc) in group order, then y = acc * step_m + bias_n.
 //

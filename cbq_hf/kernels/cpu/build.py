@@ -268,8 +268,8 @@ def direct():
 
 
 #: ``mode`` argument of ``gemm_float``: 0 = convert the codes (vcvtdq2ps), -1 = reinterpret them as denormal floats
-#: when the activations' range allows it (else convert), 2 = fixed point: activations as 32-bit integers per group
-#: on the integer dot-product units (AVX-512 VNNI builds only; see the kFixed note in cbq_cpu.cpp).
+#: when the activations' range allows it (else convert), 2 = fixed point: activations as 24- or 32-bit integers per
+#: group on the integer dot-product units (AVX-512 VNNI builds only; see the kFixed note in cbq_cpu.cpp).
 FLOAT_MODES = {"convert": 0, "auto": -1, "fixed": 2}
 #: Variants whose build has the fixed-point mode (elsewhere mode 2 runs as convert).
 FIXED_VARIANTS = {"avx512vnni"}
@@ -304,8 +304,9 @@ def float_mode(slot: int = 4) -> int:
 
     Three ways to multiply packed codes by float activations: convert every code (vcvtdq2ps + FMA), reinterpret it
     as a denormal float (no conversion: ~1.3x faster where denormal operands run at full speed, as on AMD cores, but
-    Intel cores take a microcode assist per denormal operand, ~100x slower), or (AVX-512 VNNI builds) fixed point on the integer dot-product units, which is taken for the code
-    widths in VENDOR_FIXED_SLOTS / FIXED_SLOTS (see there). Between the first two the faster is picked by timing a
+    Intel cores take a microcode assist per denormal operand, ~100x slower), or (AVX-512 VNNI builds) fixed point on
+    the integer dot-product units, which is taken for the code widths in VENDOR_FIXED_SLOTS / FIXED_SLOTS (see
+    there). Between the first two the faster is picked by timing a
     small call in each (a few ms, once per slot). All give the reference's sums within fp32 rounding.
     ``CBQ_HF_CPU_FLOAT_MODE=convert|auto|fixed`` fixes the choice instead (fixed runs as convert where it is
     unavailable).
@@ -350,4 +351,3 @@ def loaded_variant() -> str | None:
 def build_error() -> str | None:
     """Why the build failed, or None."""
     return _state.get("error")  # type: ignore[return-value]
-

@@ -101,7 +101,7 @@ inline __m256i load_zeros(const uint8_t* z) {
 // ------------------------------------------------------------------------------------------ float activations
 // Partial sums of the 8 rows of a panel, in `Lanes::kRegs` registers. With AVX-512 two rows share one 512-bit
 // register (row 2j in the low half, 2j + 1 in the high half): half the FMA and conversion instructions of eight
-// 256-bit chains, which is what bounds the float path (Sapphire Rapids, W4A16 4096 x 4096: 1.36 -> 1.12 ms).
+// 256-bit chains, which is what bounds the float path.
 #if defined(__AVX512F__)
 struct Lanes {
   using F = __m512;
@@ -205,9 +205,9 @@ inline void chunk_float(const uint8_t* w, const float* xc, FloatAcc& a) {
 // (Acc: float or int32 lanes, value-initialised to zero) are accumulated chunk by chunk with chunk(w_i, chunk
 // index, acc), then group_end(i, g, acc, out[i], meta_i) folds them into out[i] (meta_i: the panel's current meta
 // block, see meta_scales / meta_zeros). The panels are far apart in memory (see run_panels), so the weights arrive as NP concurrent
-// streams: one sequential stream is bounded by the hardware prefetcher's depth (~9 GB/s on one Sapphire Rapids core),
-// four reach ~12-13 GB/s. On an AMD Zen 4 core two streams are best (W4A8 4096 x 4096: 0.355 ms vs 0.455 ms with
-// four); the Python side picks the count per CPU vendor (kernels/cpu/build.py, weight_streams).
+// streams: one sequential stream is bounded by the hardware prefetcher's depth, several together draw more of the
+// core's bandwidth. How many is best depends on the CPU; the Python side picks the count per vendor
+// (kernels/cpu/build.py, weight_streams; docs/benchmarks_kernels.md, "Weight streams").
 template <int SLOT, int NP, typename Acc, typename Out, typename ChunkFn, typename GroupEndFn>
 inline void panel_loop(const uint8_t* const* w0, const Geometry& g, ChunkFn chunk, GroupEndFn group_end, Out* out) {
   constexpr int CB = 64 * SLOT / 8;
@@ -331,8 +331,7 @@ inline void split_chunk(const uint8_t* w, __m256i& lo, __m256i& hi) {
 // One panel against one padded int8 token: out = sum_g s_g * (sum q c - z_g * csum_g), the bracket in exact int32.
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 // AVX-512: register j holds rows 2j (low half) and 2j + 1 (high half), the token's 32 codes broadcast to both halves:
-// one 512-bit dpbusd does the work of two 256-bit ones (Sapphire Rapids, W4A8 hot in L2: ~15 -> ~8 ns per chunk of
-// eight rows).
+// one 512-bit dpbusd does the work of two 256-bit ones (about half the time per chunk of eight rows, hot in L2).
 struct IntAcc {
   __m512i p[4];
   __m256i rows() const {
@@ -418,8 +417,8 @@ void panel_int(const PanelSet<NP>& ps, const int8_t* xc, const int32_t* csum, co
 // is exact in double (|T| <= 15 * 2^31 * group length < 2^53): the zero point cancels exactly, which the float
 // kernels' sum q x - z sum x does not. out = sum_g s_g step_g T in double, rounded to float once.
 // The only error is the rounding of x_k to a multiple of step_g, at most max|x| / (2 F_L) per activation. L is
-// chosen per group: 3 digits (F_3 ~ 2^23, a quarter fewer dot products: 4096 x 4096 from DRAM on a Sapphire Rapids
-// core, W4 g128 ~0.70 -> ~0.65 ms, W2 g64 ~0.96 -> ~0.82 ms) when that bound summed over the group stays within
+// chosen per group: 3 digits (F_3 ~ 2^23, a quarter fewer dot products; docs/benchmarks_kernels.md, "Float
+// modes") when that bound summed over the group stays within
 // 2^-21 of the group's sum |x| (len * max|x| <= kThreeDigitSpread * sum|x|: Gaussian groups always pass), else 4
 // digits (F_4 ~ 2^31): beside a 1000x outlier the ordinary values keep ~2^-22 of their size instead of ~2^-14.
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -992,10 +991,8 @@ inline void store16(at::BFloat16* o, __m512 v) { store32<STREAM>(o, bf16_lanes(v
 
 // 2- and 4-bit groups by table lookup: a group has at most 16 distinct values q s - z s (q = 0..15), computed once
 // per group exactly as the arithmetic path computes them (same products, same rounding), then one permute per 32
-// (bf16) or 16 (float32) codes replaces the per-code convert / multiply / subtract / round. On one Sapphire Rapids
-// core, A/B in one process against session 12's code (session 13): 576 x 1536 W4 to bf16 (cached stores) 0.35 ->
-// 0.19 ms; with the streaming stores of large workspaces (kStreamMinBytes) to bf16 4096 x 4096 W4 5.2 -> 3.1 ms,
-// 4096 x 11008 13.9 -> 7.9, 4096 x 4096 W2 4.8 -> 3.2, and to float32 4096 x 4096 W4 11.4 -> 5.3 ms.
+// (bf16) or 16 (float32) codes replaces the per-code convert / multiply / subtract / round: about half the time of
+// the arithmetic version (docs/benchmarks_kernels.md, "Dequantization").
 inline __m512 group_values(float sc, float zs) {
   const __m512 q = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   return _mm512_sub_ps(_mm512_mul_ps(q, _mm512_set1_ps(sc)), _mm512_set1_ps(zs));

@@ -53,11 +53,8 @@ void walk_streams(int64_t u0, int64_t u1, Fn fn) {
 
 // Dequantization workspaces (cbq_cpu.cpp, lobcq_cpu.cpp) from this size on are written with non-temporal stores
 // (store64): a large workspace is written once and read once by the GEMM after it, and cached stores first read
-// every line in. A small one is better left in cache for that GEMM. Session 13, one Sapphire Rapids core, A/B in one
-// process, dequantize + F.linear at M = 64 (cbq_cpu.cpp's 4-bit lookups): 576 x 1536 float32 (3.5 MB) 1.64 ms cached
-// vs 1.90 streamed (and LO-BCQ 1536 x 576: 2.13 vs 2.39), 2048 x 2048 bf16 (8.4 MB) 3.18 vs 2.80, float32 (16.8 MB)
-// 10.5 vs 9.2, 4096 x 4096 bf16 (33.5 MB) 15.3 vs 13.1; at M = 512, 4096 x 4096 bf16 58.5 vs 57.8 ms (the
-// dequantization alone 5.3 -> 3.3 ms). Between 3.5 and 8 MB nothing was measured.
+// every line in. A small one is better left in cache for that GEMM: 3.5 MB measured faster cached, 8.4 MB and up
+// faster streamed (docs/benchmarks_kernels.md, "Dequantization").
 constexpr int64_t kStreamMinBytes = 8 << 20;
 
 // Whether a dequantization workspace is written with streaming stores (kStreamMinBytes). A thread that streamed

@@ -4,8 +4,7 @@
 // Why a table: with 2-bit codes, two codes (q_a, q_b) take 16 values, so for a token x the 16 possible partial
 // sums q_a x_a + q_b x_b form one 512-bit register, and one `vpermps` looks up the partial sums of 16 rows at once
 // (the 4-bit index of each row in its 32-bit lane). Per 32 weights that is a permute, an add and a shift, where
-// the float path converts codes and multiplies them (4096 x 4096 g64 streamed from DRAM on a Sapphire Rapids
-// core, benchmarks/kernels.py: 0.72-0.93 ms against 1.21-1.50 ms; docs/benchmarks_kernels.md). For 4-bit codes
+// the float path converts codes and multiplies them (docs/benchmarks_kernels.md, "2-bit weights"). For 4-bit codes
 // one code is the whole index, which measured no faster than the fixed-point path, so this path is 2-bit only.
 //
 // Layout (built by `lut2_repack` from the on-disk layout at first use, never saved):

@@ -9,7 +9,7 @@
 //     scales and zero points: wpack = [Np / 8][ceil(G / 8)][meta, codes], meta = 192 bytes (scales fp16 [8 groups]
 //     [8 rows], then zeros uint8 [8 groups][8 rows]; unused slots of the last run are zero), codes = [groups of the
 //     run][Gp / 64 chunks][8 rows][CB]. One panel of eight output rows is one sequential stream with everything it
-//     needs: separate scale and zero arrays were two more streams per panel and cost ~10% of a cold W4 GEMV.
+//     needs: separate scale and zero arrays would be two more streams per panel, ~10% of a cold W4 GEMV.
 #pragma once
 
 #include <ATen/core/Tensor.h>

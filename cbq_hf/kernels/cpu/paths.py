@@ -37,7 +37,7 @@ from .layout import Lut2Weights, Panels, repack, repack_lut2
 # docs/benchmarks_kernels.md, "Prefill crossovers" (AMX: "Integer prefill on AMX tiles").
 #: float inputs, float32 GEMM: `cpu_packed` below, dequantize + fp32 GEMM from here.
 DEQUANT_MIN_M = 48
-#: bf16 GEMM (bf16 inputs, or the bf16 float32-matmul setting) on bf16 matrix units: a cheaper GEMM switches earlier.
+#: bf16 GEMM (bf16 inputs, or the bf16 float32-matmul setting) on bf16 matrix units: a cheaper GEMM, fewer rows.
 DEQUANT_MIN_M_BF16 = 16
 #: 2-bit weights on `cpu_lut2` (faster per row than `cpu_packed`, so it holds out longer), float32 GEMM.
 DEQUANT_MIN_M_LUT2 = 72

@@ -14,9 +14,9 @@ All of them read the checkpoint's packed buffers as they are (no repack), so a m
 ``.to("cuda")`` needs nothing else. Without Triton (or on a machine where its import fails) CUDA calls take the
 reference path, with one warning. Nothing here imports Triton before a CUDA forward asks for it.
 
-Speed is unmeasured: no GPU has been available to this project so far, so `DEQUANT_MIN_M` is a placeholder to be
-replaced by a measurement (``benchmarks/kernels.py --device cuda``). Correctness is tested in CI by running the
-same kernels in Triton's CPU interpreter (``tests/kernels/test_gpu.py``).
+Their speed has not been measured on a GPU, so `DEQUANT_MIN_M` is an estimate; ``benchmarks/kernels.py --device
+cuda`` measures it (docs/benchmarks_kernels.md, "CUDA paths"). Correctness is tested in CI by running the same
+kernels in Triton's CPU interpreter (``tests/kernels/test_gpu.py``).
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from ..workspace import workspace
 
 logger = logging.getLogger(__name__)
 
-#: Rows from which ``gpu_dequant`` is chosen. NOT MEASURED (no GPU so far): a placeholder at the size where a simple
-#: fused-dequant Triton GEMM is expected to fall behind cuBLAS on a pre-dequantized weight.
+#: Rows from which ``gpu_dequant`` is chosen: an unmeasured estimate of where a fused-dequant Triton GEMM falls behind
+#: cuBLAS on a pre-dequantized weight (docs/benchmarks_kernels.md, "CUDA paths").
 DEQUANT_MIN_M = 128
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
