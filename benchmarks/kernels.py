@@ -3,12 +3,13 @@ Triton GPU paths).
 
 For each (K, N) and M it times one call of each path, interleaved (path A, path B, ... then again), cycling through
 several copies of every layer so the weights are not hot in cache, and reports the median. Ratios are computed
-from the same run. Writes JSON + markdown into benchmarks/results/ and the markdown into docs/benchmarks_kernels.md.
+from the same run. Writes JSON + markdown into benchmarks/results/ (`--out`); docs/benchmarks_kernels.md is written by
+hand from those files.
 
-    .venv/bin/python benchmarks/kernels.py                 # full table
-    .venv/bin/python benchmarks/kernels.py --quick         # M=1 and 512 on 4096x4096 only
-    .venv/bin/python benchmarks/kernels.py --shapes 4096x4096 --ms 1 8 16 32 64 --paths cpu_packed cpu_dequant
-    .venv/bin/python benchmarks/kernels.py --device cuda --no-docs --out kernels_cuda   # on a GPU machine
+    .venv/bin/python -P benchmarks/kernels.py                 # full table
+    .venv/bin/python -P benchmarks/kernels.py --quick         # M=1 and 512 on 4096x4096 only
+    .venv/bin/python -P benchmarks/kernels.py --shapes 4096x4096 --ms 1 8 16 32 64 --paths cpu_packed cpu_dequant
+    .venv/bin/python -P benchmarks/kernels.py --device cuda --out kernels_cuda   # on a GPU machine
 """
 
 from __future__ import annotations
@@ -262,7 +263,6 @@ def main() -> None:
     )
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="kernels", help="file stem under benchmarks/results/")
-    ap.add_argument("--no-docs", action="store_true", help="do not overwrite docs/benchmarks_kernels.md")
     args = ap.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
     ms = args.ms or MS
@@ -302,8 +302,6 @@ def main() -> None:
     (out / f"{args.out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     md = to_markdown(rows, meta)
     (out / f"{args.out}.md").write_text(md)
-    if not args.no_docs:
-        (ROOT / "docs" / "benchmarks_kernels.md").write_text(md)
     print(md)
 
 
