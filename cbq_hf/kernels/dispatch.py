@@ -92,7 +92,7 @@ def set_kernel(name: str | None) -> None:
 @contextlib.contextmanager
 def force_kernel(name: str | None) -> Iterator[None]:
     """Within the block every `CBQLinear` uses kernel `name` (see `set_kernel`; None: the automatic choice); the
-    previous choice is restored after it."""
+    choice it replaced comes back after it."""
     old = _forced
     set_kernel(name)
     try:
