@@ -431,6 +431,8 @@ def _read_packed(f, name: str, lin: _Linear, spec: UniformSpec, keys: set[str]) 
 def _convert_file(path: str, src: _Source, to: str) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
+    from .serialization import GUARD_SUFFIX
+
     spec = UniformSpec(src.qconfig.bits, src.qconfig.group_size, src.qconfig.sym)
     out: dict[str, torch.Tensor] = {}
     with safe_open(path, framework="pt") as f:
@@ -441,6 +443,7 @@ def _convert_file(path: str, src: _Source, to: str) -> dict[str, torch.Tensor]:
                 continue
             p = _read_packed(f, name, lin, spec, keys)
             owned.update(f"{name}.{s}" for s in _QUANT_SUFFIXES)
+            owned.add(f"{name}{GUARD_SUFFIX}")  # the load guard: exported linears carry their own tensors
             if to == "compressed-tensors":
                 tensors = _convert_compressed_tensors(lin, p, spec, src.dtype)
             else:

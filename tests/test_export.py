@@ -306,6 +306,7 @@ def test_gptq_export_decodes_to_cbq_weights_exactly(fp_dir, workdir, bits, sym, 
         assert f.get_tensor("model.layers.0.mlp.down_proj.qweight").shape == (96 * bits // 32, 64)
     assert torch.equal(k, torch.arange(96, dtype=torch.int32) // (gs if gs > 0 else 96))
     assert "lm_head.weight" in keys and not any(key.endswith((".zeros", ".weight_packed")) for key in keys)
+    assert not {f"{name}.weight" for name in weights} & keys  # the load guards stay behind
 
 
 def test_gptq_export_keeps_biases_and_tied_head(fp_bias_dir, workdir):

@@ -1,7 +1,6 @@
 """End to end through transformers on tiny random models: quantize, save, reload, generate."""
 
 import json
-import os
 
 import pytest
 import torch
@@ -138,27 +137,45 @@ def test_double_import_and_reload_keep_registration():
     assert AUTO_QUANTIZER_MAPPING["cbq"].__name__ == "CBQHfQuantizer"
 
 
-def test_loading_without_import_warns_and_loads_unquantized(llama_dir, tmp_path):
-    """Documented behaviour: without `import cbq_hf` transformers does not know "cbq"; it warns and the packed
-    weights are not used. Checked in a subprocess so this process's registration does not interfere."""
+_LOAD_IN_FRESH_PROCESS = """
+import sys, torch
+if sys.argv[2] == "with":
+    import cbq_hf
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+with torch.no_grad():
+    torch.save(m(torch.load(sys.argv[3])).logits, sys.argv[4])
+"""
+
+
+def test_loading_without_import_raises_and_with_import_gives_the_same_logits(llama_dir, tmp_path):
+    """Without `import cbq_hf`, transformers does not know "cbq": the load guard under each quantized linear's
+    `weight` name makes its loader refuse the checkpoint instead of building random linears. With the import, a
+    fresh interpreter reproduces the saved model's logits exactly. Subprocesses keep this process's registration
+    out of the way. The quantized head has a guard too."""
     import subprocess
     import sys
 
-    q = _rtn(llama_dir)
+    q = _rtn(llama_dir, lm_head_bits=8)
     q.save_pretrained(tmp_path / "q")
-    code = (
-        "import logging, sys\n"
-        "from transformers import AutoModelForCausalLM\n"
-        f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'q')!r})\n"
-        "print('CBQ' in type(m.model.layers[0].mlp.down_proj).__name__)\n"
-    )
-    res = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "TRANSFORMERS_VERBOSITY": "warning"},
-    )
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip().splitlines()[-1] == "False"
+    x = torch.randint(0, 128, (2, 12))
+    torch.save(x, tmp_path / "x.pt")
+    with torch.no_grad():
+        expected = q(x).logits
+
+    def load(how: str) -> subprocess.CompletedProcess:
+        args = [str(tmp_path / "q"), how, str(tmp_path / "x.pt"), str(tmp_path / f"{how}.pt")]
+        return subprocess.run(
+            [sys.executable, "-c", _LOAD_IN_FRESH_PROCESS, *args], capture_output=True, text=True, timeout=120
+        )
+
+    res = load("without")
+    assert res.returncode != 0
     assert "Unknown quantization type, got cbq" in res.stderr
+    assert "ignore_mismatched_sizes" in res.stderr
+    assert "down_proj.weight" in res.stderr and "lm_head.weight" in res.stderr
+    assert not (tmp_path / "without.pt").exists()
+    res = load("with")
+    assert res.returncode == 0, res.stderr
+    assert "UNEXPECTED" not in res.stderr  # the guards are skipped silently
+    assert torch.equal(torch.load(tmp_path / "with.pt"), expected)

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from cbq_hf import CBQConfig
-from cbq_hf.serialization import CheckpointError, atomic_save
+from cbq_hf.serialization import CheckpointError, atomic_save, checksum_metadata
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +124,42 @@ def test_save_refuses_non_finite_weights(tmp_path):
     with pytest.raises(ValueError, match="non-finite"):
         q.save_pretrained(tmp_path / "q")
     assert not (tmp_path / "q").exists()
+
+
+def test_every_quantized_linear_has_a_checksummed_load_guard(saved):
+    from safetensors import safe_open
+
+    with safe_open(str(saved / "model.safetensors"), "pt") as f:
+        keys, listed = set(f.keys()), json.loads(f.metadata()["cbq_sha256"])
+        guard = f.get_tensor("model.layers.0.self_attn.q_proj.weight")
+    packed = {k.removesuffix(".qweight") for k in keys if k.endswith(".qweight")}
+    assert len(packed) == 14 and {f"{n}.weight" for n in packed} <= keys <= set(listed)
+    assert guard.shape == (1,) and guard.dtype == torch.uint8
+
+
+def test_checkpoint_without_load_guards_still_loads(saved, tmp_path):
+    """Checkpoints saved before the guards existed load as before, with the same logits."""
+    from safetensors import safe_open
+
+    d = _copy(saved, tmp_path)
+
+    def strip(tensors, meta):
+        for key in [k for k in tensors if k.endswith(".weight") and k.removesuffix(".weight") + ".qweight" in tensors]:
+            tensors.pop(key)
+        meta["cbq_sha256"] = checksum_metadata(tensors)
+
+    _rewrite(d, strip)
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        assert "model.layers.0.self_attn.q_proj.weight" not in f.keys()  # noqa: SIM118
+    x = torch.randint(0, 128, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(
+            AutoModelForCausalLM.from_pretrained(d)(x).logits, AutoModelForCausalLM.from_pretrained(saved)(x).logits
+        )
+
+
+def test_deleted_load_guard_is_refused(saved, tmp_path):
+    d = _copy(saved, tmp_path)
+    _rewrite(d, lambda t, m: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match="missing"):
+        AutoModelForCausalLM.from_pretrained(d)
