@@ -46,7 +46,7 @@ from .streams import Stream, StreamStorage
 logger = logging.getLogger(__name__)
 
 #: Version of the checkpoint folder layout written by this module.
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3
 #: Config fields that do not change the calibration result (where things run, where files go, data source
 #: description: the tokens themselves are hashed).
 IGNORED_FIELDS = (
@@ -61,6 +61,8 @@ IGNORED_FIELDS = (
 #: Config fields added after calibration checkpoints existed, with their defaults: part of the identity only when
 #: set to another value, so a checkpoint written before a field existed still resumes with the field at its default.
 OPTIONAL_FIELDS = {"smooth_alpha": None, "token_normalized_loss": False, "lr_norm": 0.0}
+#: Report entries the pipeline recomputes on resume; the rest (the method's totals) is saved with each commit.
+_PIPELINE_REPORT_KEYS = ("windows", "device", "num_blocks", "resumed_from_window", "seconds")
 #: Keys of the model's config.json that do not describe the model itself.
 _VOLATILE_MODEL_KEYS = ("_name_or_path", "transformers_version", "quantization_config", "_commit_hash")
 #: Values sampled from every tensor for the model fingerprint.
@@ -316,7 +318,7 @@ class CheckpointStore:
             x_q, x_fp: the two activation streams entering the next window's new blocks.
             inflight: block index -> live block (quantizer parameters included) of blocks still training.
             gen_state: state of the calibration random generator.
-            report: JSON-safe report so far ("windows" and "cfp").
+            report: JSON-safe report so far (the windows' entries and the method's totals).
         """
         k = next_window - 1
         files = dict(self._block_hashes)
@@ -339,7 +341,7 @@ class CheckpointStore:
                 "stream_shape": list(x_q.shape),
                 "files": files,
                 "windows": report["windows"],
-                "cfp": report["cfp"],
+                "method_report": {k: v for k, v in report.items() if k not in _PIPELINE_REPORT_KEYS},
             },
         )
         _fsync_dir(self.folder)
@@ -368,41 +370,18 @@ def restore_live_block(
     live: nn.Module, tensors: dict[str, torch.Tensor], names: dict[str, str], config, fmt
 ) -> dict[str, nn.Module]:
     """Put back the training state of a block still in its window: every quantizable linear of `live` (a float32
-    block) becomes a `QuantLinearSim` (`LOBCQLinearSim` for format "lobcq") with the saved quantizer parameters.
-    Returns relative name -> sim."""
-    from ..formats.lobcq import LOBCQFormat
+    block) becomes its format's stand-in (`fmt.stand_in`) holding the saved quantizer parameters. Returns
+    relative name -> stand-in."""
+    from ..formats.stand_in import StandInOptions
     from ..modeling import set_module
-    from .rounding import QuantLinearSim
 
     sims = {}
     for rel in names:
-        lin = live.get_submodule(rel)
         # The constructor's initial values (and its random draw, from a throwaway generator) are all replaced.
-        input_scale = tensors.get(f"{rel}.input_scale")
-        if isinstance(fmt, LOBCQFormat):
-            from .lobcq_sim import LOBCQLinearSim
-
-            sim: nn.Module = LOBCQLinearSim(
-                lin,
-                fmt,
-                lora_rank=config.lora_rank,
-                use_lora_rounding=config.use_lora_rounding,
-                learn_weight_scales=config.learn_weight_scales,
-                input_scale=input_scale,
-                generator=torch.Generator(),
-            )
-        else:
-            sim = QuantLinearSim(
-                lin,
-                fmt.spec,
-                fmt.act_bits,
-                lora_rank=config.lora_rank,
-                use_lora_rounding=config.use_lora_rounding,
-                learn_weight_scales=config.learn_weight_scales,
-                learn_act_clipping=config.learn_act_clipping,
-                input_scale=input_scale,
-                generator=torch.Generator(),
-            )
+        options = StandInOptions.from_config(
+            config, input_scale=tensors.get(f"{rel}.input_scale"), generator=torch.Generator()
+        )
+        sim = fmt.stand_in(live.get_submodule(rel), options)
         set_module(live, rel, sim)
         sims[rel] = sim
     _load_exact(live, tensors)

@@ -50,7 +50,8 @@ from ..formats.lobcq import (
     encode,
     fake_quantize_activations,
 )
-from .rounding import TrainableQuantizer, inverse_rectified_sigmoid, rectified_sigmoid, rounding_regularizer
+from ..formats.stand_in import QuantStandIn
+from .rounding import inverse_rectified_sigmoid, rectified_sigmoid, rounding_regularizer
 
 #: Smallest positive E4M3 value (subnormal 2^-9): learned array scales never reach zero.
 E4M3_MIN = 2.0**-9
@@ -63,7 +64,7 @@ def _ste(value: torch.Tensor, through: torch.Tensor) -> torch.Tensor:
     return value.detach() + (through - through.detach())
 
 
-class LOBCQLinearSim(TrainableQuantizer):
+class LOBCQLinearSim(QuantStandIn):
     """Calibration-time stand-in for an `nn.Linear` in LO-BCQ: y = Q_act(x / input_scale) @ Q(W).T + b.
 
     Args:

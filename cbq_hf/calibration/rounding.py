@@ -1,7 +1,7 @@
 """Trainable quantizers of one linear during calibration: learnable step sizes, LoRA-Rounding, activation clipping.
 
-`QuantLinearSim` stands in for an `nn.Linear` while its window trains; `freeze()` returns the integer codes and
-the stored-exact parameters that `UniformFormat.pack` turns into `CBQLinear` buffers.
+`QuantLinearSim` is the uniform format's stand-in (`formats.stand_in`) for an `nn.Linear` while its window trains;
+`freeze()` returns the packed `CBQLinear` buffers of the hard-rounded codes and stored-exact steps.
 
 Choices (and why):
 
@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..formats.uniform import UniformSpec, expand_groups, minmax_qparams, round_scale
+from ..formats.stand_in import QuantStandIn, StandInOptions
+from ..formats.uniform import UniformSpec, expand_groups, minmax_qparams, pack_uniform, round_scale
 
 ZETA = 1.1
 GAMMA = -0.1
@@ -134,36 +135,15 @@ def fake_quantize_activations_ste(x: torch.Tensor, act_bits: int, clip: torch.Te
     return torch.clamp(round_ste(x / step), -qmax - 1, qmax) * step
 
 
-class TrainableQuantizer(nn.Module):
-    """Base of the calibration stand-ins (`QuantLinearSim`, `lobcq_sim.LOBCQLinearSim`): a window's starting point
-    is a snapshot of their trainable parameters, restored when the window falls back."""
-
-    @torch.no_grad()
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        """Copies of every trainable parameter, by name."""
-        return {k: v.detach().clone() for k, v in self.named_parameters()}
-
-    @torch.no_grad()
-    def restore(self, snap: dict[str, torch.Tensor]) -> None:
-        """Put back the parameters of a `snapshot`, in place."""
-        for k, p in self.named_parameters():
-            p.copy_(snap[k])
-
-
-class QuantLinearSim(TrainableQuantizer):
+class QuantLinearSim(QuantStandIn):
     """Calibration-time stand-in for an `nn.Linear`: y = Q_act(x / input_scale) @ Q(W).T + b.
 
     Args:
         linear: the float linear (its weight already includes any CFP column scaling).
         spec: the weight grid.
         act_bits: activation bits, or None for weight-only.
-        lora_rank: rank of the learned rounding factors.
-        use_lora_rounding: learn rounding offsets (else round to nearest).
-        learn_weight_scales: learn the per-group step sizes (else keep the initial grid).
-        learn_act_clipping: learn the activation clipping ratio (else 1.0).
-        input_scale: optional [K] CFP smoothing divisor of the input.
-        channel_weight, truncation: see `init_qparams`.
-        generator: random generator of the LoRA factor initialisation (determinism).
+        options: how it is built (`StandInOptions`: LoRA rank, what is learned, input scale, channel weights,
+            CFP truncation, generator); the keyword arguments of the same names override it.
     """
 
     def __init__(
@@ -172,16 +152,14 @@ class QuantLinearSim(TrainableQuantizer):
         spec: UniformSpec,
         act_bits: int | None = None,
         *,
-        lora_rank: int = 5,
-        use_lora_rounding: bool = True,
-        learn_weight_scales: bool = True,
-        learn_act_clipping: bool = True,
-        input_scale: torch.Tensor | None = None,
-        channel_weight: torch.Tensor | None = None,
-        truncation: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        options: StandInOptions | None = None,
+        **overrides,
     ) -> None:
         super().__init__()
+        o = StandInOptions(**{**(options or StandInOptions()).__dict__, **overrides})
+        lora_rank, use_lora_rounding, input_scale = o.lora_rank, o.use_lora_rounding, o.input_scale
+        learn_weight_scales, learn_act_clipping, generator = o.learn_weight_scales, o.learn_act_clipping, o.generator
+        channel_weight, truncation = o.channel_weight, o.truncation
         w = linear.weight.detach().float().clone()
         n, k = w.shape
         self.spec = spec
@@ -273,7 +251,7 @@ class QuantLinearSim(TrainableQuantizer):
 
     # ---------------------------------------------------------------- freezing
     @torch.no_grad()
-    def freeze(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float | None]:
+    def freeze_codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float | None]:
         """Hard-rounded (codes uint8 [N, K], scales [N, G] stored-exact, zeros [N, G], activation clip or None)."""
         scale = round_scale(self.scale0 * torch.exp(self.log_delta))
         hard, self.hard = self.hard, True
@@ -281,3 +259,15 @@ class QuantLinearSim(TrainableQuantizer):
         self.hard = hard
         clip = float(self.clip_ratio()) if self.act_bits is not None else None
         return codes.cpu(), scale.cpu(), self.zero.cpu(), clip
+
+    @torch.no_grad()
+    def freeze(self) -> dict[str, torch.Tensor]:
+        """Packed buffers of the hard-rounded weight (`formats.uniform.pack_uniform` of `freeze_codes`).
+
+        Raises:
+            RuntimeError: a trained step size is not finite.
+        """
+        codes, scales, zeros, clip = self.freeze_codes()
+        if not torch.isfinite(scales).all():
+            raise RuntimeError("cbq_hf: non-finite step sizes at freeze time")
+        return pack_uniform(codes, scales, zeros, self.spec, self.act_bits, clip)

@@ -380,6 +380,21 @@ class LOBCQFormat(QuantFormat):
         # Last activation encoded at run time: q/k/v (and gate/up) receive the same input tensor, encoded once.
         self._act_memo = LastInputMemo()
 
+    def stand_in(self, linear, options):
+        """`calibration.lobcq_sim.LOBCQLinearSim`: learned array scales and codeword choices."""
+        from ..calibration.lobcq_sim import LOBCQLinearSim
+
+        return LOBCQLinearSim(
+            linear,
+            self,
+            lora_rank=options.lora_rank,
+            use_lora_rounding=options.use_lora_rounding,
+            learn_weight_scales=options.learn_weight_scales,
+            input_scale=options.input_scale,
+            channel_weight=options.channel_weight,
+            generator=options.generator,
+        )
+
     @classmethod
     def from_config(cls, config) -> LOBCQFormat:
         spec = LOBCQSpec(

@@ -1,8 +1,8 @@
 """Registry of storage formats, keyed by the name used in `CBQConfig.format`.
 
 A format knows the buffers a quantized linear holds, how to turn them back into a float weight (the reference
-every kernel is checked against) and how activations are quantized at run time. Adding a format is one module
-and one `@register_format` line.
+every kernel is checked against), how activations are quantized at run time, and which trainable stand-in CBQ
+calibration trains in its place (`stand_in`). Adding a format is one module and one `@register_format` line.
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import torch
+from torch import nn
+
+from .stand_in import QuantStandIn, StandInOptions
 
 _FORMATS: dict[str, type[QuantFormat]] = {}
 
@@ -50,6 +53,14 @@ class QuantFormat(ABC):
     @abstractmethod
     def bits_per_weight(self, out_features: int, in_features: int) -> float:
         """Stored bits per weight value, metadata included."""
+
+    def stand_in(self, linear: nn.Module, options: StandInOptions) -> QuantStandIn:
+        """The trainable calibration stand-in of `linear` [N, K] in this format (see `stand_in`). A format without
+        one can still be used with method="rtn"."""
+        raise NotImplementedError(
+            f"format {self.name!r} has no trainable calibration stand-in; use method='rtn' with it, or give the "
+            f"format a `stand_in` method."
+        )
 
     def check_shape(self, out_features: int, in_features: int, name: str = "layer") -> None:
         """Raise a clear `ValueError` when a layer of this shape cannot be stored in this format (every shape fits

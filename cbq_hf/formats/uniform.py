@@ -188,6 +188,27 @@ def fake_quantize_activations(x: torch.Tensor, act_bits: int, clip: torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------- the format
+def pack_uniform(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    spec: UniformSpec,
+    act_bits: int | None,
+    act_clip: torch.Tensor | float | None = None,
+) -> dict[str, torch.Tensor]:
+    """Buffers of one linear from its codes uint8 [N, K], scales [N, G], zeros [N, G] and (with `act_bits`) the
+    activation clipping ratio (1.0 when None)."""
+    out = {
+        "qweight": pack_codes(codes, spec.slot_bits),
+        "scales": scales.to(torch.float16),
+        "zeros": zeros.round().to(torch.uint8),
+    }
+    if act_bits is not None:
+        clip = 1.0 if act_clip is None else act_clip
+        out["act_clip"] = torch.as_tensor(clip, dtype=torch.float32).reshape(1).clone()
+    return out
+
+
 @register_format("uniform")
 class UniformFormat(QuantFormat):
     """Integer grid with per-group float16 scales and uint8 zero points (see module docstring)."""
@@ -222,15 +243,13 @@ class UniformFormat(QuantFormat):
         act_clip: torch.Tensor | float | None = None,
     ) -> dict[str, torch.Tensor]:
         """Buffers of one linear from its codes uint8 [N, K], scales [N, G] and zeros [N, G]."""
-        out = {
-            "qweight": pack_codes(codes, self.spec.slot_bits),
-            "scales": scales.to(torch.float16),
-            "zeros": zeros.round().to(torch.uint8),
-        }
-        if self.act_bits is not None:
-            clip = 1.0 if act_clip is None else act_clip
-            out["act_clip"] = torch.as_tensor(clip, dtype=torch.float32).reshape(1).clone()
-        return out
+        return pack_uniform(codes, scales, zeros, self.spec, self.act_bits, act_clip)
+
+    def stand_in(self, linear, options):
+        """`calibration.rounding.QuantLinearSim`: learned steps, LoRA-Rounding, learned activation clipping."""
+        from ..calibration.rounding import QuantLinearSim
+
+        return QuantLinearSim(linear, self.spec, self.act_bits, options=options)
 
     def quantize_rtn(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         scales, zeros = minmax_qparams(weight, self.spec)

@@ -36,7 +36,7 @@ from safetensors.torch import save_file  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 import cbq_hf  # noqa: E402, F401
-from cbq_hf.calibration import checkpoint, engine, streams  # noqa: E402
+from cbq_hf.calibration import cbq, checkpoint, engine, streams  # noqa: E402
 from cbq_hf.config import CBQConfig  # noqa: E402
 
 BASE_CONFIG = dict(
@@ -81,7 +81,7 @@ def _install_hook(point: str, events: str) -> None:
 
         checkpoint.CheckpointStore.save_state = save_state
     elif kind == "mid_train":
-        real_train, real_loss = engine._train_window, engine.window_loss
+        real_train, real_loss = cbq._train_window, cbq.window_loss
         calls = {"window": -1, "n": 0}
 
         def train(win, *a, **k):
@@ -94,7 +94,7 @@ def _install_hook(point: str, events: str) -> None:
                 _pause(events, point)
             return real_loss(*a, **k)
 
-        engine._train_window, engine.window_loss = train, loss
+        cbq._train_window, cbq.window_loss = train, loss
     elif kind == "mid_stream_write":
         real_write = streams.Stream.write_to
 

@@ -13,7 +13,7 @@ from calib_helpers import tiny_qwen2
 from helpers import tiny_llama
 from safetensors.torch import load_file
 
-from cbq_hf.calibration import engine
+from cbq_hf.calibration import cbq
 from cbq_hf.calibration.checkpoint import CheckpointError, CheckpointMismatchError
 from cbq_hf.calibration.engine import calibrate
 from cbq_hf.config import CBQConfig
@@ -29,14 +29,14 @@ class _Interrupted(RuntimeError):
 
 
 def _interrupt_at(monkeypatch, window: int) -> None:
-    real = engine._train_window
+    real = cbq._train_window
 
     def train(win, *args, **kwargs):
         if win.index == window:
             raise _Interrupted(f"interrupted at window {window}")
         return real(win, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "_train_window", train)
+    monkeypatch.setattr(cbq, "_train_window", train)
 
 
 def _partial(monkeypatch, ckpt: Path, ids: torch.Tensor, layers: int = 3, **kw) -> None:
@@ -170,8 +170,8 @@ def test_finished_run_reloads_without_training(monkeypatch, tmp_path, calib_ids)
     first = tiny_llama(layers=3).eval()
     calibrate(first, _cfg(checkpoint_dir=str(ckpt)), calib_ids, progress=False)
     calls = []
-    real = engine._train_window
-    monkeypatch.setattr(engine, "_train_window", lambda win, *a, **k: calls.append(win.index) or real(win, *a, **k))
+    real = cbq._train_window
+    monkeypatch.setattr(cbq, "_train_window", lambda win, *a, **k: calls.append(win.index) or real(win, *a, **k))
     again = tiny_llama(layers=3).eval()
     rep = calibrate(again, _cfg(checkpoint_dir=str(ckpt)), calib_ids, progress=False)
     assert calls == [] and rep["resumed_from_window"] == 2

@@ -10,7 +10,7 @@ from calib_helpers import CharTokenizer
 from transformers import AutoModelForCausalLM
 
 import cbq_hf  # noqa: F401  (registers "cbq" with transformers)
-from cbq_hf.calibration import engine
+from cbq_hf.calibration import cbq
 from cbq_hf.calibration.engine import calibrate
 from cbq_hf.calibration.rtn import quantize_rtn
 from cbq_hf.config import CBQConfig
@@ -83,13 +83,13 @@ def test_nan_loss_falls_back_to_window_start(monkeypatch, calib_ids):
 
     start = tiny_llama(layers=3).eval()
     calibrate(start, _cfg(epochs=0), calib_ids, progress=False)
-    real = engine.window_loss
+    real = cbq.window_loss
 
     def poisoned(*args, **kwargs):  # NaN during training steps only (the start/end evaluations run without grad)
         out = real(*args, **kwargs)
         return out * float("nan") if torch.is_grad_enabled() else out
 
-    monkeypatch.setattr(engine, "window_loss", poisoned)
+    monkeypatch.setattr(cbq, "window_loss", poisoned)
     model = tiny_llama(layers=3).eval()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -111,13 +111,13 @@ def test_loss_switches(monkeypatch, switch, value, calib_ids):
     from helpers import tiny_llama
 
     seen = []
-    real = engine.window_loss
+    real = cbq.window_loss
 
     def spy(q, fp_fp, fp_q, wa, wh, kl, token_normalized):
         seen.append((fp_q is None, kl, token_normalized))
         return real(q, fp_fp, fp_q, wa, wh, kl, token_normalized)
 
-    monkeypatch.setattr(engine, "window_loss", spy)
+    monkeypatch.setattr(cbq, "window_loss", spy)
     calibrate(tiny_llama(layers=2).eval(), _cfg(epochs=1, **{switch: value}), calib_ids, progress=False)
     assert seen
     if switch == "use_homologous":
@@ -224,7 +224,7 @@ def test_resume_after_interruption(monkeypatch, tmp_path, calib_ids):
 
     full = tiny_llama(layers=4).eval()
     calibrate(full, _cfg(epochs=1), calib_ids, progress=False)
-    real = engine._train_window
+    real = cbq._train_window
     calls = []
 
     def interrupt_at_window_3(win, *args, **kwargs):
@@ -233,7 +233,7 @@ def test_resume_after_interruption(monkeypatch, tmp_path, calib_ids):
             raise _Interrupted("simulated interruption")
         return real(win, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "_train_window", interrupt_at_window_3)
+    monkeypatch.setattr(cbq, "_train_window", interrupt_at_window_3)
     cfg = _cfg(epochs=1, checkpoint_dir=str(tmp_path / "ckpt"))
     with pytest.raises(_Interrupted):
         calibrate(tiny_llama(layers=4).eval(), cfg, calib_ids, progress=False)
@@ -268,7 +268,7 @@ def test_lr_norm_reverted_window_restores_the_norms(monkeypatch, calib_ids):
     """A window whose loss rises is put back at its start: the norm weights too."""
     from helpers import tiny_llama
 
-    real = engine.window_loss
+    real = cbq.window_loss
     calls = {"eval": 0}
 
     def rising(*args, **kwargs):  # the end-of-window evaluation reports a worse loss than the start
@@ -278,7 +278,7 @@ def test_lr_norm_reverted_window_restores_the_norms(monkeypatch, calib_ids):
             return out * (1.0 + calls["eval"])
         return out
 
-    monkeypatch.setattr(engine, "window_loss", rising)
+    monkeypatch.setattr(cbq, "window_loss", rising)
     model = tiny_llama(layers=2).eval()
     rep = calibrate(model, _cfg(epochs=2, use_cfp=False, lr_norm=1e-1), calib_ids, progress=False)
     assert rep["windows"][0]["status"] == "reverted"

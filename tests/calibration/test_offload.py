@@ -191,7 +191,7 @@ def test_resume_from_checkpoint_with_offload_rebuilds_hooked_blocks(fp_dir, ids,
         )
 
     load()
-    with caplog.at_level(logging.INFO, logger="cbq_hf.calibration.engine"):
+    with caplog.at_level(logging.INFO, logger="cbq_hf.calibration"):
         resumed = load()
     assert "resuming calibration" in caplog.text  # the second run really took the resume path
     assert [n for n, t in resumed.state_dict().items() if t.device.type == "meta"] == []

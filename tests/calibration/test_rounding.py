@@ -65,7 +65,7 @@ def test_init_never_worse_than_minmax(spec):
 def test_starts_at_round_to_nearest(spec):
     lin = _linear()
     sim = QuantLinearSim(lin, spec, generator=torch.Generator().manual_seed(0))
-    codes, scales, zeros, _ = sim.freeze()
+    codes, scales, zeros, _ = sim.freeze_codes()
     assert torch.equal(codes, quantize_codes(lin.weight.detach(), scales, zeros, spec))
 
 
@@ -81,7 +81,7 @@ def test_packed_linear_matches_simulation(spec, act_bits):
         sim.log_delta.normal_(0, 0.05)
         if act_bits:
             sim.act_clip.fill_(0.8)
-    codes, scales, zeros, clip = sim.freeze()
+    codes, scales, zeros, clip = sim.freeze_codes()
     fmt = UniformFormat(spec.bits, spec.group_size, spec.sym, act_bits)
     q = CBQLinear(lin.in_features, lin.out_features, True, fmt, has_input_scale=True)
     q.load_packed(fmt.pack(codes, scales, zeros, clip), bias=lin.bias.detach(), input_scale=in_scale)
@@ -99,7 +99,7 @@ def test_hard_rounding_at_freeze(spec):
         sim.a2.normal_(0, 2.0)
     h = sim.offsets().detach()
     assert h.min() >= 0 and h.max() <= 1
-    codes, scales, zeros, _ = sim.freeze()
+    codes, scales, zeros, _ = sim.freeze_codes()
     k = lin.in_features
     s, z = expand_groups(scales, k, spec), expand_groups(zeros, k, spec)
     expected = torch.clamp(torch.floor(lin.weight.detach() / s) + (h >= 0.5).float() + z, 0, spec.qmax)
@@ -161,10 +161,10 @@ def test_step_change_keeps_the_learned_rounding_choice(spec):
     """With LoRA-Rounding the codes are floor(W / s0) + h: a small change of the learned step rescales them but must
     not move any weight to another code (flooring on the moving grid did, a whole-step error per crossing weight)."""
     sim = QuantLinearSim(_linear(), spec)
-    codes0, _, zero, _ = sim.freeze()
+    codes0, _, zero, _ = sim.freeze_codes()
     with torch.no_grad():
         sim.log_delta.uniform_(-0.03, 0.03)
-    codes1, scale1, _, _ = sim.freeze()
+    codes1, scale1, _, _ = sim.freeze_codes()
     assert torch.equal(codes0, codes1)
     # and the weight follows the new step exactly: (q - z) * s
     expected = (codes1.float() - expand_groups(zero, sim.in_features, spec)) * expand_groups(

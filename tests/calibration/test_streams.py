@@ -95,21 +95,21 @@ def test_frozen_blocks_float_weights_are_freed_during_calibration(calib_ids, mon
     import gc
     import weakref
 
-    from cbq_hf.calibration import engine
+    from cbq_hf.calibration import cbq
     from cbq_hf.modeling import quantizable_linears
 
     model = tiny_llama(layers=4).eval()
     block0 = {n: weakref.ref(m.weight) for n, m in quantizable_linears(model).items() if ".layers.0." in n}
     assert len(block0) == 7
     alive_at = {}
-    real = engine._train_window
+    real = cbq._train_window
 
     def train(win, *args, **kwargs):
         gc.collect()
         alive_at[win.index] = sorted(n for n, r in block0.items() if r() is not None)
         return real(win, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "_train_window", train)
+    monkeypatch.setattr(cbq, "_train_window", train)
     calibrate(model, CBQConfig(method="cbq", bits=2, group_size=32, epochs=1, batch_size=4), calib_ids, progress=False)
     # Once wrapped for training, a linear's float weight lives only in its quantizer (and the float reference
     # copy): the model's original nn.Linear weights are released, and nothing keeps them until the end.
