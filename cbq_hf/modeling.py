@@ -193,3 +193,20 @@ def empty_cbq_experts(
         return CBQExperts.like(experts, fmt, device=device, name=name)
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from e
+
+
+def add_init_stub(q: CBQLinear) -> None:
+    """Give `q` a `weight` attribute that transformers' weight initialisation skips (an empty meta tensor marked
+    `_is_hf_initialized`). Some families' `_init_weights` reach into a submodule's weight by name (GPT-2:
+    ``init.normal_(module.c_proj.weight)``), which a `CBQLinear` does not have. The stub is a plain attribute (not
+    saved, not moved) and `remove_init_stubs` takes it away once loading has finished."""
+    stub = torch.empty(0, device="meta")
+    stub._is_hf_initialized = True
+    q.__dict__["weight"] = stub
+
+
+def remove_init_stubs(model: nn.Module) -> None:
+    """Undo `add_init_stub` on every `CBQLinear` of `model`."""
+    for m in model.modules():
+        if isinstance(m, CBQLinear):
+            m.__dict__.pop("weight", None)

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import torch
+from transformers.pytorch_utils import Conv1D
 from transformers.quantizers.base import HfQuantizer
 
 from .config import FORMAT_VERSION, CBQConfig
@@ -22,12 +23,14 @@ from .formats import get_format
 from .hub import install_save_hooks
 from .lm_head import empty_lm_head, quantize_lm_head
 from .modeling import (
+    add_init_stub,
     conv1d_to_linear,
     empty_cbq_experts,
     empty_cbq_linear,
     find_decoder_blocks,
     quantizable_experts,
     quantizable_linears,
+    remove_init_stubs,
     set_module,
 )
 from .nn.experts import CBQExperts
@@ -71,6 +74,8 @@ class CBQHfQuantizer(HfQuantizer):
         expected: dict[str, tuple[int, ...]] = {}
         for name, lin in quantizable_linears(model, cfg.modules_to_not_convert).items():
             q = empty_cbq_linear(lin, fmt, cfg.has_input_scale(), device="meta", name=name)
+            if isinstance(lin, Conv1D):  # GPT-2's _init_weights reads c_proj.weight while loading
+                add_init_stub(q)
             set_module(model, name, q)
             for buf, (shape, _) in fmt.buffer_specs(q.out_features, q.in_features).items():
                 expected[f"{name}.{buf}"] = shape
@@ -116,6 +121,7 @@ class CBQHfQuantizer(HfQuantizer):
                 "base_model", getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None)
             )
         else:
+            remove_init_stubs(model)
             self._check_loaded(model)
         cfg.format_version = FORMAT_VERSION
         install_save_hooks(model)
