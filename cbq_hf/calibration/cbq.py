@@ -29,7 +29,7 @@ from ..formats.stand_in import QuantStandIn, StandInOptions
 from ..modeling import set_module
 from .loss import window_loss
 from .pipeline import BlockPipeline
-from .preprocess import StatsCollector, smooth_block, weight_truncation
+from .preprocess import SmoothingSettings, StatsCollector, smooth_block, weight_truncation
 from .streams import Stream
 from .windows import Window
 
@@ -97,17 +97,7 @@ def _smooth(pipe: BlockPipeline, b: int, stats: StatsCollector, first_in: torch.
         out = pipe.inputs.call_block(live, b, 0, first_in)
         return bool((out - ref).norm() <= FOLD_TOLERANCE * ref.norm())
 
-    sm = smooth_block(
-        live,
-        linears,
-        stats.stats,
-        config.cfp_lambda1,
-        config.cfp_lambda2,
-        config.cfp_alpha,
-        unchanged,
-        smooth_alpha=config.smooth_alpha,
-        fmt=pipe.fmt,
-    )
+    sm = smooth_block(live, linears, stats.stats, SmoothingSettings.from_config(config, pipe.fmt), unchanged)
     if sm.alphas:
         logger.info(
             "block %d smoothing: %s",

@@ -50,7 +50,7 @@ from ..formats.lobcq import (
     encode,
     fake_quantize_activations,
 )
-from ..formats.stand_in import QuantStandIn
+from ..formats.stand_in import QuantStandIn, StandInOptions
 from .rounding import inverse_rectified_sigmoid, rectified_sigmoid, rounding_regularizer
 
 #: Smallest positive E4M3 value (subnormal 2^-9): learned array scales never reach zero.
@@ -70,13 +70,12 @@ class LOBCQLinearSim(QuantStandIn):
     Args:
         linear: the float linear (its weight already includes any CFP column scaling).
         fmt: the LO-BCQ format (spec, act_bits, universal or per-layer weight codebooks).
-        lora_rank: rank of the learned codeword-choice factors.
-        use_lora_rounding: learn the choice between the two neighbouring codebook entries (else nearest).
-        learn_weight_scales: learn the per-array scale multipliers (else keep the RTN scales).
-        input_scale: optional [K] CFP smoothing divisor of the input (becomes `CBQLinear.input_scale`).
-        channel_weight: optional [K] mean square of each (smoothed) input channel: weights the starting search.
+        options: `StandInOptions` (the keyword arguments of the same names override it): lora_rank of the learned
+            codeword-choice factors; use_lora_rounding (learn the choice between the two neighbouring codebook
+            entries, else nearest); learn_weight_scales (the per-array scale multipliers, else RTN's); input_scale
+            (optional [K] smoothing divisor of the input); channel_weight (optional [K] mean square of each smoothed
+            input channel: weights the starting search); generator (LoRA factor initialisation).
         scale_search: E4M3 codes tried on each side of the max-based array scale at the start (0: RTN's start).
-        generator: random generator of the LoRA factor initialisation (determinism).
     """
 
     #: Last run-time activation encoding (see `quantize_input`), shared by every instance.
@@ -86,16 +85,15 @@ class LOBCQLinearSim(QuantStandIn):
         self,
         linear: nn.Linear,
         fmt: LOBCQFormat,
+        options: StandInOptions | None = None,
         *,
-        lora_rank: int = 5,
-        use_lora_rounding: bool = True,
-        learn_weight_scales: bool = True,
-        input_scale: torch.Tensor | None = None,
-        channel_weight: torch.Tensor | None = None,
         scale_search: int = SCALE_SEARCH,
-        generator: torch.Generator | None = None,
+        **overrides,
     ) -> None:
         super().__init__()
+        o = StandInOptions(**{**(options or StandInOptions()).__dict__, **overrides})
+        lora_rank, use_lora_rounding, learn_weight_scales = o.lora_rank, o.use_lora_rounding, o.learn_weight_scales
+        input_scale, channel_weight, generator = o.input_scale, o.channel_weight, o.generator
         spec = fmt.spec
         w = linear.weight.detach().float().clone()
         n, k = w.shape

@@ -275,41 +275,11 @@ def finish(model: nn.Module, plan: OffloadPlan | None = None) -> None:
     if not is_dispatched(model) and not has_meta_tensors(model):
         return
     if plan is not None:
-        blocks = model.get_submodule(plan.prefix)  # blocks hold CBQLinear now: not found by find_decoder_blocks
-        for i, block in enumerate(blocks):
-            h = plan.homes[i]
-            if h.execution_device is not None and not hasattr(block, "_hf_hook") and not has_meta_tensors(block):
-                dev = _real_device(block)
-                if dev is None or not _same_device(dev, h.device):
-                    block.to(h.device)
-                plan.offload(i, block)
+        _hook_blocks(model, plan)
     for name, module in list(model.named_modules()):
-        if not any(
-            t.device.type == "meta"
-            for t in list(module.parameters(recurse=False))
-            + [b for b in module.buffers(recurse=False) if b is not None]
-        ):
-            continue
-        hooks = _align_hooks(module)
-        exec_dev = (
-            torch.device(hooks[0].execution_device)
-            if hooks and hooks[0].execution_device is not None
-            else torch.device("cpu")
-        )
-        io_same = bool(hooks and hooks[0].io_same_device)
-        skip = hooks[0].skip_keys if hooks else None
-        # Only this module's own tensors: materialise without recursing into (already handled) children.
-        _materialize_own(module, name or "model")
-        remove_hook_from_module(module)
-        if exec_dev.type == "cpu":
-            add_hook_to_module(
-                module, AlignDevicesHook(execution_device=exec_dev, io_same_device=io_same, skip_keys=skip)
-            )
-        else:
-            add_hook_to_module(
-                module, OnloadHook(exec_dev, torch.device("cpu"), io_same_device=io_same, skip_keys=skip)
-            )
-        logger.info("materialised offloaded module %s on the CPU (runs on %s)", name or "<model>", exec_dev)
+        own = list(module.parameters(recurse=False)) + [b for b in module.buffers(recurse=False) if b is not None]
+        if any(t.device.type == "meta" for t in own):
+            _materialize_on_cpu(module, name or "model")
     tie = getattr(model, "tie_weights", None)
     if callable(tie):
         try:
@@ -325,6 +295,36 @@ def finish(model: nn.Module, plan: OffloadPlan | None = None) -> None:
             f"cbq_hf: {missing[0]} is still on the meta device after calibration; refusing to leave "
             f"a model that would save placeholder weights. {_OFFLOAD_HELP}"
         )
+
+
+def _hook_blocks(model: nn.Module, plan: OffloadPlan) -> None:
+    """Give every in-memory decoder block without an accelerate hook the hook of its home (`plan`)."""
+    blocks = model.get_submodule(plan.prefix)  # blocks hold CBQLinear now: not found by find_decoder_blocks
+    for i, block in enumerate(blocks):
+        h = plan.homes[i]
+        if h.execution_device is not None and not hasattr(block, "_hf_hook") and not has_meta_tensors(block):
+            dev = _real_device(block)
+            if dev is None or not _same_device(dev, h.device):
+                block.to(h.device)
+            plan.offload(i, block)
+
+
+def _materialize_on_cpu(module: nn.Module, name: str) -> None:
+    """Load the offloaded tensors `module` owns onto the CPU and hook it to run on its execution device."""
+    hooks = _align_hooks(module)
+    exec_dev = torch.device("cpu")
+    if hooks and hooks[0].execution_device is not None:
+        exec_dev = torch.device(hooks[0].execution_device)
+    io_same = bool(hooks and hooks[0].io_same_device)
+    skip = hooks[0].skip_keys if hooks else None
+    _materialize_own(module, name)  # only its own tensors: children were handled on their own
+    remove_hook_from_module(module)
+    if exec_dev.type == "cpu":
+        hook: Any = AlignDevicesHook(execution_device=exec_dev, io_same_device=io_same, skip_keys=skip)
+    else:
+        hook = OnloadHook(exec_dev, torch.device("cpu"), io_same_device=io_same, skip_keys=skip)
+    add_hook_to_module(module, hook)
+    logger.info("materialised offloaded module %s on the CPU (runs on %s)", name, exec_dev)
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -225,106 +226,112 @@ class Smoothing:
     alphas: dict[str, float | None] = field(default_factory=dict)  # smooth_alpha="auto": choice per input group
 
 
+@dataclass(frozen=True)
+class SmoothingSettings:
+    """How a block is smoothed (from the `CBQConfig` fields cfp_lambda1, cfp_lambda2, cfp_alpha, smooth_alpha).
+
+    lambda1, lambda2: CFP's outlier thresholds (`outlier_counts`). alpha: CFP's migration strength for outlier
+    channels. smooth_alpha: SmoothQuant migration strength for every channel, "auto" (searched per group among
+    CFP and ALPHA_CANDIDATES), or None (CFP's outlier-only smoothing). fmt: the quantization format ("auto" only).
+    """
+
+    lambda1: float
+    lambda2: float
+    alpha: float
+    smooth_alpha: float | str | None = None
+    fmt: Any = None
+
+    @classmethod
+    def from_config(cls, config, fmt=None) -> SmoothingSettings:
+        return cls(config.cfp_lambda1, config.cfp_lambda2, config.cfp_alpha, config.smooth_alpha, fmt)
+
+
 @torch.no_grad()
 def smooth_block(
-    block: nn.Module,
-    linears: dict[str, nn.Linear],
-    stats: BlockStats,
-    lambda1: float,
-    lambda2: float,
-    alpha: float,
-    check,
-    smooth_alpha: float | str | None = None,
-    fmt=None,
+    block: nn.Module, linears: dict[str, nn.Linear], stats: BlockStats, settings: SmoothingSettings, check
 ) -> Smoothing:
     """Apply activation smoothing to `block` in place (weights of `linears` and, where possible, norms): CFP's
-    outlier channels (`smoothing_scales`), or with `smooth_alpha` every channel (`smoothquant_scales`); with
-    smooth_alpha="auto", per group of linears sharing an input, whichever of CFP and the ALPHA_CANDIDATES gives the
-    smallest quantized output error on the sampled inputs (`smoothing_error`; needs `fmt` and stats.samples).
+    outlier channels (`smoothing_scales`), or with `settings.smooth_alpha` every channel (`smoothquant_scales`);
+    with smooth_alpha="auto", per group of linears sharing an input, whichever of CFP and the ALPHA_CANDIDATES gives
+    the smallest quantized output error on the sampled inputs (`smoothing_error`; needs stats.samples).
 
     Args:
         block: the live decoder block (its linears are still `nn.Linear`).
         linears: relative name -> linear to smooth.
         stats: statistics gathered on the block's float inputs.
+        settings: thresholds and migration strength (`SmoothingSettings`).
         check: callable() -> bool that says whether the block still computes its float function; a fold into a
             norm that breaks it is undone and the scale is kept explicit instead.
-        smooth_alpha: SmoothQuant migration strength, "auto" (searched per group), or None (CFP's outlier-only
-            smoothing with `alpha`).
-        fmt: the quantization format (for "auto").
     """
-    # Linears that share one input (same feeding module, or alone) share one smoothing vector.
-    groups: dict[str, list[str]] = {}
+    groups: dict[str, list[str]] = {}  # linears that share one input (same feeding module) share one vector
     for name in linears:
-        key = stats.feeds.get(name) or f"<input of {name}>"
-        groups.setdefault(key, []).append(name)
-    scales: dict[str, torch.Tensor | None] = dict.fromkeys(linears)
-    folded, explicit, n_out = [], [], 0
+        groups.setdefault(stats.feeds.get(name) or f"<input of {name}>", []).append(name)
+    out = Smoothing(dict.fromkeys(linears), {}, [], [], 0)
     modules = dict(block.named_modules())
     pending: list[tuple[list[str], torch.Tensor]] = []
-    divisors: dict[str, torch.Tensor] = {}
-    alphas: dict[str, float | None] = {}
     # Folds first, one group at a time, each verified while every other group is still untouched.
     for key, names in groups.items():
-        amax = torch.stack([stats.act_max[n] for n in names]).amax(0)
-        if smooth_alpha is None:
-            s = smoothing_scales(amax, lambda1, lambda2, alpha)
-        else:
-            wmax = torch.stack([linears[n].weight.detach().abs().amax(0).float().cpu() for n in names]).amax(0)
-            if smooth_alpha == "auto":
-                s, chosen = _search_alpha(
-                    amax,
-                    wmax,
-                    [linears[n].weight.detach().cpu() for n in names],
-                    stats.samples[names[0]],
-                    fmt,
-                    lambda1,
-                    lambda2,
-                    alpha,
-                )
-                alphas[key] = chosen
-            else:
-                s = smoothquant_scales(amax, wmax, smooth_alpha)
+        s = _group_divisor(key, names, linears, stats, settings, out)
         if bool((s == 1).all()):
             continue
-        n_out += int((s != 1).sum())
+        out.outlier_channels += int((s != 1).sum())
         norm = modules.get(key)
-        if norm is None:
-            pending.append((names, s))
-            continue
-        saved = {n: linears[n].weight.detach().clone() for n in names}
-        for n in names:
-            _scale_columns(linears[n], s)
-        if _fold_into_norm(norm, s, check):
-            folded += names
-            divisors.update(dict.fromkeys(names, s))
+        if norm is not None and _fold_group(norm, [linears[n] for n in names], s, check):
+            out.folded += names
+            out.divisors.update(dict.fromkeys(names, s))
         else:
-            for n in names:
-                linears[n].weight.data.copy_(saved[n])
             pending.append((names, s))
     # Explicit input scales: exact by construction (CBQLinear divides its input by the same vector).
     for names, s in pending:
         for n in names:
             _scale_columns(linears[n], s)
-            scales[n] = s
-            divisors[n] = s
-        explicit += names
-    return Smoothing(scales, divisors, folded, explicit, n_out, alphas)
+            out.input_scales[n] = s
+            out.divisors[n] = s
+        out.explicit += names
+    return out
+
+
+def _group_divisor(
+    key: str,
+    names: list[str],
+    linears: dict[str, nn.Linear],
+    stats: BlockStats,
+    settings: SmoothingSettings,
+    out: Smoothing,
+) -> torch.Tensor:
+    """The smoothing divisor [K] of the group of linears `names` fed by `key` (the chosen alpha into `out`)."""
+    amax = torch.stack([stats.act_max[n] for n in names]).amax(0)
+    if settings.smooth_alpha is None:
+        return smoothing_scales(amax, settings.lambda1, settings.lambda2, settings.alpha)
+    wmax = torch.stack([linears[n].weight.detach().abs().amax(0).float().cpu() for n in names]).amax(0)
+    if settings.smooth_alpha != "auto":
+        return smoothquant_scales(amax, wmax, settings.smooth_alpha)
+    weights = [linears[n].weight.detach().cpu() for n in names]
+    s, out.alphas[key] = _search_alpha(amax, wmax, weights, stats.samples[names[0]], settings)
+    return s
+
+
+def _fold_group(norm: nn.Module, group: list[nn.Linear], s: torch.Tensor, check) -> bool:
+    """Scale the columns of `group` by `s` and fold 1/s into `norm`; undone (False) if the block's function
+    changed."""
+    saved = [lin.weight.detach().clone() for lin in group]
+    for lin in group:
+        _scale_columns(lin, s)
+    if _fold_into_norm(norm, s, check):
+        return True
+    for lin, w in zip(group, saved):
+        lin.weight.data.copy_(w)
+    return False
 
 
 def _search_alpha(
-    amax: torch.Tensor,
-    wmax: torch.Tensor,
-    weights: list[torch.Tensor],
-    x: torch.Tensor,
-    fmt,
-    lambda1: float,
-    lambda2: float,
-    cfp_alpha: float,
+    amax: torch.Tensor, wmax: torch.Tensor, weights: list[torch.Tensor], x: torch.Tensor, settings: SmoothingSettings
 ) -> tuple[torch.Tensor, float | None]:
     """(divisors, chosen alpha; None = CFP's outlier-only smoothing) with the smallest `smoothing_error`."""
-    candidates: list[tuple[float | None, torch.Tensor]] = [(None, smoothing_scales(amax, lambda1, lambda2, cfp_alpha))]
+    cfp = smoothing_scales(amax, settings.lambda1, settings.lambda2, settings.alpha)
+    candidates: list[tuple[float | None, torch.Tensor]] = [(None, cfp)]
     candidates += [(a, smoothquant_scales(amax, wmax, a)) for a in ALPHA_CANDIDATES]
-    errs = [smoothing_error(weights, x.float(), s, fmt) for _, s in candidates]
+    errs = [smoothing_error(weights, x.float(), s, settings.fmt) for _, s in candidates]
     best = min(range(len(errs)), key=errs.__getitem__)
     return candidates[best][1], candidates[best][0]
 

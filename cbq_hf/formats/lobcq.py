@@ -384,16 +384,7 @@ class LOBCQFormat(QuantFormat):
         """`calibration.lobcq_sim.LOBCQLinearSim`: learned array scales and codeword choices."""
         from ..calibration.lobcq_sim import LOBCQLinearSim
 
-        return LOBCQLinearSim(
-            linear,
-            self,
-            lora_rank=options.lora_rank,
-            use_lora_rounding=options.use_lora_rounding,
-            learn_weight_scales=options.learn_weight_scales,
-            input_scale=options.input_scale,
-            channel_weight=options.channel_weight,
-            generator=options.generator,
-        )
+        return LOBCQLinearSim(linear, self, options)
 
     @classmethod
     def from_config(cls, config) -> LOBCQFormat:

@@ -10,6 +10,7 @@ from torch import nn
 
 from cbq_hf.calibration.preprocess import (
     ALPHA_CANDIDATES,
+    SmoothingSettings,
     StatsCollector,
     outlier_counts,
     smooth_block,
@@ -132,7 +133,7 @@ def test_smoothing_keeps_float_output_and_folds_into_norms(family):
     col, ref = _collect(block, inp, linears)
     assert col.stats.feeds["self_attn.q_proj"] == col.stats.feeds["self_attn.k_proj"] == "input_layernorm"
     assert col.stats.feeds["mlp.up_proj"] == "post_attention_layernorm"
-    sm = smooth_block(block, linears, col.stats, 1.5, 1.0, 0.5, _unchanged(block, inp, ref))
+    sm = smooth_block(block, linears, col.stats, SmoothingSettings(1.5, 1.0, 0.5), _unchanged(block, inp, ref))
     assert sm.outlier_channels >= 2
     assert {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"} <= set(
         sm.folded
@@ -147,7 +148,7 @@ def test_fold_that_breaks_the_function_is_undone(family):
     linears = block_linears(block)
     col, ref = _collect(block, inp, linears)
     before = block.input_layernorm.weight.detach().clone()
-    sm = smooth_block(block, linears, col.stats, 1.5, 1.0, 0.5, check=lambda: False)
+    sm = smooth_block(block, linears, col.stats, SmoothingSettings(1.5, 1.0, 0.5), check=lambda: False)
     assert sm.folded == []
     assert torch.equal(block.input_layernorm.weight, before)
     _assert_float_function_kept(block, inp, linears, sm, ref)
@@ -158,7 +159,7 @@ def test_smoothquant_smoothing_touches_every_channel_and_keeps_float_output(fami
     linears = block_linears(block)
     col, ref = _collect(block, inp, linears)
     hidden = block.input_layernorm.weight.numel()
-    sm = smooth_block(block, linears, col.stats, 1.5, 1.0, 0.5, _unchanged(block, inp, ref), smooth_alpha=0.5)
+    sm = smooth_block(block, linears, col.stats, SmoothingSettings(1.5, 1.0, 0.5, 0.5), _unchanged(block, inp, ref))
     assert {"self_attn.q_proj", "mlp.gate_proj"} <= set(sm.folded)
     assert bool((sm.divisors["self_attn.q_proj"] != 1).all()) and sm.outlier_channels > 2 * hidden
     # the activations' range now equals the weights' on every channel of q/k/v's shared input
@@ -188,7 +189,7 @@ def test_auto_alpha_picks_the_smallest_quantized_output_error(family, fmt_name):
     errs = {None: smoothing_error(weights, x, smoothing_scales(amax, 1.5, 1.0, 0.5), fmt)}
     errs.update({a: smoothing_error(weights, x, smoothquant_scales(amax, wmax, a), fmt) for a in ALPHA_CANDIDATES})
     sm = smooth_block(
-        block, linears, col.stats, 1.5, 1.0, 0.5, _unchanged(block, inp, ref), smooth_alpha="auto", fmt=fmt
+        block, linears, col.stats, SmoothingSettings(1.5, 1.0, 0.5, "auto", fmt), _unchanged(block, inp, ref)
     )
     chosen = sm.alphas["input_layernorm"]
     assert errs[chosen] == min(errs.values())
