@@ -446,10 +446,6 @@ class LOBCQFormat(QuantFormat):
             sel = torch.zeros(index.shape[0], nb, dtype=torch.uint8, device=index.device)
         return index, sel
 
-    def weight_codebooks(self, weight: torch.Tensor) -> torch.Tensor:
-        """Codebooks int8 [nc, 16] to encode `weight` with: the universal set, or a per-layer design."""
-        return self.encode_weight(weight)[1]
-
     def encode_weight(self, weight: torch.Tensor) -> tuple[LOBCQCodes, torch.Tensor]:
         """(codes, codebooks int8 [nc, 16]) of `weight` [N, K]: the universal set, or with "per_layer" a design on
         a sample of the weight's blocks, kept only when it lowers the whole weight's error. Two encodings of the

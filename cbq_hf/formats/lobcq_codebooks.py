@@ -137,12 +137,6 @@ def _sum_in_order(e: torch.Tensor) -> torch.Tensor:
     return acc
 
 
-def decode_blocks(selector: torch.Tensor, index: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
-    """Scaled values float32 [B, L] of blocks given selectors [B] and entry indices [B, L]."""
-    cb = codebooks.float()
-    return cb.reshape(-1)[selector.long().unsqueeze(1) * cb.shape[1] + index.long()]
-
-
 def block_errors(
     y: torch.Tensor, codebook: torch.Tensor, cmax: int, valid: torch.Tensor | None = None
 ) -> torch.Tensor:
