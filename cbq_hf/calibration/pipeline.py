@@ -110,6 +110,20 @@ def pack_block(
     state.stand_ins.clear()
 
 
+def walk_blocks(model: nn.Module, convert, progress: bool = True, desc: str = "blocks") -> None:
+    """The data-free walk (RTN): for each decoder block, load it where it can be changed (offloaded weights
+    loaded, accelerate hooks removed), call `convert(index, block)`, and put it back where accelerate runs it; a
+    model without a device map is converted in place. Ends with `offload.finish`."""
+    prefix, blocks = find_decoder_blocks(model)
+    plan = OffloadPlan(model, prefix, blocks)
+    for i in tqdm(range(len(blocks)), desc=desc, disable=not progress, unit="block"):
+        plan.onload(i, blocks[i])
+        convert(i, blocks[i])
+        blocks[i].to(plan.home(i))
+        plan.offload(i, blocks[i])
+    finish(model, plan)
+
+
 class BlockPipeline:
     """One calibration run over the decoder blocks of `model` (see module docstring).
 

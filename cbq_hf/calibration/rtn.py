@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..formats.registry import QuantFormat
 from ..modeling import (
@@ -18,7 +17,7 @@ from ..modeling import (
 )
 from ..nn.experts import CBQExperts
 from ..nn.linear import CBQLinear
-from .offload import OffloadPlan, finish
+from .pipeline import walk_blocks
 
 
 @torch.no_grad()
@@ -39,14 +38,13 @@ def quantize_rtn(
 
     Returns the names of the converted modules.
     """
-    prefix, blocks = find_decoder_blocks(model)
+    prefix, _ = find_decoder_blocks(model)
     names = list(quantizable_linears(model, modules_to_not_convert)) if linears else []
     expert_names = list(quantizable_experts(model, modules_to_not_convert))
-    plan = OffloadPlan(model, prefix, blocks)
     done: list[str] = []
-    for i in tqdm(range(len(blocks)), desc="RTN packing", disable=not progress, unit="block"):
-        block, block_prefix = blocks[i], f"{prefix}.{i}."
-        plan.onload(i, block)
+
+    def convert(i: int, block: nn.Module) -> None:
+        block_prefix = f"{prefix}.{i}."
         for full in (n for n in names if n.startswith(block_prefix)):
             rel = full[len(block_prefix) :]
             lin = block.get_submodule(rel)
@@ -61,12 +59,10 @@ def quantize_rtn(
             experts = block.get_submodule(rel)
             if isinstance(experts, CBQExperts):
                 continue
-            device = next(experts.parameters()).device
-            q = empty_cbq_experts(experts, fmt, device=device, name=full)
+            q = empty_cbq_experts(experts, fmt, device=next(experts.parameters()).device, name=full)
             q.load_rtn(experts)
             set_module(block, rel, q)
             done.append(full)
-        block.to(plan.home(i))
-        plan.offload(i, block)
-    finish(model, plan)
+
+    walk_blocks(model, convert, progress, desc="RTN packing")
     return done
