@@ -36,7 +36,16 @@ def _add_quantize(sub) -> None:
         description="Quantize MODEL (a local folder or Hub id) with CBQ or RTN and save it to OUTPUT.",
     )
     p.add_argument("model", help="full-precision model: local folder or Hub id")
-    p.add_argument("output", help="folder to write the quantized checkpoint to (replaced atomically)")
+    p.add_argument(
+        "output",
+        help="folder to write the quantized checkpoint to; it must be absent or empty unless --overwrite "
+        "(written atomically: afterwards it is absent, unchanged, or complete)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUTPUT whole when it already holds files (everything in it is deleted)",
+    )
     g = p.add_argument_group("format")
     g.add_argument("--bits", type=int, default=4, help="weight bits: 2, 3, 4 or 8 (default 4)")
     g.add_argument("--group-size", type=int, default=128, help="input channels per scale; -1 = per row (default 128)")
@@ -187,6 +196,19 @@ def _read_text(path: str) -> str:
         return f.read()
 
 
+def _check_output_free(output: str, overwrite: bool) -> None:
+    """Refuse, before any work, an output folder that already holds files unless --overwrite (the save would refuse
+    it too, after calibrating; see `cbq_hf.serialization.atomic_save`)."""
+    from .serialization import FolderNotEmptyError, refuse_existing
+
+    if overwrite or not os.path.isdir(output) or not os.listdir(output):
+        return
+    try:
+        refuse_existing(os.path.abspath(output))
+    except FolderNotEmptyError as e:
+        raise CLIError(str(e), EXIT_WRITE) from e
+
+
 def cmd_quantize(args) -> dict:
     import cbq_hf
 
@@ -202,6 +224,7 @@ def cmd_quantize(args) -> dict:
         raise CLIError(
             f"output folder {args.output!r} is not writable ({probe} is not a writable folder).", EXIT_WRITE
         )
+    _check_output_free(args.output, args.overwrite)
     fields: dict[str, Any] = {
         "bits": args.bits,
         "group_size": args.group_size,
@@ -266,8 +289,8 @@ def cmd_quantize(args) -> dict:
         model.config.quantization_config.run_info["perplexity"] = result["perplexity"]
         model.config.quantization_config.run_info["perplexity_text"] = os.path.basename(args.eval_text)
     try:
-        model.save_pretrained(args.output)
-        tok.save_pretrained(args.output)
+        model.save_pretrained(args.output, overwrite=args.overwrite)
+        tok.save_pretrained(args.output)  # beside the checkpoint just written
     except OSError as e:
         raise CLIError(f"cannot write {args.output!r}: {e}", EXIT_WRITE) from e
     result["size_mb"] = round(_safetensors_bytes(args.output) / 2**20, 2)

@@ -520,17 +520,20 @@ def export_checkpoint(
     dst: str | os.PathLike,
     to: str = "compressed-tensors",
     progress: Callable[[str], None] | None = None,
+    overwrite: bool = False,
 ) -> str:
     """Export the cbq_hf checkpoint in `src` to `dst` in format `to` ("compressed-tensors" or "gptq").
 
     The destination is written atomically (temporary sibling folder, then renamed into place): after a failure
-    it is either absent or unchanged. Non-weight files of `src` (tokenizer, generation config) are copied.
+    it is either absent or unchanged. It must be absent or empty unless `overwrite`, which replaces it whole
+    (`cbq_hf.serialization.atomic_save`). Non-weight files of `src` (tokenizer, generation config) are copied.
 
     Args:
         src: folder written by cbq_hf's `save_pretrained` (uniform format).
-        dst: output folder (created or replaced).
+        dst: output folder (created; replaced whole only with `overwrite`).
         to: target format.
         progress: optional callback receiving one line per step (the CLI prints them).
+        overwrite: replace `dst` when it already holds files.
 
     Returns:
         The absolute path of `dst`.
@@ -539,11 +542,12 @@ def export_checkpoint(
         ExportSourceError: `src` is missing, not a cbq_hf checkpoint, or damaged.
         UnsupportedExportError: a setting `to` cannot represent exactly (LO-BCQ, act_bits, bit width, ragged
             groups, CFP input scales, ...).
+        FolderNotEmptyError: `dst` holds files and `overwrite` is False (checked before any conversion).
         PermissionError / OSError: `dst` cannot be written.
     """
     from safetensors.torch import save_file
 
-    from .serialization import atomic_save, copy_entry
+    from .serialization import atomic_save, copy_entry, refuse_existing
 
     if to not in TARGETS:
         raise ExportError(f"unknown export target {to!r}; choose one of {sorted(TARGETS)}.")
@@ -552,6 +556,8 @@ def export_checkpoint(
     source = _read_source(src)
     _check_settings(source.qconfig, to)
     _check_destination(src, dst)
+    if not overwrite and os.path.isdir(dst) and os.listdir(dst):
+        refuse_existing(os.path.abspath(dst))
     _discover_modules(source)
     _check_shapes(source, to)
     say(f"exporting {len(source.quantized)} quantized linears of {src} to {to}")
@@ -593,7 +599,7 @@ def export_checkpoint(
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
             f.write(_readme(source, to))
 
-    atomic_save(dst, write)
+    atomic_save(dst, write, overwrite=overwrite)
     say(f"done: {dst}")
     return os.path.abspath(dst)
 
@@ -610,7 +616,11 @@ def add_export_parser(sub: Any) -> argparse.ArgumentParser:
         "a layer, CFP input scales) are refused with exit code 2. See docs/export.md.",
     )
     p.add_argument("checkpoint", help="folder written by cbq_hf's save_pretrained / `cbq-hf quantize`")
-    p.add_argument("output", help="folder to write the export to (replaced atomically)")
+    p.add_argument(
+        "output",
+        help="folder to write the export to; it must be absent or empty unless --overwrite (written atomically)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT whole when it already holds files")
     p.add_argument("--to", required=True, choices=sorted(TARGETS), help="target format")
     p.set_defaults(func=_cmd_export)
     return p
@@ -625,7 +635,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         print(f"cbq-hf export: {msg}", file=sys.stderr)
 
     try:
-        path = export_checkpoint(args.checkpoint, args.output, to=args.to, progress=say)
+        path = export_checkpoint(args.checkpoint, args.output, to=args.to, progress=say, overwrite=args.overwrite)
     except ExportSourceError as e:
         raise CLIError(str(e), EXIT_LOAD) from e
     except ExportError as e:

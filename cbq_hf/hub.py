@@ -20,8 +20,9 @@ def install_save_hooks(model) -> None:
         return
     original_save = type(model).save_pretrained
 
-    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
-        """Atomic save (temporary folder + rename) with a README.md model card; see `cbq_hf.serialization`."""
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, overwrite: bool = False, **kwargs):
+        """Atomic save (temporary folder + rename) with a README.md model card. `save_directory` must be absent or
+        empty unless `overwrite=True`, which replaces it whole; see `cbq_hf.serialization.atomic_save` for why."""
         from .model_card import write_model_card
         from .serialization import atomic_save
 
@@ -29,7 +30,7 @@ def install_save_hooks(model) -> None:
             original_save(self, tmp, *args, **kwargs)
             write_model_card(self, tmp, repo=save_directory)  # the card names the user's folder, not `tmp`
 
-        atomic_save(save_directory, write)
+        atomic_save(save_directory, write, overwrite=overwrite)
         if push_to_hub:
             repo_id = kwargs.get("repo_id") or str(save_directory).rstrip("/").split("/")[-1]
             self.push_to_hub(repo_id, token=kwargs.get("token"))

@@ -1,9 +1,9 @@
 """Checkpoint integrity and atomic saving.
 
-Saving: `save_pretrained` of a cbq model writes into a temporary sibling folder and swaps it into place with
-renames, so a reader never sees a half-written or mixed folder (files of the old folder that the new save does not
-write, such as a tokenizer saved earlier, are carried over). Every saved tensor gets a SHA-256 checksum in the
-safetensors metadata, beside the format version.
+Saving: `save_pretrained` of a cbq model writes into a temporary sibling folder and renames it into place, so
+a reader never sees a half-written or mixed folder: the target is absent, unchanged, or complete. A folder that
+already holds files is refused unless the caller asks to overwrite it, which replaces it whole (`atomic_save`).
+Every saved tensor gets a SHA-256 checksum in the safetensors metadata, beside the format version.
 
 Loading: before transformers copies any tensor, `verify_checkpoint` checks the format version, that every tensor
 the metadata lists is present and unchanged, and that the packed tensors have the shapes the
@@ -35,10 +35,6 @@ logger = logging.getLogger(__name__)
 META_VERSION = "cbq_format_version"
 META_CHECKSUMS = "cbq_sha256"
 META_CONFIG = "cbq_signature"
-
-# Files a save writes; everything else found in an existing target folder is carried over.
-_MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
-_MODEL_FILES = {"config.json", "generation_config.json", "README.md"}
 
 
 class CheckpointError(ValueError):
@@ -268,17 +264,6 @@ def verify_checkpoint(
 
 
 # ---------------------------------------------------------------------------------------------- atomic save
-def _carry_over(target: str, tmp: str) -> None:
-    """Copy files of an existing `target` that this save does not write (tokenizer, ...) into `tmp`."""
-    if not os.path.isdir(target):
-        return
-    written = set(os.listdir(tmp))
-    for entry in os.listdir(target):
-        if entry in written or entry in _MODEL_FILES or entry.endswith(_MODEL_FILE_SUFFIXES):
-            continue
-        copy_entry(os.path.join(target, entry), tmp)
-
-
 def copy_entry(path: str, folder: str) -> None:
     """Copy the file or folder `path` into `folder`, keeping its name and metadata."""
     dst = os.path.join(folder, os.path.basename(path))
@@ -286,6 +271,32 @@ def copy_entry(path: str, folder: str) -> None:
         shutil.copytree(path, dst)
     else:
         shutil.copy2(path, dst)
+
+
+class FolderNotEmptyError(FileExistsError):
+    """The save target already holds files and the caller did not ask to overwrite it."""
+
+
+def refuse_existing(target: str) -> None:
+    """Raise `FolderNotEmptyError` for the folder `target`, naming a few of its files and the way out."""
+    entries = sorted(os.listdir(target))
+    shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
+    raise FolderNotEmptyError(
+        f"{target} already exists and holds files ({shown}). cbq_hf saves only into an absent or empty folder, "
+        "so that a folder never mixes two saves; choose another folder, or pass overwrite=True "
+        "(`cbq-hf ... --overwrite`) to replace this one whole (everything in it is deleted)."
+    )
+
+
+def _move_into_place(tmp: str, target: str) -> None:
+    """Rename `tmp` to `target` where `target` is absent or an empty folder; a single rename, so two writers cannot
+    both succeed and a folder that gained files meanwhile is never touched."""
+    try:
+        os.rename(tmp, target)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        refuse_existing(target)
 
 
 def _swap_into_place(tmp: str, target: str, attempts: int = 100) -> None:
@@ -317,16 +328,26 @@ def _umask() -> int:
     return mask
 
 
-def atomic_save(save_directory: str | os.PathLike, write) -> None:
-    """Run `write(tmp_dir)` into a fresh sibling folder, then swap it into `save_directory`.
+def atomic_save(save_directory: str | os.PathLike, write, overwrite: bool = False) -> None:
+    """Run `write(tmp_dir)` into a fresh sibling folder, then rename it to `save_directory`.
 
-    The target is either the old folder or the complete new one at every moment a reader can look (two renames;
-    between them the folder is briefly absent, never mixed). Files of the old folder that are not model files
-    (tokenizer, README of another tool, ...) and not written by this save are carried over.
+    A folder that already holds files is refused (`FolderNotEmptyError`, raised before `write` runs and again at
+    the rename if files appeared meanwhile) unless `overwrite`, which replaces it whole: nothing of the old folder is
+    kept. Why refuse rather than write beside the old files, as transformers' own `save_pretrained` does: files of
+    an earlier save that this one does not rewrite (shards of another model, a tokenizer of another vocabulary, an
+    old model card) would end up mixed with the new checkpoint. Why not replace whole without asking: a save would
+    then delete files the caller never named (a tokenizer saved there first, or a mistyped folder's contents).
+    Saving the model first and then its tokenizer into the same folder, as transformers users do, works unchanged.
+
+    Readers see the target absent, unchanged, or complete at every moment (with `overwrite`, two renames; between
+    them the folder is briefly absent, never mixed). On failure the target is untouched and the temporary folder
+    removed.
     """
     target = os.path.abspath(os.fspath(save_directory))
     if os.path.isfile(target):
         raise NotADirectoryError(f"save_pretrained: {target} is a file; pass a folder path.")
+    if not overwrite and os.path.isdir(target) and os.listdir(target):
+        refuse_existing(target)
     parent = os.path.dirname(target) or "."
     os.makedirs(parent, exist_ok=True)
     if not os.access(parent, os.W_OK):
@@ -335,9 +356,10 @@ def atomic_save(save_directory: str | os.PathLike, write) -> None:
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a saved model gets the usual folder permissions
     try:
         write(tmp)
-        with contextlib.suppress(FileNotFoundError):  # another writer is swapping the folder: nothing to carry
-            _carry_over(target, tmp)
-        _swap_into_place(tmp, target)
+        if overwrite:
+            _swap_into_place(tmp, target)
+        else:
+            _move_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

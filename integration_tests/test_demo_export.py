@@ -88,6 +88,8 @@ def test_quantize_shows_progress_and_summary_and_writes_a_model_card(quickstart)
     assert 4.0 < result["bits_per_weight"] < 5.0
     card = (quickstart["out"] / "README.md").read_text()
     assert "import cbq_hf" in card
+    assert f'from_pretrained("{quickstart["out"]}")' in card  # the folder given, not the temporary one
+    assert "\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n" in card
 
 
 def test_eval_then_export_loads_without_cbq_hf_with_matching_logits(quickstart, wikitext_test, capsys):

@@ -139,3 +139,30 @@ def test_max_memory_without_device_map_is_usage_error(model_with_tokenizer, tmp_
     rc = main(["quantize", model, str(tmp_path / "q"), "--method", "rtn", "--max-memory", "cpu=1GiB"])
     assert rc == EXIT_USAGE
     assert "need --device-map" in capsys.readouterr().err
+
+
+def test_quantize_into_a_folder_holding_files_refuses_unless_overwrite(model_with_tokenizer, tmp_path, capsys):
+    """An existing folder with other files is refused before any calibration, and left untouched; --overwrite
+    replaces it whole (none of the old files survive)."""
+    model, _ = model_with_tokenizer
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "model-00001-of-00002.safetensors").write_text("stale shard")
+    args = ["quantize", model, str(out), "--method", "rtn", "--group-size", "32"]
+    assert main(args) == EXIT_WRITE
+    err = capsys.readouterr().err
+    assert "already exists and holds files" in err and "notes.txt" in err and "--overwrite" in err
+    assert sorted(p.name for p in out.iterdir()) == ["model-00001-of-00002.safetensors", "notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert main([*args, "--overwrite"]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert "notes.txt" not in names and "model-00001-of-00002.safetensors" not in names
+    assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= names
+
+
+def test_quantize_into_an_empty_folder_is_fine(model_with_tokenizer, tmp_path):
+    model, _ = model_with_tokenizer
+    (tmp_path / "q").mkdir()
+    assert main(["quantize", model, str(tmp_path / "q"), "--method", "rtn", "--group-size", "32"]) == 0
+    assert (tmp_path / "q" / "model.safetensors").is_file()

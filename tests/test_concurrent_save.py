@@ -18,7 +18,7 @@ WRITER = textwrap.dedent("""
     src, dst, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     m = AutoModelForCausalLM.from_pretrained(src)
     for _ in range(n):
-        m.save_pretrained(dst)
+        m.save_pretrained(dst, overwrite=True)
 """)
 
 

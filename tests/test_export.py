@@ -35,6 +35,7 @@ from cbq_hf.export import (
     export_checkpoint,
 )
 from cbq_hf.nn.linear import CBQLinear
+from cbq_hf.serialization import FolderNotEmptyError
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 64, 100, 127, 3, 42, 77, 8, 15, 16, 23, 99]])
 ATOL = RTOL = 1e-4  # logits of the export vs cbq_hf: same weights, only the matmul's summation order may differ
@@ -445,8 +446,10 @@ def test_unwritable_destination_and_no_half_written_output(fp_dir, workdir, tmp_
     dst.mkdir()
     (dst / "keep.txt").write_text("old")
     monkeypatch.setattr(export_mod, "_convert_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(FolderNotEmptyError, match="keep.txt"):  # refused before any conversion
         export_checkpoint(src, dst)
+    with pytest.raises(OSError, match="disk full"):
+        export_checkpoint(src, dst, overwrite=True)
     assert sorted(os.listdir(dst)) == ["keep.txt"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".dst.")] == []
     with pytest.raises(export_mod.ExportError, match="outside the source"):
@@ -475,6 +478,12 @@ def test_cli_export_errors(fp_dir, workdir, tmp_path, capsys):
     assert main(["export", good, str(tmp_path / "f" / "o"), "--to", "gptq"]) == EXIT_WRITE
     assert "not a writable folder" in capsys.readouterr().err
     _no_output(tmp_path / "o")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("x")
+    assert main(["export", good, str(tmp_path / "full"), "--to", "gptq"]) == EXIT_WRITE
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["export", good, str(tmp_path / "full"), "--to", "gptq", "--overwrite"]) == 0
+    assert not (tmp_path / "full" / "mine.txt").exists() and (tmp_path / "full" / "model.safetensors").is_file()
     with pytest.raises(SystemExit):
         main(["export", good, str(tmp_path / "o"), "--to", "awq"])
     with pytest.raises(SystemExit) as e:

@@ -88,13 +88,16 @@ def test_save_writes_model_card_and_format_version(llama_dir, tmp_path):
         assert f.metadata()["cbq_format_version"] == str(cbq_hf.FORMAT_VERSION)
 
 
-def test_save_keeps_files_saved_before_and_leaves_no_temp_folders(llama_dir, tmp_path):
+def test_save_refuses_a_folder_holding_files_and_leaves_no_temp_folders(llama_dir, tmp_path):
+    from cbq_hf.serialization import FolderNotEmptyError
+
     out = tmp_path / "q"
     out.mkdir()
     (out / "tokenizer.json").write_text("{}")
     q = _rtn(llama_dir)
-    q.save_pretrained(out)
-    assert (out / "tokenizer.json").read_text() == "{}"
+    with pytest.raises(FolderNotEmptyError, match="overwrite=True"):
+        q.save_pretrained(out)
+    assert [p.name for p in out.iterdir()] == ["tokenizer.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fp", "q"]
 
 

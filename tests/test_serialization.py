@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from cbq_hf import CBQConfig
-from cbq_hf.serialization import CheckpointError, atomic_save, checksum_metadata
+from cbq_hf.serialization import CheckpointError, FolderNotEmptyError, atomic_save, checksum_metadata
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +107,64 @@ def test_atomic_save_failure_leaves_old_folder_untouched(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        atomic_save(target, write)
+        atomic_save(target, write, overwrite=True)
     assert (target / "model.safetensors").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "partial"]
+
+
+def _write_checkpoint(tmp):
+    with open(f"{tmp}/model.safetensors", "w") as fh:
+        fh.write("new")
+
+
+def test_atomic_save_refuses_a_folder_holding_files_and_leaves_it_untouched(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "tokenizer.json").write_text("{}")
+    with pytest.raises(FolderNotEmptyError, match=r"holds files \(tokenizer.json\).*overwrite=True"):
+        atomic_save(target, _write_checkpoint)
+    assert sorted(p.name for p in target.iterdir()) == ["tokenizer.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left
+
+
+def test_atomic_save_refuses_files_that_appear_while_writing(tmp_path):
+    target = tmp_path / "out"
+
+    def racing_write(tmp):
+        target.mkdir()
+        (target / "other.bin").write_text("another writer")
+        _write_checkpoint(tmp)
+
+    with pytest.raises(FolderNotEmptyError):
+        atomic_save(target, racing_write)
+    assert sorted(p.name for p in target.iterdir()) == ["other.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("existing", ["absent", "empty"])
+def test_atomic_save_into_an_absent_or_empty_folder(tmp_path, existing):
+    target = tmp_path / "out"
+    if existing == "empty":
+        target.mkdir()
+    atomic_save(target, _write_checkpoint)
+    assert [p.name for p in target.iterdir()] == ["model.safetensors"]
+
+
+def test_overwrite_replaces_the_folder_whole(saved, tmp_path):
+    target = _copy(saved, tmp_path)
+    (target / "notes.txt").write_text("old")
+    (target / "model-00001-of-00002.safetensors").write_text("stale shard")
+    q = AutoModelForCausalLM.from_pretrained(saved)
+    with pytest.raises(FolderNotEmptyError):
+        q.save_pretrained(target)
+    q.save_pretrained(target, overwrite=True)
+    assert sorted(p.name for p in target.iterdir()) == [
+        "README.md",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
+    AutoModelForCausalLM.from_pretrained(target)
 
 
 def test_save_refuses_non_finite_weights(tmp_path):
