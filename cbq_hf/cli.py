@@ -18,13 +18,9 @@ import sys
 import time
 from typing import Any
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_LOAD, EXIT_WRITE = 0, 1, 2, 3, 4
+from .errors import EXIT_ERROR, EXIT_LOAD, EXIT_OK, EXIT_USAGE, EXIT_WRITE, CLIError
 
-
-class CLIError(Exception):
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
+__all__ = ["EXIT_ERROR", "EXIT_LOAD", "EXIT_OK", "EXIT_USAGE", "EXIT_WRITE", "CLIError", "build_parser", "main"]
 
 
 def _add_quantize(sub) -> None:

@@ -629,7 +629,7 @@ def add_export_parser(sub: Any) -> argparse.ArgumentParser:
 def _cmd_export(args: argparse.Namespace) -> int:
     import sys
 
-    from .cli import EXIT_LOAD, EXIT_OK, EXIT_USAGE, EXIT_WRITE, CLIError
+    from .errors import EXIT_LOAD, EXIT_OK, EXIT_USAGE, EXIT_WRITE, CLIError
 
     def say(msg: str) -> None:
         print(f"cbq-hf export: {msg}", file=sys.stderr)

@@ -490,3 +490,14 @@ def test_cli_export_errors(fp_dir, workdir, tmp_path, capsys):
         main(["export", "--help"])
     assert e.value.code == 0
     assert "compressed-tensors" in capsys.readouterr().out
+
+
+def test_export_does_not_import_the_cli():
+    """Layering: export.py takes its exit codes from cbq_hf.errors, below both it and cli.py."""
+    import ast
+
+    import cbq_hf.export
+
+    tree = ast.parse(Path(cbq_hf.export.__file__).read_text(encoding="utf-8"))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "errors" in imported and not imported & {"cli", "cbq_hf.cli"}
