@@ -119,10 +119,20 @@ def _add_eval(sub) -> None:
         description="Perplexity with the fixed protocol: non-overlapping windows, BOS per window.",
     )
     p.add_argument("model", help="model folder or Hub id (full precision or cbq-quantized)")
-    p.add_argument("--text", default=None, help="UTF-8 text file (default: local WikiText-2 test)")
+    p.add_argument(
+        "--text",
+        default=None,
+        help="UTF-8 text file (default: WikiText-2 test from shared/data, else downloaded with datasets, else the "
+        "sample text shipped with cbq_hf; the run says which)",
+    )
     p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--windows", type=int, default=40, help="windows scored (default 40)")
     p.add_argument("--json", default=None, help="also write the JSON result to this file")
+    p.add_argument(
+        "--cached",
+        action="store_true",
+        help="reuse the result in --json FILE when it was measured on the same model files, text and settings",
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
 
@@ -174,15 +184,25 @@ def _tokenizer(model: str):
         raise CLIError(f"cannot load the tokenizer of {model!r}: {e}", EXIT_LOAD) from e
 
 
-def _default_text() -> str:
-    from .paths import wikitext2_file
+def _default_text(command: str, purpose: str) -> tuple[str, str]:
+    """(path, origin) of the default text for `purpose`; says on stderr which source it is (`cbq_hf.locations`)."""
+    from .locations import text_source
 
-    path = wikitext2_file("test")
-    if path is None:
-        raise CLIError(
-            "no --text given and the local WikiText-2 test file was not found (set CBQ_HF_DATA).", EXIT_USAGE
-        )
-    return str(path)
+    source = text_source(purpose)
+    print(f"cbq-hf {command}: {purpose} text: {source.description}", file=sys.stderr)
+    return str(source.path), source.origin
+
+
+def _file_stamp(path: str) -> list:
+    """Size and modification time of a file, or of the weight and config files of a folder (what `--cached`
+    compares); a Hub id, which is not a local path, is kept as the name alone."""
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+    if os.path.isdir(path):
+        names = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".json")))
+        return [os.path.abspath(path)] + [[n, *_file_stamp(os.path.join(path, n))[1:]] for n in names]
+    return [path]
 
 
 def _read_text(path: str) -> str:
@@ -253,6 +273,9 @@ def cmd_quantize(args) -> dict:
             fields[key] = value
     if args.loss_plot:
         _check_loss_plot(args)
+    calibration_text = None
+    if args.method == "cbq" and args.dataset == "wikitext2":
+        calibration_text, _ = _default_text("quantize", "calibration")
     tok = _tokenizer(args.model)
     try:
         cfg = CBQConfig(tokenizer=tok, **fields)
@@ -276,6 +299,8 @@ def cmd_quantize(args) -> dict:
         "format": cfg.format,
     }
     result.update(model.config.quantization_config.run_info)
+    if calibration_text is not None:
+        result["calibration_text"] = calibration_text
     if args.eval_text:
         from .evaluation import perplexity
 
@@ -318,7 +343,19 @@ def cmd_eval(args) -> dict:
 
     from .evaluation import perplexity
 
-    text_path = args.text or _default_text()
+    if args.cached and not args.json:
+        raise CLIError("--cached needs --json FILE: the result is kept in and reused from that file.", EXIT_USAGE)
+    text_path, origin = (args.text, "file") if args.text else _default_text("eval", "evaluation")
+    key = [_file_stamp(args.model), _file_stamp(text_path), args.seqlen, args.windows, args.dtype]
+    if args.cached and os.path.isfile(args.json):
+        with open(args.json, encoding="utf-8") as f:
+            previous = json.load(f)
+        if previous.get("cache_key") == json.loads(json.dumps(key)):
+            print(
+                f"cbq-hf eval: reusing the result in {args.json} (same model files, text and settings)",
+                file=sys.stderr,
+            )
+            return previous
     text = _read_text(text_path)
     tok = _tokenizer(args.model)
     try:
@@ -330,10 +367,12 @@ def cmd_eval(args) -> dict:
     result = {
         "model": args.model,
         "text": text_path,
+        "text_source": origin,
         "seqlen": args.seqlen,
         "windows": args.windows,
         "perplexity": round(ppl, 4),
         "seconds": round(time.perf_counter() - start, 1),
+        "cache_key": key,
     }
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -69,8 +69,9 @@ class CBQConfig(QuantizationConfigMixin):
         format: "uniform" (integer grid, packed int2/int4/int8) or "lobcq" (block-clustered codebooks, W4A4).
 
     Calibration data
-        dataset: calibration text: a list of strings, a path to a text / JSON-lines file, "wikitext2" (the local
-            WikiText-2 validation file, see `cbq_hf.data`), a `datasets.Dataset`, or a `datasets` name.
+        dataset: calibration text: a list of strings, a path to a text / JSON-lines file, "wikitext2" (WikiText-2
+            validation, see `cbq_hf.data`), a `datasets.Dataset`, or a `datasets` name; or pre-tokenized input: an
+            integer tensor [n, seqlen] or a list of lists of token ids.
         tokenizer: tokenizer (object or name/path) used to tokenize `dataset`; used, never serialized.
         nsamples: number of calibration sequences.
         seqlen: tokens per calibration sequence (BOS included when the tokenizer has one).
@@ -379,6 +380,11 @@ class CBQConfig(QuantizationConfigMixin):
             if not os.fspath(d).strip():
                 raise _err("dataset", d, "expected a non-empty name or path")
             return
+        from .data import check_token_ids, is_token_ids
+
+        if is_token_ids(d):  # pre-tokenized: an integer tensor [n, L] or lists of token ids
+            check_token_ids(d)
+            return
         if isinstance(d, (list, tuple)):
             if not d:
                 raise _err("dataset", "[]", "the list of calibration texts is empty")
@@ -391,7 +397,8 @@ class CBQConfig(QuantizationConfigMixin):
         raise _err(
             "dataset",
             type(d).__name__,
-            "expected a list of strings, a text/JSON-lines path, 'wikitext2', a datasets.Dataset or a name",
+            "expected a list of strings, a text/JSON-lines path, 'wikitext2', a datasets.Dataset, a name, or token "
+            "ids (an integer tensor [n, seqlen] or a list of lists of ints)",
         )
 
     # ------------------------------------------------------------------ derived facts
@@ -443,7 +450,11 @@ def _describe_dataset(d: Any) -> Any:
         return d
     if isinstance(d, os.PathLike):
         return os.fspath(d)
+    if hasattr(d, "shape") and hasattr(d, "dtype"):
+        return f"<token ids {list(d.shape)}>"
     if isinstance(d, (list, tuple)):
+        if d and not isinstance(d[0], str):
+            return f"<token ids [{len(d)}, {len(d[0])}]>"
         return f"<{len(d)} in-memory texts>"
     name = getattr(getattr(d, "info", None), "dataset_name", None) or type(d).__name__
     return f"<datasets.Dataset {name}, {len(d) if hasattr(d, '__len__') else '?'} rows>"

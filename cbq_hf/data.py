@@ -1,10 +1,13 @@
 """Calibration text -> token batches.
 
 Accepted sources (`CBQConfig.dataset`): a list of strings; a path to a UTF-8 text file, a JSON-lines file
-(``.jsonl``, one object per line with a "text" field) or a JSON list of strings; ``"wikitext2"`` (the local
-WikiText-2 validation file, see `cbq_hf.paths`); a `datasets.Dataset` with a "text" column; any other string is
-passed to `datasets.load_dataset` (which works offline for local files and fails with a clear message for Hub
-names when offline).
+(``.jsonl``, one object per line with a "text" field) or a JSON list of strings; ``"wikitext2"`` (WikiText-2
+validation from ``shared/data``, else downloaded with `datasets`, else the sample text shipped with the package,
+with a warning: see `cbq_hf.locations`); a `datasets.Dataset` with a "text" column; any other string is passed to
+`datasets.load_dataset` (which works offline for local files and fails with a clear message for Hub names when
+offline); or pre-tokenized input, as gptqmodel and llm-compressor take it: an integer tensor [n, L] or a list of
+n lists of L token ids (`check_token_ids`). Pre-tokenized rows are used as given (no BOS added): the first
+`nsamples` rows, each cut to its first `seqlen` tokens.
 
 Sampling (seeded, documented): the texts are joined with blank lines and tokenized once without special tokens;
 `nsamples` start positions are drawn uniformly with `torch.Generator().manual_seed(seed)`; each sample is
@@ -14,16 +17,95 @@ Sampling (seeded, documented): the texts are joined with blank lines and tokeniz
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
 import torch
 
-from .paths import wikitext2_file
+from .locations import text_source
+
+logger = logging.getLogger(__name__)
 
 
 class CalibrationDataError(ValueError):
-    pass
+    """The calibration data cannot be used; the message names the problem and the fix."""
+
+
+def is_token_ids(dataset: Any) -> bool:
+    """Whether `dataset` is pre-tokenized input (a tensor, or a list of rows that are not strings)."""
+    if isinstance(dataset, torch.Tensor):
+        return True
+    return (
+        isinstance(dataset, (list, tuple)) and len(dataset) > 0 and isinstance(dataset[0], (list, tuple, torch.Tensor))
+    )
+
+
+def check_token_ids(dataset: Any) -> torch.Tensor:
+    """Validate pre-tokenized calibration input and return it as an int64 tensor [n, L].
+
+    Accepted: an integer tensor [n, L] (any integer dtype but bool), or a list of n equally long lists (or 1-D
+    integer tensors) of non-negative token ids. Raises `CalibrationDataError` naming the problem: a float or bool
+    dtype, a tensor that is not 2-D, rows of different lengths (ragged), non-integer or negative ids, empty input.
+    """
+    if isinstance(dataset, torch.Tensor):
+        if dataset.is_floating_point() or dataset.is_complex() or dataset.dtype == torch.bool:
+            raise CalibrationDataError(
+                f"CBQConfig.dataset: pre-tokenized input must hold integer token ids, got a {dataset.dtype} tensor; "
+                f"pass input_ids as torch.long (e.g. tokenizer(..., return_tensors='pt').input_ids)."
+            )
+        if dataset.dim() != 2:
+            raise CalibrationDataError(
+                f"CBQConfig.dataset: a token-id tensor must be 2-D [n, seqlen], got shape {list(dataset.shape)}; "
+                f"use ids.reshape(n, seqlen) or ids.unsqueeze(0) for one sequence."
+            )
+        ids = dataset.detach().to("cpu", torch.long)
+    else:
+        rows = [r.tolist() if isinstance(r, torch.Tensor) else r for r in dataset]
+        lengths = {len(r) if isinstance(r, (list, tuple)) else -1 for r in rows}
+        if -1 in lengths:
+            raise CalibrationDataError(
+                "CBQConfig.dataset: a list of token-id rows must hold only lists (or 1-D tensors) of ints; pass a "
+                "list of lists of token ids, or a list of strings to tokenize."
+            )
+        if len(lengths) > 1:
+            raise CalibrationDataError(
+                f"CBQConfig.dataset: the token-id rows are ragged (lengths {sorted(lengths)[:5]}); every row must "
+                f"have the same length: cut them to the shortest, or pack the tokens into equal rows."
+            )
+        bad = next((t for r in rows for t in r if not isinstance(t, int) or isinstance(t, bool)), None)
+        if bad is not None:
+            raise CalibrationDataError(
+                f"CBQConfig.dataset: token ids must be ints, found {bad!r} ({type(bad).__name__})."
+            )
+        ids = torch.tensor(rows, dtype=torch.long)
+    if ids.numel() == 0:
+        raise CalibrationDataError(f"CBQConfig.dataset: the token-id input is empty (shape {list(ids.shape)}).")
+    if int(ids.min()) < 0:
+        raise CalibrationDataError(f"CBQConfig.dataset: token ids must be >= 0, found {int(ids.min())}.")
+    return ids
+
+
+def token_id_batches(dataset: Any, nsamples: int, seqlen: int, vocab_size: int | None = None) -> torch.Tensor:
+    """Calibration input ids [nsamples, seqlen] from pre-tokenized input: its first `nsamples` rows, each cut to
+    its first `seqlen` tokens. Too few rows, too short rows, or ids outside the vocabulary are refused."""
+    ids = check_token_ids(dataset)
+    n, length = ids.shape
+    if length < seqlen:
+        raise CalibrationDataError(
+            f"CBQConfig.dataset: the token-id rows have {length} tokens, shorter than seqlen={seqlen}; pass longer "
+            f"rows or set seqlen={length}."
+        )
+    if n < nsamples:
+        raise CalibrationDataError(
+            f"CBQConfig.dataset: {n} token-id rows for nsamples={nsamples}; pass more rows or set nsamples={n}."
+        )
+    if vocab_size is not None and int(ids.max()) >= vocab_size:
+        raise CalibrationDataError(
+            f"CBQConfig.dataset: token id {int(ids.max())} is outside the tokenizer's vocabulary of {vocab_size}; "
+            f"were the ids made with another tokenizer?"
+        )
+    return ids[:nsamples, :seqlen].contiguous()
 
 
 def _read_text_file(path: str) -> list[str]:
@@ -70,13 +152,16 @@ def load_calibration_texts(dataset: Any) -> list[str]:
     elif isinstance(dataset, (str, os.PathLike)):
         name = os.fspath(dataset)
         if name == "wikitext2":
-            path = wikitext2_file("valid")
-            if path is None:
-                raise CalibrationDataError(
-                    "dataset='wikitext2' resolves to the local file shared/data/wikitext-2/wiki.valid.tokens, which "
-                    "was not found; set CBQ_HF_DATA to the folder that holds wikitext-2/, or pass a file path."
+            source = text_source("calibration")
+            if source.is_wikitext2:
+                logger.info("cbq_hf: calibration text: %s", source.description)
+            else:
+                logger.warning(
+                    "cbq_hf: WikiText-2 is not available here (no shared/data folder, Hub unreachable or offline): "
+                    "calibrating on %s. Pass dataset=<your text file> to calibrate on text like your use.",
+                    source.description,
                 )
-            texts = _read_text_file(str(path))
+            texts = _read_text_file(str(source.path))
         elif os.path.isfile(name):
             texts = _read_text_file(name)
         elif _looks_like_path(name):
@@ -149,6 +234,8 @@ def sample_segments(
 
 def get_calibration_batches(dataset: Any, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     """Calibration input ids [nsamples, seqlen] from any accepted dataset source."""
+    if is_token_ids(dataset):
+        return token_id_batches(dataset, nsamples, seqlen, len(tokenizer) if tokenizer is not None else None)
     texts = load_calibration_texts(dataset)
     return sample_segments(
         tokenize_texts(texts, tokenizer), nsamples, seqlen, seed, getattr(tokenizer, "bos_token_id", None)

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .paths import cache_dir
+from .locations import cache_dir
 
 logger = logging.getLogger(__name__)
 

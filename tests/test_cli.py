@@ -166,3 +166,28 @@ def test_quantize_into_an_empty_folder_is_fine(model_with_tokenizer, tmp_path):
     (tmp_path / "q").mkdir()
     assert main(["quantize", model, str(tmp_path / "q"), "--method", "rtn", "--group-size", "32"]) == 0
     assert (tmp_path / "q" / "model.safetensors").is_file()
+
+
+def test_eval_without_text_says_which_text_and_caches_with_cached(model_with_tokenizer, tmp_path, capsys, monkeypatch):
+    import cbq_hf.locations as loc
+
+    model, _ = model_with_tokenizer
+    monkeypatch.delenv("CBQ_HF_DATA", raising=False)
+    monkeypatch.setenv("CBQ_HF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(loc, "_SOURCE_TREE", tmp_path)  # no shared/data beside the sources either
+    out = tmp_path / "e.json"
+    args = ["eval", model, "--seqlen", "64", "--windows", "3", "--json", str(out), "--cached"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "evaluation text: the evaluation sample text shipped with cbq_hf" in captured.err
+    first = json.loads(captured.out.strip().splitlines()[-1])
+    assert first["text_source"] == "shipped" and first["text"].endswith("evaluation.txt")
+    assert main(args) == 0  # same model files, text and settings: reused
+    captured = capsys.readouterr()
+    assert "reusing the result" in captured.err and json.loads(captured.out.strip().splitlines()[-1]) == first
+    assert main([*args[:-1]]) == 0 and "reusing" not in capsys.readouterr().err  # without --cached: measured
+    assert main([*args[:3], "4", *args[4:]]) == 0  # other settings: measured again
+    assert "reusing" not in capsys.readouterr().err
+    assert main(["eval", model, "--cached"]) == EXIT_USAGE
+    assert "--cached needs --json" in capsys.readouterr().err

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ...paths import cache_dir
+from ...locations import cache_dir
 
 logger = logging.getLogger(__name__)
 
