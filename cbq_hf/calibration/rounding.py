@@ -128,6 +128,70 @@ def _group_absmax(w: torch.Tensor, spec: UniformSpec) -> torch.Tensor:
     return F.pad(w.abs(), (0, pad)).view(n, -1, g).amax(-1)
 
 
+def _group_view_op(t: torch.Tensor, g: int, fn) -> list[torch.Tensor]:
+    """`fn` applied to the [N, G_full, g] view of the whole groups of t [N, K] and to the [N, 1, K % g] view of a
+    shorter last group (when there is one); returns their results."""
+    n, k = t.shape
+    full = k // g * g
+    out = [fn(t[:, :full].view(n, k // g, g), slice(0, k // g))] if full else []
+    if full < k:
+        out.append(fn(t[:, full:].view(n, 1, k - full), slice(k // g, k // g + 1)))
+    return out
+
+
+def mul_groups_(t: torch.Tensor, per_group: torch.Tensor, g: int) -> torch.Tensor:
+    """t [N, K] *= per_group [N, G] expanded over each group of `g` channels, in place, without building the
+    [N, K] expansion."""
+    t = t.contiguous()
+    _group_view_op(t, g, lambda v, gs: v.mul_(per_group[:, gs, None]))
+    return t
+
+
+def sum_groups(t: torch.Tensor, g: int) -> torch.Tensor:
+    """Sum of t [N, K] over each group of `g` channels -> [N, G]."""
+    return torch.cat(_group_view_op(t.contiguous(), g, lambda v, gs: v.sum(-1)), dim=1)
+
+
+class _LoRARoundedWeight(torch.autograd.Function):
+    """W_q = (clamp(base + [h >= 0.5], 0, qmax) - z) * round_scale(scale0 * exp(log_delta)) and the soft offsets
+    h = rectified_sigmoid(v0 + a1 @ a2), forward and backward written out (straight-through hard rounding and
+    step rounding, as the composed ops of `QuantLinearSim` define them). `base` = floor(W / scale0) + z.
+
+    Every value of the forward equals the composed ops' (each step is exact in float32); the backward equals theirs
+    up to summation order. It makes about a third of the memory passes over [N, K] that autograd of the composed
+    ops makes, which is what a calibration step on a CPU spends most of its time on.
+    """
+
+    @staticmethod
+    def forward(ctx, a1, a2, log_delta, v0, base, zero_k, scale0, group_len, qmax):
+        h = torch.mm(a1, a2).add_(v0).sigmoid_().mul_(ZETA - GAMMA).add_(GAMMA)
+        h_in = (h >= 0) & (h <= 1)  # where rectified_sigmoid's clamp passes the gradient
+        h.clamp_(0.0, 1.0)
+        qpre = base + (h >= 0.5)
+        q = qpre.clamp(0, qmax)
+        q_in = q == qpre  # where the code clamp passes the gradient
+        qz = q.sub_(zero_k)
+        e = torch.exp(log_delta)
+        step = round_scale(scale0 * e)
+        w = mul_groups_(qz.clone(), step, group_len)
+        ctx.save_for_backward(a1, a2, h, h_in, q_in, qz, step, scale0, e)
+        ctx.group_len = group_len
+        return w, h
+
+    @staticmethod
+    def backward(ctx, g_w, g_h):
+        a1, a2, h, h_in, q_in, qz, step, scale0, e = ctx.saved_tensors
+        g = ctx.group_len
+        g_log_delta = sum_groups(g_w * qz, g).mul_(scale0).mul_(e) if ctx.needs_input_grad[2] else None
+        t = mul_groups_(g_w.clone(), step, g).mul_(q_in)  # d loss / d h through the straight-through codes
+        if g_h is not None:
+            t.add_(g_h)
+        sig = (h - GAMMA).div_(ZETA - GAMMA)  # sigmoid(V) where the clamp passed it (elsewhere h_in masks)
+        t.mul_(h_in).mul_(ZETA - GAMMA).mul_(sig)
+        t.mul_(sig.neg_().add_(1.0))  # sigmoid'(V) = sig * (1 - sig)
+        return t @ a2.t(), a1.t() @ t, g_log_delta, None, None, None, None, None, None
+
+
 def fake_quantize_activations_ste(x: torch.Tensor, act_bits: int, clip: torch.Tensor) -> torch.Tensor:
     """Per-token symmetric quantization of x (as `fake_quantize_activations`), differentiable through `clip`."""
     qmax = 2 ** (act_bits - 1) - 1
@@ -230,17 +294,54 @@ class QuantLinearSim(QuantStandIn):
             q = round_ste(self.weight / s)
         return torch.clamp(q + z, 0, self.spec.qmax)
 
+    def _fused_constants(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(floor(W / scale0) + z, z expanded to [N, K]) for `_LoRARoundedWeight`, rebuilt when W, scale0 or z
+        change (a resumed window loads them)."""
+        key = tuple((t.data_ptr(), t._version, t.device) for t in (self.weight, self.scale0, self.zero))
+        if getattr(self, "_constants_key", None) != key:
+            k = self.in_features
+            z = expand_groups(self.zero, k, self.spec)
+            base = torch.floor(self.weight / expand_groups(self.scale0, k, self.spec)).add_(z)
+            self._constants, self._constants_key = (base, z), key
+        return self._constants
+
     def quantized_weight(self) -> torch.Tensor:
-        scale = self.scale()
-        q = self._codes(scale)
-        return (q - expand_groups(self.zero, self.in_features, self.spec)) * expand_groups(
-            scale, self.in_features, self.spec
+        """The quantized weight [N, K] the forward uses (differentiable w.r.t. the trainable parameters)."""
+        if not (self.use_lora_rounding and self.hard):
+            scale = self.scale()
+            z = expand_groups(self.zero, self.in_features, self.spec)
+            return (self._codes(scale) - z) * expand_groups(scale, self.in_features, self.spec)
+        base, z = self._fused_constants()
+        if not torch.is_grad_enabled():  # the evaluation batches between two optimizer steps share one weight
+            state = (base, *((t.data_ptr(), t._version) for t in (self.a1, self.a2, self.log_delta)))
+            cached = getattr(self, "_eval_weight", None)
+            if cached is not None and cached[0][0] is base and cached[0][1:] == state[1:]:
+                return cached[1]
+        w, h = _LoRARoundedWeight.apply(
+            self.a1,
+            self.a2,
+            self.log_delta,
+            self.v0,
+            base,
+            z,
+            self.scale0,
+            self.spec.group_len(self.in_features),
+            self.spec.qmax,
         )
+        if torch.is_grad_enabled():
+            self._offsets_of_last_forward = h
+        else:
+            self._eval_weight = (state, w)
+        return w
 
     def regularizer(self, beta: float) -> torch.Tensor:
+        """Rounding regulariser of the soft offsets: those of the last forward with grad (its graph reaches the
+        LoRA factors through the same pass), else computed anew."""
         if not self.use_lora_rounding:
             return self.weight.new_zeros(())
-        return rounding_regularizer(self.offsets(), beta)
+        h = getattr(self, "_offsets_of_last_forward", None)
+        self._offsets_of_last_forward = None
+        return rounding_regularizer(self.offsets() if h is None else h, beta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_scale is not None:
