@@ -111,6 +111,10 @@ class CBQConfig(QuantizationConfigMixin):
             alpha in 0.3..0.7 (or CFP's smoothing) with the smallest quantized output error on 512 calibration
             tokens. method="cbq" only (needs calibration data).
         use_lora_rounding, learn_weight_scales, learn_act_clipping, use_homologous, use_kl: ablation switches.
+        moe_calibrate_all_experts: while calibrating mixture-of-experts blocks, run every calibration token through
+            every expert (the router's weights unchanged: an expert's output counts only where it was chosen), so
+            every expert's starting grid is set by statistics of every token; False runs each expert on its routed
+            tokens only. An expert no token is routed to is packed by RTN either way (`calibration/moe.py`).
         calibration_device: device for the window being optimised ("auto": CUDA when present, else CPU).
         checkpoint_dir: folder where finished windows are written so an interrupted calibration resumes. A rerun
             with another config, data or model refuses to resume it (error naming what differs).
@@ -175,6 +179,7 @@ class CBQConfig(QuantizationConfigMixin):
         learn_act_clipping: bool = True,
         use_homologous: bool = True,
         use_kl: bool = True,
+        moe_calibrate_all_experts: bool = True,
         calibration_device: str = "auto",
         checkpoint_dir: str | None = None,
         activation_storage: str = "cpu",
@@ -228,6 +233,7 @@ class CBQConfig(QuantizationConfigMixin):
         self.learn_act_clipping = learn_act_clipping
         self.use_homologous = use_homologous
         self.use_kl = use_kl
+        self.moe_calibrate_all_experts = moe_calibrate_all_experts
         self.calibration_device = calibration_device
         self.checkpoint_dir = checkpoint_dir
         self.activation_storage = activation_storage
@@ -328,6 +334,7 @@ class CBQConfig(QuantizationConfigMixin):
             "use_homologous",
             "use_kl",
             "token_normalized_loss",
+            "moe_calibrate_all_experts",
         ):
             _check_bool(name, getattr(self, name))
         if not isinstance(self.calibration_device, str) or not self.calibration_device:

@@ -72,7 +72,8 @@ def is_skipped(name: str, modules_to_not_convert: list[str] | None) -> bool:
 
 
 def _is_experts(m: nn.Module) -> bool:
-    return isinstance(m, CBQExperts) or is_fused_experts(m)
+    """Fused float experts, `CBQExperts`, or calibration's `UnfusedExperts` (marked `is_unfused_experts`)."""
+    return isinstance(m, CBQExperts) or is_fused_experts(m) or getattr(m, "is_unfused_experts", False)
 
 
 def _block_members(block: nn.Module) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
@@ -188,7 +189,7 @@ def empty_cbq_experts(
     experts: nn.Module, fmt: QuantFormat, device: torch.device | str | None = None, name: str = "experts"
 ) -> CBQExperts:
     """A `CBQExperts` with the layout of the float fused `experts` and zero buffers (filled by `load_rtn` or a
-    checkpoint). Experts never carry a smoothing `input_scale`: they are quantized by RTN for every method."""
+    checkpoint). Experts never carry a smoothing `input_scale`: calibration never smooths them (calibration/moe.py)."""
     try:
         return CBQExperts.like(experts, fmt, device=device, name=name)
     except ValueError as e:

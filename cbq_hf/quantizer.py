@@ -151,17 +151,8 @@ class CBQHfQuantizer(HfQuantizer):
                 )
             tokenizer = AutoTokenizer.from_pretrained(source)
         input_ids = get_calibration_batches(cfg.dataset, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
-        self.calibration_report = calibrate(model, cfg, input_ids)  # per-window losses (CLI summary / plot)
-        experts = quantize_rtn(model, fmt, cfg.modules_to_not_convert, progress=False, linears=False)
-        if experts:
-            logger.warning(
-                "cbq_hf: CBQ calibration does not train mixture-of-experts weights yet; the %d fused experts "
-                "module(s) (first: %s) were quantized with RTN instead (the attention and other linears are "
-                "CBQ-calibrated).",
-                len(experts),
-                experts[0],
-            )
-        cfg.run_info["experts_method"] = "rtn" if experts else None
+        # Per-window losses (CLI summary / plot); fused experts are calibrated with their blocks (calibration/moe.py).
+        self.calibration_report = calibrate(model, cfg, input_ids)
 
     def _summary(self, model) -> dict[str, Any]:
         linears = [m for m in model.modules() if isinstance(m, CBQLinear)]

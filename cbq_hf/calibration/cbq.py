@@ -28,6 +28,7 @@ from torch import nn
 from ..formats.stand_in import QuantStandIn, StandInOptions
 from ..modeling import set_module
 from .loss import window_loss
+from .moe import inside_experts
 from .pipeline import BlockPipeline
 from .preprocess import SmoothingSettings, StatsCollector, smooth_block, weight_truncation
 from .streams import Stream
@@ -88,7 +89,9 @@ def _smooth(pipe: BlockPipeline, b: int, stats: StatsCollector, first_in: torch.
     """CFP / smoothing of block `b` (its float function unchanged); returns per linear the divisor of its input
     statistics and its explicit input scale (None where folded)."""
     live, cfp = pipe.blocks[b], pipe.report["cfp"]
-    linears = {rel: live.get_submodule(rel) for rel in pipe.names[b]}
+    # Expert matrices are never smoothed: their input is a routed subset of the norm's output, and `CBQExperts`
+    # holds no input scale.
+    linears = {rel: live.get_submodule(rel) for rel in pipe.names[b] if not inside_experts(live, rel)}
     if not ((config.use_cfp or config.smooth_alpha is not None) and linears):
         return {}, dict.fromkeys(linears)
     ref = pipe.inputs.call_block(pipe.states[b].fp, b, 0, first_in)
@@ -120,8 +123,8 @@ def _make_stand_ins(pipe: BlockPipeline, b: int, stats: StatsCollector, divisors
     config, live = pipe.config, pipe.blocks[b]
     for rel in pipe.names[b]:
         lin = live.get_submodule(rel)
-        ms = stats.mean_square(rel)  # of the float input; the smoothed input is x / divisor
-        if rel in divisors:
+        ms = stats.mean_square(rel)  # of the float input (None: no token); the smoothed input is x / divisor
+        if ms is not None and rel in divisors:
             ms = ms / divisors[rel].float().cpu().pow(2)
         truncation = None
         if config.use_cfp:
@@ -131,7 +134,7 @@ def _make_stand_ins(pipe: BlockPipeline, b: int, stats: StatsCollector, divisors
         options = StandInOptions.from_config(
             config,
             input_scale=None if s is None else s.to(pipe.device),
-            channel_weight=ms.to(pipe.device),
+            channel_weight=None if ms is None else ms.to(pipe.device),
             truncation=truncation,
             generator=pipe.gen,
         )

@@ -356,11 +356,14 @@ def restore_frozen_block(
     block: nn.Module, tensors: dict[str, torch.Tensor], names: dict[str, str], fmt, with_input_scale: bool
 ) -> nn.Module:
     """Turn the float `block` into the saved frozen block: its quantizable linears (relative name -> full name in
-    `names`) become `CBQLinear` and every tensor is taken from `tensors` (a saved block state dict)."""
+    `names`) become `CBQLinear` and every tensor is taken from `tensors` (a saved block state dict). Expert matrices
+    (`moe.inside_experts`) never carry an input scale."""
     from ..modeling import empty_cbq_linear, set_module
+    from .moe import inside_experts
 
     for rel, full in names.items():
-        set_module(block, rel, empty_cbq_linear(block.get_submodule(rel), fmt, with_input_scale, name=full))
+        scaled = with_input_scale and not inside_experts(block, rel)
+        set_module(block, rel, empty_cbq_linear(block.get_submodule(rel), fmt, scaled, name=full))
     _load_exact(block, tensors)
     block.requires_grad_(False)
     return block

@@ -28,7 +28,9 @@ def calibrate(model: nn.Module, config, input_ids: torch.Tensor, progress: bool 
         progress: show a tqdm bar over the windows.
 
     Returns:
-        A report: per window the blocks, start/end loss, steps, status and seconds; totals and CFP counts.
+        A report: per window the blocks, start/end loss, steps, status and seconds; totals and CFP counts; for a
+        mixture-of-experts model, under "experts", the routing mode, the calibration tokens routed to each expert
+        (experts module name -> count per expert) and the experts packed by RTN because none reached them.
     """
     pipeline = BlockPipeline(model, config, input_ids)
     report = pipeline.run(CBQMethod(config), progress)
@@ -42,4 +44,6 @@ def calibrate(model: nn.Module, config, input_ids: torch.Tensor, progress: bool 
             "device": report["device"],
             **report["cfp"],
         }
+        if "experts" in report:  # routing mode, calibration tokens routed to each expert, experts packed by RTN
+            config.run_info["cbq_calibration"]["experts"] = report["experts"]
     return report

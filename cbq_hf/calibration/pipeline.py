@@ -31,10 +31,11 @@ from tqdm.auto import tqdm
 
 from ..formats import get_format
 from ..formats.stand_in import QuantStandIn
-from ..modeling import empty_cbq_linear, find_decoder_blocks, quantizable_linears, set_module
+from ..modeling import empty_cbq_linear, find_decoder_blocks, quantizable_experts, quantizable_linears, set_module
 from ..nn.linear import CBQLinear
 from .capture import capture_block_inputs
 from .checkpoint import CheckpointStore, restore_frozen_block, restore_live_block, run_identity
+from .moe import fuse_block, fused_experts_names, inside_experts, start_counting, take_counts, unfuse_block
 from .offload import OffloadPlan, finish
 from .streams import Stream, StreamStorage
 from .windows import Window, window_schedule
@@ -97,12 +98,14 @@ def cast_float(module: nn.Module, dtype: torch.dtype, device: torch.device) -> N
 def pack_block(
     live: nn.Module, state: BlockState, names: dict[str, str], fmt, with_scale: bool, device: torch.device
 ) -> None:
-    """Replace every stand-in of the block by its packed `CBQLinear` (the stand-in's `freeze()`) on `device`."""
+    """Replace every stand-in of the block by its packed `CBQLinear` (the stand-in's `freeze()`) on `device`; expert
+    matrices (`moe.inside_experts`) never carry an input scale."""
     for rel, sim in state.stand_ins.items():
         packed = sim.freeze()
-        q = empty_cbq_linear(sim, fmt, with_scale, device=device, name=names[rel])
+        scaled = with_scale and not inside_experts(live, rel)
+        q = empty_cbq_linear(sim, fmt, scaled, device=device, name=names[rel])
         input_scale = None
-        if with_scale:
+        if scaled:
             input_scale = sim.input_scale if sim.input_scale is not None else torch.ones(sim.in_features)
             input_scale = input_scale.to(device)
         q.load_packed({k: v.to(device) for k, v in packed.items()}, bias=sim.bias, input_scale=input_scale)
@@ -137,6 +140,7 @@ class BlockPipeline:
         self.t_start = time.perf_counter()
         self.model, self.config, self.fmt = model, config, get_format(config)
         self.prefix, self.blocks = find_decoder_blocks(model)
+        self.experts_rel: list[list[str]] = [[] for _ in self.blocks]  # fused experts unfused at onload (`moe`)
         self.names = self._names_per_block()
         self.device = resolve_device(config, model)
         self.plan = OffloadPlan(model, self.prefix, self.blocks)  # accelerate device_map: where each block lives
@@ -155,17 +159,27 @@ class BlockPipeline:
         self.schedule = window_schedule(len(self.blocks), config.window_size, config.window_overlap)
         self.states: dict[int, BlockState] = {}
         self.report: dict[str, Any] = {"device": str(self.device), "num_blocks": len(self.blocks), "windows": []}
+        if any(self.experts_rel):
+            mode = "all_experts" if config.moe_calibrate_all_experts else "routed"
+            self.report["experts"] = {"routing": mode, "tokens": {}, "rtn_experts": []}
         self.store = CheckpointStore(config.checkpoint_dir, identity, config.to_dict()) if identity else None
         self.first_window = self._resume() if self.store is not None else 0
 
     def _names_per_block(self) -> list[dict[str, str]]:
-        """Per block: relative name -> full name of every quantizable linear (shapes checked against the format)."""
+        """Per block: relative name -> full name of every quantizable linear and expert matrix (shapes checked
+        against the format); fills `experts_rel`."""
         targets = quantizable_linears(self.model, self.config.modules_to_not_convert)
         names: list[dict[str, str]] = [{} for _ in self.blocks]
         for full, lin in targets.items():
             idx, _, rel = full[len(self.prefix) + 1 :].partition(".")
             names[int(idx)][rel] = full
             self.fmt.check_shape(lin.out_features, lin.in_features, full)
+        experts = quantizable_experts(self.model, self.config.modules_to_not_convert)
+        for full in experts:
+            idx, _, rel = full[len(self.prefix) + 1 :].partition(".")
+            self.experts_rel[int(idx)].append(rel)
+        for idx, matrices in fused_experts_names(self.prefix, experts, self.fmt).items():
+            names[idx].update(matrices)
         return names  # `targets` (every float linear) is dropped: frozen blocks' float weights can be freed
 
     # ---------------------------------------------------------------- the walk
@@ -210,7 +224,10 @@ class BlockPipeline:
         for b in new:
             self.states[b] = BlockState(fp=self._onload(b))
         observers = method.observers(self, new)
+        for b in new:
+            start_counting(self.states[b].fp)
         fp_out, next_fp, first_in = self.run_float(win, self.x_fp, observers)
+        self._record_routing(new)
         method.prepare(self, new, observers, first_in)
         entry = method.train(self, win, fp_out)
         self._leave(win)
@@ -227,9 +244,10 @@ class BlockPipeline:
 
     def _onload(self, b: int) -> nn.Module:
         """Bring block `b` onto the calibration device in float32 (offloaded weights loaded, accelerate hooks
-        removed, no gradients); returns its float reference copy."""
+        removed, fused experts unfused, no gradients); returns its float reference copy."""
         live = self.blocks[b]
         self.plan.onload(b, live)
+        unfuse_block(live, self.experts_rel[b], self.config.moe_calibrate_all_experts, f"{self.prefix}.{b}")
         live.requires_grad_(False)
         cast_float(live, torch.float32, self.device)
         return copy.deepcopy(live)
@@ -238,11 +256,32 @@ class BlockPipeline:
         """Pack the blocks leaving with `win`, advance X_q through them, and put them back where they run."""
         with_scale = self.config.has_input_scale()
         for b in win.frozen:
-            pack_block(self.blocks[b], self.states.pop(b), self.names[b], self.fmt, with_scale, self.device)
+            state = self.states.pop(b)
+            pack_block(self.blocks[b], state, self.names[b], self.fmt, with_scale, self.device)
+            self._fuse(b, state.fp)
         self.x_q = self.run_blocks(list(win.frozen), self.x_q)
         for b in win.frozen:
             cast_float(self.blocks[b], self.orig_dtype, self.plan.home(b))
             self.plan.offload(b, self.blocks[b])
+
+    def _record_routing(self, new: list[int]) -> None:
+        """Tokens routed to each expert of the new blocks in their first float run, into the report."""
+        if "experts" in self.report:
+            for b in new:
+                for rel, counts in take_counts(self.states[b].fp).items():
+                    self.report["experts"]["tokens"][f"{self.prefix}.{b}.{rel}"] = counts
+
+    def _fuse(self, b: int, fp: nn.Module | None) -> None:
+        """Assemble block `b`'s packed expert matrices into `CBQExperts`; experts that no calibration token reached
+        are packed by RTN from the float copy `fp` (None when restoring a saved frozen block)."""
+        if not self.experts_rel[b]:
+            return
+        tokens = self.report["experts"]["tokens"]
+        counts = {rel: tokens.get(f"{self.prefix}.{b}.{rel}", []) for rel in self.experts_rel[b]}
+        rtn = fuse_block(self.blocks[b], fp, counts, self.fmt)
+        self.report["experts"]["rtn_experts"] += [f"{self.prefix}.{b}.{n}" for n in rtn]
+        if rtn:
+            logger.info("block %d: %d expert(s) received no calibration token; packed by RTN: %s", b, len(rtn), rtn)
 
     # ---------------------------------------------------------------- streams
     @torch.no_grad()
@@ -298,8 +337,10 @@ class BlockPipeline:
         with_scale = self.config.has_input_scale()
         for b in range(self.schedule[first - 1].freeze_end):
             self.plan.onload(b, self.blocks[b])
+            unfuse_block(self.blocks[b], self.experts_rel[b], self.config.moe_calibrate_all_experts)
             tensors = self.store.load_tensors(f"block_{b}.safetensors", saved)
             restore_frozen_block(self.blocks[b], tensors, self.names[b], self.fmt, with_scale)
+            self._fuse(b, None)
             cast_float(self.blocks[b], self.orig_dtype, self.plan.home(b))
             self.plan.offload(b, self.blocks[b])
         window_tensors = self.store.load_tensors(f"window_{first - 1}.safetensors", saved)

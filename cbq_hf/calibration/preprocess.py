@@ -201,7 +201,11 @@ class StatsCollector:
 
         return hook
 
-    def mean_square(self, name: str) -> torch.Tensor:
+    def mean_square(self, name: str) -> torch.Tensor | None:
+        """Mean square of each input channel of linear `name`; None when no token reached it (an expert the
+        router never chose)."""
+        if name not in self.stats.act_sq:
+            return None
         return self.stats.act_sq[name] / max(self.stats.tokens[name], 1)
 
 

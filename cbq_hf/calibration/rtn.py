@@ -26,20 +26,16 @@ def quantize_rtn(
     fmt: QuantFormat,
     modules_to_not_convert: list[str] | None = None,
     progress: bool = True,
-    linears: bool = True,
 ) -> list[str]:
     """Replace every quantizable decoder linear (`nn.Linear`, `Conv1D`) of `model` by an RTN-packed `CBQLinear` and
     every fused experts module by an RTN-packed `CBQExperts`, in place, one decoder block at a time: with an
     accelerate device map the block's offloaded weights are loaded, converted and put back where accelerate runs
     them (`offload.OffloadPlan`); without one nothing moves.
 
-    Args:
-        linears: also convert the linears; False converts only the experts (what CBQ calibration leaves float).
-
     Returns the names of the converted modules.
     """
     prefix, _ = find_decoder_blocks(model)
-    names = list(quantizable_linears(model, modules_to_not_convert)) if linears else []
+    names = list(quantizable_linears(model, modules_to_not_convert))
     expert_names = list(quantizable_experts(model, modules_to_not_convert))
     done: list[str] = []
 

@@ -78,6 +78,48 @@ def check_supported(experts: nn.Module, name: str) -> None:
         )
 
 
+def expert_layout(experts: nn.Module) -> dict:
+    """Constructor arguments of `CBQExperts` (sizes, gating, biases) read from a float fused experts module."""
+    up = getattr(experts, _up_name(experts.has_gate))
+    num, a, b = up.shape
+    hidden, up_out = (a, b) if experts.is_transposed else (b, a)
+    return dict(
+        num_experts=num,
+        hidden_size=hidden,
+        intermediate_size=up_out // 2 if experts.has_gate else up_out,
+        has_gate=experts.has_gate,
+        has_bias=experts.has_bias,
+        apply_gate=getattr(type(experts), "_apply_gate", None) if experts.has_gate else None,
+        dtype=up.dtype if up.dtype.is_floating_point else None,
+    )
+
+
+def adopt_behaviour(dst: nn.Module, src: nn.Module, skip: tuple[str, ...] = ()) -> None:
+    """Give `dst` what the gating and the post-expert norm of `src` read: its float submodules (shared, those named
+    in `skip` excepted), its public scalar attributes, `act_fn`, `config` and `has_post_expert_norm`."""
+    for key, value in vars(src).items():
+        if not key.startswith("_") and isinstance(value, _SCALARS) and key not in vars(dst):
+            setattr(dst, key, value)
+    for child_name, child in src.named_children():
+        if child_name not in skip:
+            dst.add_module(child_name, child)
+    if not hasattr(dst, "act_fn"):  # a plain function rather than an activation module
+        dst.act_fn = getattr(src, "act_fn", None)
+    dst.config = getattr(src, "config", None)
+    dst.has_post_expert_norm = bool(src.has_post_expert_norm)
+
+
+def expert_mlp(
+    experts: nn.Module, index: int, x: torch.Tensor, linear: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """Expert `index` of `experts` (`CBQExperts` or a module with its layout) on tokens `x`: up projection,
+    gating (or activation), down projection, post-expert norm; `linear(module, x)` applies one matrix."""
+    h = linear(getattr(experts, experts.up_name)[index], x)
+    h = experts._apply_gate_fn(experts, h) if experts.has_gate else experts.act_fn(h)
+    h = linear(experts.down[index], h)
+    return experts.post_expert_norm(h) if experts.has_post_expert_norm else h
+
+
 class CBQExperts(nn.Module):
     """Quantized fused experts: one `CBQLinear` per expert and projection, same forward as the float module.
 
@@ -142,22 +184,24 @@ class CBQExperts(nn.Module):
         gpt-oss's `alpha`, `limit`) are copied, so the class's own `_apply_gate` runs unchanged.
         """
         check_supported(experts, name)
-        up = getattr(experts, _up_name(experts.has_gate))
-        num, a, b = up.shape
-        hidden, up_out = (a, b) if experts.is_transposed else (b, a)
-        inter = up_out // 2 if experts.has_gate else up_out
-        bias_dtype = up.dtype if up.dtype.is_floating_point else None
-        gate = getattr(type(experts), "_apply_gate", None) if experts.has_gate else None
-        q = cls(num, hidden, inter, fmt, experts.has_gate, experts.has_bias, gate, dtype=bias_dtype, device=device)
-        for key, value in vars(experts).items():
-            if not key.startswith("_") and isinstance(value, _SCALARS) and key not in vars(q):
-                setattr(q, key, value)
-        for child_name, child in experts.named_children():
-            q.add_module(child_name, child)
-        if not hasattr(q, "act_fn"):  # a plain function rather than an activation module
-            q.act_fn = getattr(experts, "act_fn", None)
-        q.config = getattr(experts, "config", None)
-        q.has_post_expert_norm = bool(experts.has_post_expert_norm)
+        layout = expert_layout(experts)
+        q = cls(**layout, fmt=fmt, device=device)
+        adopt_behaviour(q, experts)
+        return q
+
+    @classmethod
+    def from_linears(cls, unfused: nn.Module, fmt: QuantFormat) -> CBQExperts:
+        """The `CBQExperts` holding the packed `CBQLinear` lists of `unfused` (a module with this class's layout
+        attributes, ``<up_name>``/``down`` lists and behaviour, e.g. `calibration.moe.UnfusedExperts` after
+        packing); the lists and float submodules are moved, not copied."""
+        ups, downs = getattr(unfused, unfused.up_name), unfused.down
+        if not all(isinstance(m, CBQLinear) for m in (*ups, *downs)):
+            raise TypeError(f"{type(unfused).__name__}: every expert matrix must be a packed CBQLinear first")
+        layout = {k: getattr(unfused, k) for k in ("num_experts", "hidden_size", "intermediate_size", "has_gate")}
+        q = cls(**layout, fmt=fmt, has_bias=unfused.has_bias, apply_gate=unfused._apply_gate_fn, device="meta")
+        setattr(q, q.up_name, ups)
+        q.down = downs
+        adopt_behaviour(q, unfused, skip=(q.up_name, "down"))
         return q
 
     @torch.no_grad()
@@ -174,12 +218,6 @@ class CBQExperts(nn.Module):
         return {n: m for n, m in self.named_modules() if isinstance(m, CBQLinear)}
 
     # ------------------------------------------------------------------ forward
-    def _expert(self, index: int, x: torch.Tensor, linear: Callable[[CBQLinear, torch.Tensor], torch.Tensor]):
-        h = linear(getattr(self, self.up_name)[index], x)
-        h = self._apply_gate_fn(self, h) if self.has_gate else self.act_fn(h)
-        h = linear(self.down[index], h)
-        return self.post_expert_norm(h) if self.has_post_expert_norm else h
-
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
@@ -197,7 +235,7 @@ class CBQExperts(nn.Module):
         for e, n in enumerate(counts):
             if n:
                 tok = tokens[start : start + n]
-                y = self._expert(e, hidden_states[tok], dispatch.linear) * weights[start : start + n, None]
+                y = expert_mlp(self, e, hidden_states[tok], dispatch.linear) * weights[start : start + n, None]
                 out.index_add_(0, tok, y.to(out.dtype))
             start += n
         return out
@@ -212,7 +250,7 @@ class CBQExperts(nn.Module):
             pos, slot = torch.where(top_k_index == e)
             if pos.numel() == 0:
                 continue
-            y = self._expert(e, hidden_states[pos], reference.linear) * top_k_weights[pos, slot, None]
+            y = expert_mlp(self, e, hidden_states[pos], reference.linear) * top_k_weights[pos, slot, None]
             out.index_add_(0, pos, y.to(out.dtype))
         return out
 
