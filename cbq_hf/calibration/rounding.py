@@ -158,12 +158,13 @@ class _LoRARoundedWeight(torch.autograd.Function):
     step rounding, as the composed ops of `QuantLinearSim` define them). `base` = floor(W / scale0) + z.
 
     Every value of the forward equals the composed ops' (each step is exact in float32); the backward equals theirs
-    up to summation order. It makes about a third of the memory passes over [N, K] that autograd of the composed
+    up to summation order. `constants` = (v0, base, z [N, K], scale0 [N, G], group length, qmax). It makes about a third of the memory passes over [N, K] that autograd of the composed
     ops makes, which is what a calibration step on a CPU spends most of its time on.
     """
 
     @staticmethod
-    def forward(ctx, a1, a2, log_delta, v0, base, zero_k, scale0, group_len, qmax):
+    def forward(ctx, a1, a2, log_delta, constants):
+        v0, base, zero_k, scale0, group_len, qmax = constants
         h = torch.mm(a1, a2).add_(v0).sigmoid_().mul_(ZETA - GAMMA).add_(GAMMA)
         h_in = (h >= 0) & (h <= 1)  # where rectified_sigmoid's clamp passes the gradient
         h.clamp_(0.0, 1.0)
@@ -189,7 +190,7 @@ class _LoRARoundedWeight(torch.autograd.Function):
         sig = (h - GAMMA).div_(ZETA - GAMMA)  # sigmoid(V) where the clamp passed it (elsewhere h_in masks)
         t.mul_(h_in).mul_(ZETA - GAMMA).mul_(sig)
         t.mul_(sig.neg_().add_(1.0))  # sigmoid'(V) = sig * (1 - sig)
-        return t @ a2.t(), a1.t() @ t, g_log_delta, None, None, None, None, None, None
+        return t @ a2.t(), a1.t() @ t, g_log_delta, None
 
 
 def fake_quantize_activations_ste(x: torch.Tensor, act_bits: int, clip: torch.Tensor) -> torch.Tensor:
@@ -317,17 +318,8 @@ class QuantLinearSim(QuantStandIn):
             cached = getattr(self, "_eval_weight", None)
             if cached is not None and cached[0][0] is base and cached[0][1:] == state[1:]:
                 return cached[1]
-        w, h = _LoRARoundedWeight.apply(
-            self.a1,
-            self.a2,
-            self.log_delta,
-            self.v0,
-            base,
-            z,
-            self.scale0,
-            self.spec.group_len(self.in_features),
-            self.spec.qmax,
-        )
+        constants = (self.v0, base, z, self.scale0, self.spec.group_len(self.in_features), self.spec.qmax)
+        w, h = _LoRARoundedWeight.apply(self.a1, self.a2, self.log_delta, constants)
         if torch.is_grad_enabled():
             self._offsets_of_last_forward = h
         else:
