@@ -157,9 +157,10 @@ class _LoRARoundedWeight(torch.autograd.Function):
     h = rectified_sigmoid(v0 + a1 @ a2), forward and backward written out (straight-through hard rounding and
     step rounding, as the composed ops of `QuantLinearSim` define them). `base` = floor(W / scale0) + z.
 
-    Every value of the forward equals the composed ops' (each step is exact in float32); the backward equals theirs
-    up to summation order. `constants` = (v0, base, z [N, K], scale0 [N, G], group length, qmax). It makes about a third of the memory passes over [N, K] that autograd of the composed
-    ops makes, which is what a calibration step on a CPU spends most of its time on.
+    `constants` = (v0, base, z [N, K], scale0 [N, G], group length, qmax). Every value of the forward equals the
+    composed ops' (each step is exact in float32); the backward equals theirs up to summation order. It makes about
+    a third of the memory passes over [N, K] that autograd of the composed ops makes, which is what a calibration
+    step on a CPU spends most of its time on.
     """
 
     @staticmethod
