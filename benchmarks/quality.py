@@ -88,7 +88,7 @@ def evaluate(model, tok, n_windows: int) -> float:
 #: Rows measured before LoRA-Rounding floored the codes on the initial grid (rounding.py) carry
 #: ``"rounding": "moving-grid"``; they are kept, marked with a dagger, and compared only with each other.
 MOVING_GRID_NOTE = (
-    "† measured before the 2026-12-01 LoRA-Rounding fix: codes were floor(W / s) + h on the moving "
+    "† measured with LoRA-Rounding on the moving grid: codes were floor(W / s) + h on the moving "
     "grid, which made learned step sizes hurt; rows without † use floor(W / s0) + h."
 )
 
