@@ -25,6 +25,7 @@ __all__ = ["EXIT_ERROR", "EXIT_LOAD", "EXIT_OK", "EXIT_USAGE", "EXIT_WRITE", "CL
 
 def _add_quantize(sub) -> None:
     from .formats import registered_formats
+    from .presets import PRESETS
 
     p = sub.add_parser(
         "quantize",
@@ -61,12 +62,27 @@ def _add_quantize(sub) -> None:
         default="wikitext2",
         help="calibration text: 'wikitext2', a .txt/.jsonl file or a datasets name (default wikitext2)",
     )
+    g.add_argument(
+        "--preset",
+        default=None,
+        choices=sorted(PRESETS),
+        help="calibration budget: fast (minutes on a CPU for a small model), balanced, gpu (the default budget); "
+        "--nsamples/--seqlen/--epochs/--batch-size override it (docs/presets.md)",
+    )
     g.add_argument("--nsamples", type=int, default=None, help="calibration sequences")
     g.add_argument("--seqlen", type=int, default=None, help="tokens per calibration sequence")
     g.add_argument("--seed", type=int, default=0, help="sampling and initialisation seed (default 0)")
     g.add_argument("--window-size", type=int, default=None, help="decoder blocks per window")
     g.add_argument("--window-overlap", type=int, default=None, help="blocks shared by consecutive windows")
     g.add_argument("--epochs", type=int, default=None, help="passes over the samples per window")
+    g.add_argument("--batch-size", type=int, default=None, help="calibration sequences per optimisation step")
+    g.add_argument(
+        "--calibration-dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "auto"],
+        help="matrix products of the trained window: float32 (default), bfloat16 autocast, or auto (bfloat16 where "
+        "the device has bfloat16 matrix units)",
+    )
     g.add_argument("--device", default="auto", help="calibration device: auto, cpu, cuda, cuda:N")
     g.add_argument("--checkpoint-dir", default=None, help="folder to resume an interrupted calibration from")
     g = p.add_argument_group("placement (models larger than one device, docs/scale_out.md)")
@@ -253,6 +269,8 @@ def cmd_quantize(args) -> dict:
         "seed": args.seed,
         "calibration_device": args.device,
         "checkpoint_dir": args.checkpoint_dir,
+        "preset": args.preset,
+        "calibration_dtype": args.calibration_dtype,
     }
     for key, flag in (
         ("nsamples", args.nsamples),
@@ -260,6 +278,7 @@ def cmd_quantize(args) -> dict:
         ("window_size", args.window_size),
         ("window_overlap", args.window_overlap),
         ("epochs", args.epochs),
+        ("batch_size", args.batch_size),
     ):
         if flag is not None:
             fields[key] = flag

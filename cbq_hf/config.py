@@ -21,6 +21,7 @@ _ACT_BITS = (None, 4, 8)
 _METHODS = ("rtn", "cbq")
 _LOBCQ_CODEBOOKS = ("universal", "per_layer")
 _ACTIVATION_STORAGE = ("cpu", "disk")
+_CALIBRATION_DTYPES = ("float32", "bfloat16", "auto")
 
 # Keys that only describe the run (where data came from, how it went) and are never needed to load weights.
 _RUN_ONLY_KEYS = ("tokenizer",)
@@ -73,16 +74,23 @@ class CBQConfig(QuantizationConfigMixin):
             validation, see `cbq_hf.data`), a `datasets.Dataset`, or a `datasets` name; or pre-tokenized input: an
             integer tensor [n, seqlen] or a list of lists of token ids.
         tokenizer: tokenizer (object or name/path) used to tokenize `dataset`; used, never serialized.
-        nsamples: number of calibration sequences.
-        seqlen: tokens per calibration sequence (BOS included when the tokenizer has one).
+        nsamples: number of calibration sequences (None: the preset's, else 128).
+        seqlen: tokens per calibration sequence (BOS included when the tokenizer has one; None: the preset's, else
+            512).
         seed: seed of the sampling of calibration segments and of every random initialisation.
 
     Calibration method
         method: "rtn" (round-to-nearest min-max, no data needed) or "cbq" (cross-block reconstruction).
         window_size: consecutive decoder blocks reconstructed jointly (1 = block-wise reconstruction).
         window_overlap: blocks shared by consecutive windows (< window_size).
-        epochs: passes over the calibration samples per window.
-        batch_size: calibration samples per optimisation step.
+        preset: a named calibration budget that sets nsamples, seqlen, epochs and batch_size where they are not
+            given: "fast" (minutes on a CPU for a small model), "balanced" (the best measured quality per minute),
+            "gpu" (the defaults without a preset); docs/presets.md has their measured time and quality.
+        epochs: passes over the calibration samples per window (None: the preset's, else 2).
+        batch_size: calibration samples per optimisation step (None: the preset's, else 4).
+        calibration_dtype: "float32" (default), "bfloat16" (the window's matrix products in bfloat16 autocast;
+            quantizer parameters, targets and the loss stay float32), or "auto" (bfloat16 where the calibration
+            device has bfloat16 matrix units: AMX / AVX512-BF16 CPUs, CUDA devices with bfloat16; else float32).
         lr: learning rate of the rounding parameters (LoRA factors).
         lr_scale: learning rate of the step sizes and activation clipping ratios.
         lr_norm: learning rate of each decoder block's own float vector parameters (RMSNorm / LayerNorm weights and
@@ -148,16 +156,16 @@ class CBQConfig(QuantizationConfigMixin):
         format: str = "uniform",
         dataset: Any = "wikitext2",
         tokenizer: Any = None,
-        nsamples: int = 128,
-        seqlen: int = 512,
+        nsamples: int | None = None,
+        seqlen: int | None = None,
         seed: int = 0,
         modules_to_not_convert: list[str] | None = None,
         lm_head_bits: int | None = None,
         method: str = "cbq",
         window_size: int = 2,
         window_overlap: int = 1,
-        epochs: int = 2,
-        batch_size: int = 4,
+        epochs: int | None = None,
+        batch_size: int | None = None,
         lr: float = 1e-2,
         lr_scale: float = 1e-3,
         lr_norm: float = 0.0,
@@ -190,6 +198,8 @@ class CBQConfig(QuantizationConfigMixin):
         lobcq_codebooks: str = "universal",
         lobcq_iters: int = 20,
         format_version: int = FORMAT_VERSION,
+        preset: str | None = None,
+        calibration_dtype: str = "float32",
         **kwargs: Any,
     ) -> None:
         self.quant_method = "cbq"
@@ -200,8 +210,11 @@ class CBQConfig(QuantizationConfigMixin):
         self.format = format
         self.dataset = dataset
         self.tokenizer = tokenizer
-        self.nsamples = nsamples
-        self.seqlen = seqlen
+        from .presets import resolve
+
+        budget = resolve(preset, dict(nsamples=nsamples, seqlen=seqlen, epochs=epochs, batch_size=batch_size))
+        self.preset = preset
+        self.nsamples, self.seqlen = budget["nsamples"], budget["seqlen"]
         self.seed = seed
         if isinstance(modules_to_not_convert, (list, tuple)):
             modules_to_not_convert = list(modules_to_not_convert)
@@ -210,8 +223,8 @@ class CBQConfig(QuantizationConfigMixin):
         self.method = method
         self.window_size = window_size
         self.window_overlap = window_overlap
-        self.epochs = epochs
-        self.batch_size = batch_size
+        self.epochs, self.batch_size = budget["epochs"], budget["batch_size"]
+        self.calibration_dtype = calibration_dtype
         self.lr = lr
         self.lr_scale = lr_scale
         self.lr_norm = lr_norm
@@ -271,6 +284,8 @@ class CBQConfig(QuantizationConfigMixin):
         if self.method not in _METHODS:
             raise _err("method", self.method, f"allowed: {list(_METHODS)}")
         self._check_dataset()
+        if self.calibration_dtype not in _CALIBRATION_DTYPES:
+            raise _err("calibration_dtype", self.calibration_dtype, f"allowed: {list(_CALIBRATION_DTYPES)}")
         _check_int("nsamples", self.nsamples, 1)
         _check_int("seqlen", self.seqlen, 2)
         _check_int("seed", self.seed, 0)

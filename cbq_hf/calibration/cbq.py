@@ -157,6 +157,24 @@ def _block_vectors(pipe: BlockPipeline, win: Window) -> list[nn.Parameter]:
 
 
 # ------------------------------------------------------------------------------------------------ training
+def has_bf16_matrix_units(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 matrices natively: a CUDA device with bfloat16 support, or a CPU with
+    AMX or AVX512-BF16 (what `calibration_dtype="auto"` asks)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    probes = (getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return any(bool(probe()) for probe in probes if probe is not None)
+
+
+def autocast(device: torch.device, calibration_dtype: str) -> torch.autocast:
+    """The autocast context of the quantized window's forward: bfloat16 matrix products for "bfloat16" (and for
+    "auto" where `has_bf16_matrix_units`), else disabled."""
+    bf16 = calibration_dtype == "bfloat16" or (calibration_dtype == "auto" and has_bf16_matrix_units(device))
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
 class _WindowStart:
     """The starting point of a window's trainable parameters, to fall back to."""
 
@@ -211,7 +229,8 @@ def _train_window(
 def _batch_loss(win: Window, pipe: BlockPipeline, targets: Targets, c_idx: int, config) -> torch.Tensor:
     """Window loss of calibration batch `c_idx` (quantized window on X_q against the targets)."""
     s, e = pipe.inputs.batches[c_idx]
-    out = pipe.forward_window(win, c_idx, pipe.x_q[s:e].to(pipe.device))
+    with autocast(pipe.device, config.calibration_dtype):
+        out = pipe.forward_window(win, c_idx, pipe.x_q[s:e].to(pipe.device)).float()
     hom = targets.homologous[s:e].to(pipe.device) if targets.homologous is not None else None
     kl = config.kl_weight if config.use_kl else 0.0
     return window_loss(

@@ -57,10 +57,16 @@ IGNORED_FIELDS = (
     "dataset",
     "modules_to_not_convert",
     "activation_storage",
+    "preset",
 )
 #: Config fields added after calibration checkpoints existed, with their defaults: part of the identity only when
 #: set to another value, so a checkpoint written before a field existed still resumes with the field at its default.
-OPTIONAL_FIELDS = {"smooth_alpha": None, "token_normalized_loss": False, "lr_norm": 0.0}
+OPTIONAL_FIELDS = {
+    "smooth_alpha": None,
+    "token_normalized_loss": False,
+    "lr_norm": 0.0,
+    "calibration_dtype": "float32",
+}
 #: Report entries the pipeline recomputes on resume; the rest (the method's totals) is saved with each commit.
 _PIPELINE_REPORT_KEYS = ("windows", "device", "num_blocks", "resumed_from_window", "seconds")
 #: Keys of the model's config.json that do not describe the model itself.

@@ -283,3 +283,18 @@ def test_lr_norm_reverted_window_restores_the_norms(monkeypatch, calib_ids):
     rep = calibrate(model, _cfg(epochs=2, use_cfp=False, lr_norm=1e-1), calib_ids, progress=False)
     assert rep["windows"][0]["status"] == "reverted"
     assert all(torch.equal(a, b) for a, b in zip(_norm_weights(model), _norm_weights(tiny_llama(layers=2))))
+
+
+def test_bfloat16_calibration_trains_and_stays_close(calib_ids):
+    """calibration_dtype="bfloat16" runs the trained window's products in bfloat16 autocast: every window trains
+    with finite losses, and the result stays close to the float32 calibration's."""
+    from helpers import tiny_llama
+
+    ref_model, bf_model = tiny_llama(layers=2).eval(), tiny_llama(layers=2).eval()
+    ref = calibrate(ref_model, _cfg(epochs=2), calib_ids, progress=False)
+    rep = calibrate(bf_model, _cfg(epochs=2, calibration_dtype="bfloat16"), calib_ids, progress=False)
+    assert all(w["steps"] > 0 and w["status"] in ("ok", "reverted") for w in rep["windows"])
+    for a, b in zip(rep["windows"], ref["windows"]):
+        assert abs(a["loss_end"] - b["loss_end"]) <= 0.25 * b["loss_start"]
+    out, want = _logits(bf_model, calib_ids), _logits(ref_model, calib_ids)
+    assert _rel_err(out, want) < 0.05

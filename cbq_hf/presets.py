@@ -1,0 +1,51 @@
+"""Named calibration budgets (`CBQConfig(preset=...)`, `cbq-hf quantize --preset`), and the duration estimate
+printed before a long calibration.
+
+A preset sets the fields below unless they are given explicitly. Measured time and quality on the demo model:
+docs/presets.md (`benchmarks/presets.py`).
+"""
+
+from __future__ import annotations
+
+#: Name -> the fields it sets. "fast" finishes the demo model in minutes on two CPU cores; "balanced" is the
+#: budget of the best measured W4A16 row; "gpu" is the budget for GPU runs (also the defaults without a preset).
+PRESETS: dict[str, dict[str, int]] = {
+    "fast": dict(nsamples=32, seqlen=256, epochs=2, batch_size=2),
+    "balanced": dict(nsamples=32, seqlen=256, epochs=4, batch_size=2),
+    "gpu": dict(nsamples=128, seqlen=512, epochs=2, batch_size=4),
+}
+#: The fields' values when neither a preset nor the field is given.
+DEFAULT_PRESET = "gpu"
+
+
+def resolve(preset: str | None, explicit: dict[str, int | None]) -> dict[str, int]:
+    """The budget fields: each explicit (non-None) value, else the preset's, else the default preset's.
+
+    Raises:
+        ValueError: `preset` is not a known name.
+    """
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"CBQConfig: `preset`={preset!r} is not a preset; choose one of {sorted(PRESETS)} or None.")
+    chosen = PRESETS[preset or DEFAULT_PRESET]
+    return {k: chosen[k] if explicit.get(k) is None else explicit[k] for k in chosen}
+
+
+def token_steps(config) -> int:
+    """Calibration tokens processed per window (epochs x nsamples x seqlen): what a window's time scales with."""
+    return config.epochs * config.nsamples * config.seqlen
+
+
+def estimate_message(config, seconds_per_window: float, windows_left: int) -> str:
+    """One line: the estimated remaining calibration time and, per preset with a smaller budget, its estimate."""
+    left = seconds_per_window * windows_left
+    faster = []
+    for name, fields in PRESETS.items():
+        ratio = fields["epochs"] * fields["nsamples"] * fields["seqlen"] / max(token_steps(config), 1)
+        if ratio < 0.999:
+            faster.append(f"preset {name!r} ~{_minutes(left * ratio)}")
+    hint = f"; faster: {', '.join(faster)}" if faster else ""
+    return f"calibration: ~{_minutes(left)} left for {windows_left} windows ({seconds_per_window:.0f} s each){hint}"
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"

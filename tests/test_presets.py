@@ -1,0 +1,52 @@
+"""Named calibration budgets: what a preset sets, what explicit fields override, how it round-trips."""
+
+from __future__ import annotations
+
+import pytest
+
+from cbq_hf.config import CBQConfig
+from cbq_hf.presets import DEFAULT_PRESET, PRESETS, estimate_message
+
+BUDGET = ("nsamples", "seqlen", "epochs", "batch_size")
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_sets_its_fields(name):
+    cfg = CBQConfig(preset=name)
+    assert {k: getattr(cfg, k) for k in BUDGET} == PRESETS[name]
+    assert cfg.preset == name
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_explicit_fields_override_the_preset(name):
+    cfg = CBQConfig(preset=name, epochs=7, nsamples=3)
+    assert (cfg.epochs, cfg.nsamples) == (7, 3)
+    assert (cfg.seqlen, cfg.batch_size) == (PRESETS[name]["seqlen"], PRESETS[name]["batch_size"])
+
+
+def test_no_preset_gives_the_default_budget():
+    cfg = CBQConfig()
+    assert {k: getattr(cfg, k) for k in BUDGET} == PRESETS[DEFAULT_PRESET] and cfg.preset is None
+
+
+def test_unknown_preset_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="preset.*'turbo'.*balanced"):
+        CBQConfig(preset="turbo")
+
+
+def test_preset_round_trips_through_the_saved_config():
+    cfg = CBQConfig(preset="fast", epochs=3)
+    again = CBQConfig.from_dict(cfg.to_dict())
+    assert {k: getattr(again, k) for k in (*BUDGET, "preset")} == {k: getattr(cfg, k) for k in (*BUDGET, "preset")}
+
+
+def test_calibration_dtype_is_validated():
+    assert CBQConfig(calibration_dtype="auto").calibration_dtype == "auto"
+    with pytest.raises(ValueError, match="calibration_dtype"):
+        CBQConfig(calibration_dtype="float16")
+
+
+def test_estimate_names_the_faster_presets_only():
+    msg = estimate_message(CBQConfig(preset="gpu"), seconds_per_window=60, windows_left=29)
+    assert "29 min left" in msg and "'fast'" in msg and "'balanced'" in msg and "'gpu'" not in msg
+    assert "faster" not in estimate_message(CBQConfig(preset="fast"), seconds_per_window=5, windows_left=2)
