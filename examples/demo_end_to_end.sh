@@ -1,20 +1,39 @@
 #!/usr/bin/env bash
-# End to end on the demo model: fp32 perplexity, quantize + save, reload + perplexity, generate.
+# The main job on the demo model (SmolLM2-135M-Instruct): fp32, RTN and CBQ perplexity side by side, each
+# quantized checkpoint saved and reloaded in a fresh process, a generated answer, the checkpoint sizes.
 # Run from the repository root in the environment scripts/run_demo.sh sets up (it runs this script).
-# METHOD=rtn|cbq, BITS, GROUP, ACT_BITS, OUT. Text: WikiText-2 from ../shared/data, else downloaded with datasets
-# when the Hub is reachable, else the sample text shipped with cbq_hf; each eval prints which it used.
-# The fp32 perplexity is measured once and reused while the model files, text and settings are unchanged.
+#
+#   bash examples/demo_end_to_end.sh           # CBQ with the "fast" preset: minutes on a 2-core CPU
+#   bash examples/demo_end_to_end.sh --full    # CBQ with the "balanced" preset (the best measured W4 quality)
+#
+# Environment: BITS, GROUP, ACT_BITS, PRESET (overrides --full), OUTDIR. Text: WikiText-2 from ../shared/data, else
+# downloaded with datasets when the Hub is reachable, else the sample text shipped with cbq_hf; each eval prints
+# which it used. The fp32 perplexity is measured once and reused while the model files, text and settings match.
 set -euo pipefail
-METHOD=${METHOD:-rtn}; BITS=${BITS:-4}; GROUP=${GROUP:-128}; OUT=${OUT:-out/smollm2-w${BITS}g${GROUP}-${METHOD}}
+PRESET=${PRESET:-fast}
+for arg in "$@"; do
+  case "$arg" in
+    --full) PRESET=${PRESET_FULL:-balanced} ;;
+    *) echo "unknown argument $arg (use --full)" >&2; exit 2 ;;
+  esac
+done
+BITS=${BITS:-4}; GROUP=${GROUP:-128}; OUTDIR=${OUTDIR:-out}
+TAG="w${BITS}g${GROUP}${ACT_BITS:+a$ACT_BITS}"
 EXTRA=()
 [ -n "${ACT_BITS:-}" ] && EXTRA+=(--act-bits "$ACT_BITS")
 MODEL=$(cbq-hf demo-model)
+mkdir -p "$OUTDIR"
+start=$(date +%s)
 echo "== fp32 perplexity ($MODEL)"
-mkdir -p "$(dirname "$OUT")"
-cbq-hf eval "$MODEL" --json "$(dirname "$OUT")/fp32_eval.json" --cached
-echo "== quantize ($METHOD W${BITS} g${GROUP}) -> $OUT"
-cbq-hf quantize "$MODEL" "$OUT" --overwrite --method "$METHOD" --bits "$BITS" --group-size "$GROUP" "${EXTRA[@]}"
-echo "== reloaded checkpoint perplexity"
-cbq-hf eval "$OUT" --json "$OUT/eval.json"
-echo "== generate"
-python examples/generate.py "$OUT"
+cbq-hf eval "$MODEL" --json "$OUTDIR/fp32_eval.json" --cached
+for METHOD in rtn cbq; do
+  OUT="$OUTDIR/smollm2-$TAG-$METHOD"
+  echo "== quantize ($METHOD W${BITS} g${GROUP}${ACT_BITS:+ A$ACT_BITS}${METHOD/rtn/}${METHOD/cbq/, preset $PRESET}) -> $OUT"
+  cbq-hf quantize "$MODEL" "$OUT" --overwrite --method "$METHOD" --preset "$PRESET" --bits "$BITS" \
+    --group-size "$GROUP" "${EXTRA[@]}" > "$OUTDIR/$METHOD-quantize.json"
+  echo "== $METHOD: reloaded checkpoint perplexity (fresh process)"
+  cbq-hf eval "$OUT" --json "$OUTDIR/$METHOD-eval.json"
+done
+echo "== generate with the CBQ checkpoint"
+python examples/generate.py "$OUTDIR/smollm2-$TAG-cbq"
+python examples/demo_summary.py "$OUTDIR" "$TAG" "$PRESET" "$(( $(date +%s) - start ))"
