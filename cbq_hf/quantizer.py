@@ -103,9 +103,10 @@ class CBQHfQuantizer(HfQuantizer):
         `serialization.load_guards`)."""
         super().preprocess_model(model, dtype=dtype, **kwargs)
         if self.pre_quantized:
-            from .serialization import guarded_linears, ignore_load_guards
+            from .serialization import guarded_linears, ignore_expert_guards, ignore_load_guards
 
             ignore_load_guards(model, guarded_linears(model))
+            ignore_expert_guards(model)
 
     # ------------------------------------------------------------------ after loading
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
@@ -188,12 +189,13 @@ class CBQHfQuantizer(HfQuantizer):
             META_CONFIG,
             META_VERSION,
             checksum_metadata,
+            expert_load_guards,
             guarded_linears,
             load_guards,
         )
 
         state_dict = remove_tied_weights_from_state_dict(model.state_dict(), model)
-        guards = load_guards(guarded_linears(model))
+        guards = {**load_guards(guarded_linears(model)), **expert_load_guards(model)}
         clash = sorted(set(guards) & set(state_dict))
         if clash:
             raise ValueError(f"cbq_hf: the load guard {clash[0]} would replace a tensor of the model's state dict.")

@@ -12,6 +12,7 @@ the metadata lists is present and unchanged, and that the packed tensors have th
 Load guards: every quantized linear is saved with a one-byte tensor under its float `weight` name
 (`load_guards`), so that transformers refuses the checkpoint when `cbq_hf` was not imported instead of loading
 random linears; with `cbq_hf` imported the quantizer marks these keys as expected extras (`ignore_load_guards`).
+Quantized experts get theirs under the fused float parameter names (`expert_load_guards`).
 """
 
 from __future__ import annotations
@@ -62,10 +63,45 @@ def load_guards(module_names: Iterable[str]) -> dict[str, torch.Tensor]:
 def guarded_linears(model: torch.nn.Module) -> list[str]:
     """Names of the quantized linears that get a load guard: every `CBQLinear` standing where the float model has
     an `nn.Linear` of that name. The per-expert matrices of fused experts modules are list elements
-    (``...experts.down.3``) with no float `weight` of that name, so they get none."""
+    (``...experts.down.3``) with no float `weight` of that name: their guards are `expert_load_guards`."""
     from .nn.linear import CBQLinear
 
     return [n for n, m in model.named_modules() if isinstance(m, CBQLinear) and not n.rpartition(".")[2].isdigit()]
+
+
+#: Float parameter names of fused experts modules, which `expert_load_guards` fills with guards.
+EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
+
+
+def expert_load_guards(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Guards for the quantized experts: under the fused float parameter names of every `CBQExperts`
+    (``<experts>.gate_up_proj`` / ``up_proj`` and ``down_proj``), a uint8 tensor of shape [E, 2, 1] / [E, 1, 1]
+    ([E, 1, 2] for a transposed gate_up layout): one element per expert and half of the gate/up split, so that
+    transformers' save-time conversion (which unfuses the float experts into per-expert tensors, e.g. Mixtral's
+    ``experts.<e>.w1.weight``) splits it like a real weight and its load-time conversion fuses it back. A loader
+    without `cbq_hf` then meets [E, 2, 1] where the float model has [E, 2I, H] and refuses the checkpoint, instead
+    of leaving every expert randomly initialised beside unexpected packed keys."""
+    from .nn.experts import CBQExperts
+
+    guards = {}
+    for name, m in model.named_modules():
+        if isinstance(m, CBQExperts):
+            split = (2, 1) if m.has_gate else (1, 1)
+            transposed = bool(getattr(m, "is_transposed", False))
+            up_shape = (m.num_experts, *(split[::-1] if transposed else split))
+            guards[f"{name}.{'gate_up_proj' if m.has_gate else 'up_proj'}"] = torch.zeros(up_shape, dtype=torch.uint8)
+            guards[f"{name}.down_proj"] = torch.zeros(m.num_experts, 1, 1, dtype=torch.uint8)
+    return guards
+
+
+def ignore_expert_guards(model: torch.nn.Module) -> None:
+    """`ignore_load_guards` for the guards of `expert_load_guards` (as transformers names them once fused)."""
+    from .nn.experts import CBQExperts
+
+    names = [n for n, m in model.named_modules() if isinstance(m, CBQExperts)]
+    alternatives = "|".join(EXPERT_PARAMS)
+    patterns = {f"^{re.escape(n)}\\.({alternatives})$" for n in names}
+    model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | patterns
 
 
 def ignore_load_guards(model: torch.nn.Module, module_names: Iterable[str]) -> None:

@@ -241,3 +241,35 @@ def test_cbq_method_quantizes_everything_and_reloads(arch, tmp_path, caplog):
     q.save_pretrained(tmp_path / "q")
     with torch.no_grad():
         assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "q")(x).logits, q(x).logits)
+
+
+_LOAD_FRESH = """
+import sys
+if sys.argv[2] == "with":
+    import cbq_hf
+from transformers import AutoModelForCausalLM
+AutoModelForCausalLM.from_pretrained(sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if a.moe], ids=lambda a: a.family)
+def test_moe_checkpoint_without_import_is_refused(arch, tmp_path):
+    """The experts' load guards (under the fused float names, unfused and fused again by transformers' own key
+    conversions) make a loader without `import cbq_hf` refuse the checkpoint instead of building random float
+    experts; with the import they are skipped silently. Fresh interpreters keep this process's registration away."""
+    import subprocess
+    import sys
+
+    quantize(arch, tmp_path / "fp").save_pretrained(tmp_path / "q")
+
+    def load(how: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-c", _LOAD_FRESH, str(tmp_path / "q"), how]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+    res = load("without")
+    assert res.returncode != 0
+    assert "ignore_mismatched_sizes" in res.stderr
+    assert "experts.gate_up_proj" in res.stderr or "experts.up_proj" in res.stderr, res.stderr[-2000:]
+    res = load("with")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "UNEXPECTED" not in res.stderr and "MISSING" not in res.stderr, res.stderr[-2000:]

@@ -17,7 +17,9 @@ Routing (`CBQConfig.moe_calibrate_all_experts`):
   expert's output is multiplied by the router's weight for that token, 0 where the expert was not chosen. The
   block output is unchanged; what changes is what each expert *sees*: the input statistics that set its starting
   grid (`rounding.init_qparams` weighs the grid search by them) come from every calibration token. The window
-  loss still only reaches an expert through the tokens routed to it (the others have weight 0).
+  loss only reaches an expert through the tokens routed to it (the others have weight 0), so only the float
+  copy's first run (where the statistics are recorded) sends every token everywhere; the trained copy always
+  routes, which keeps the cost of this mode to one extra float pass over the experts per block.
 
 The float copy of each block counts, in its first float run, how many calibration tokens the router sends to each
 expert (the pipeline reports them under ``report["experts"]``). An expert that received none gets no signal from
@@ -139,19 +141,21 @@ def inside_experts(block: nn.Module, rel: str) -> bool:
     return any(rel.startswith(n + ".") for n in unfused_modules(block))
 
 
-def start_counting(fp_block: nn.Module) -> None:
-    """Make the `UnfusedExperts` of the float reference copy `fp_block` count routed tokens from zero."""
+def start_counting(fp_block: nn.Module, all_experts: bool) -> None:
+    """Before the first float run of a block: make the `UnfusedExperts` of its float reference copy `fp_block` count
+    routed tokens from zero, and run every token through every expert if `all_experts`."""
     for m in unfused_modules(fp_block).values():
         m.routed.zero_()
-        m.counting = True
+        m.counting, m.all_experts = True, all_experts
 
 
 def take_counts(fp_block: nn.Module) -> dict[str, list[int]]:
-    """Relative name -> tokens routed to each expert since `start_counting`; counting stops."""
+    """Relative name -> tokens routed to each expert since `start_counting`; counting and all-experts routing stop
+    (later float runs of the block only produce targets, which routing does not change)."""
     out = {}
     for n, m in unfused_modules(fp_block).items():
         out[n] = m.routed.tolist()
-        m.counting = False
+        m.counting = m.all_experts = False
     return out
 
 

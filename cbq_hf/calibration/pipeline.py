@@ -237,7 +237,7 @@ class BlockPipeline:
             self.states[b] = BlockState(fp=self._onload(b))
         observers = method.observers(self, new)
         for b in new:
-            start_counting(self.states[b].fp)
+            start_counting(self.states[b].fp, self.config.moe_calibrate_all_experts)
         fp_out, next_fp, first_in = self.run_float(win, self.x_fp, observers)
         self._record_routing(new)
         method.prepare(self, new, observers, first_in)
@@ -259,7 +259,7 @@ class BlockPipeline:
         removed, fused experts unfused, no gradients); returns its float reference copy."""
         live = self.blocks[b]
         self.plan.onload(b, live)
-        unfuse_block(live, self.experts_rel[b], self.config.moe_calibrate_all_experts, f"{self.prefix}.{b}")
+        unfuse_block(live, self.experts_rel[b], False, f"{self.prefix}.{b}")
         live.requires_grad_(False)
         cast_float(live, torch.float32, self.device)
         return copy.deepcopy(live)
@@ -349,7 +349,7 @@ class BlockPipeline:
         with_scale = self.config.has_input_scale()
         for b in range(self.schedule[first - 1].freeze_end):
             self.plan.onload(b, self.blocks[b])
-            unfuse_block(self.blocks[b], self.experts_rel[b], self.config.moe_calibrate_all_experts)
+            unfuse_block(self.blocks[b], self.experts_rel[b], False)
             tensors = self.store.load_tensors(f"block_{b}.safetensors", saved)
             restore_frozen_block(self.blocks[b], tensors, self.names[b], self.fmt, with_scale)
             self._fuse(b, None)
