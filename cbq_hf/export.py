@@ -211,6 +211,7 @@ def _discover_modules(src: _Source) -> None:
         model = _meta_model(src)
     except Exception as e:  # unknown architecture, broken config
         raise ExportSourceError(f"cannot build the model described by {src.folder}/config.json: {e}") from e
+    _refuse_experts(model, src)
     modules = dict(model.named_modules())
     fmt = get_format(src.qconfig)
     expected: dict[str, tuple[int, ...]] = {}
@@ -235,6 +236,25 @@ def _discover_modules(src: _Source) -> None:
         block_prefix = None
     if block_prefix is not None:
         src.float_block_linears = [n for n in src.float_linears if n.startswith(block_prefix + ".")]
+
+
+def _refuse_experts(model, src: _Source) -> None:
+    """Refuse mixture-of-experts checkpoints (fused experts quantized into `CBQExperts`), saying what is missing."""
+    from .modeling import quantizable_experts
+
+    try:
+        experts = quantizable_experts(model, src.qconfig.modules_to_not_convert)
+    except ValueError:  # no decoder blocks: not a MoE model either
+        return
+    if experts:
+        raise UnsupportedExportError(
+            f"{src.folder!r} is a mixture-of-experts model ({len(experts)} quantized experts modules, first "
+            f"{next(iter(experts))}). The export writes dense linears only: the MoE layout that vLLM loads for "
+            f"compressed-tensors and GPTQ checkpoints (one quantized module per expert and projection, gate and up "
+            f"split, named as the model's original checkpoint names its experts, with the fused-MoE kernels' "
+            f"packing) is not written yet. Serve this checkpoint through transformers with `import cbq_hf`, or "
+            f"quantize the float model with another tool for vLLM."
+        )
 
 
 def _check_shapes(src: _Source, to: str) -> None:

@@ -273,3 +273,13 @@ def test_moe_checkpoint_without_import_is_refused(arch, tmp_path):
     res = load("with")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "UNEXPECTED" not in res.stderr and "MISSING" not in res.stderr, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("to", ["compressed-tensors", "gptq"])
+def test_moe_export_is_refused_naming_what_is_missing(to, tmp_path):
+    from cbq_hf.export import UnsupportedExportError, export_checkpoint
+
+    quantize(ARCHITECTURES[IDS.index("mixtral")], tmp_path / "fp").save_pretrained(tmp_path / "q")
+    with pytest.raises(UnsupportedExportError, match="mixture-of-experts.*one quantized module per expert"):
+        export_checkpoint(tmp_path / "q", tmp_path / "out", to=to)
+    assert not (tmp_path / "out").exists()
