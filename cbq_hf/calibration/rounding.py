@@ -139,12 +139,14 @@ def _group_view_op(t: torch.Tensor, g: int, fn) -> list[torch.Tensor]:
     return out
 
 
-def mul_groups_(t: torch.Tensor, per_group: torch.Tensor, g: int) -> torch.Tensor:
-    """t [N, K] *= per_group [N, G] expanded over each group of `g` channels, in place, without building the
-    [N, K] expansion."""
+def mul_groups(t: torch.Tensor, per_group: torch.Tensor, g: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """t [N, K] times per_group [N, G] expanded over each group of `g` channels, in one pass into a new tensor of
+    `dtype` (t's by default), without building the [N, K] expansion."""
     t = t.contiguous()
-    _group_view_op(t, g, lambda v, gs: v.mul_(per_group[:, gs, None]))
-    return t
+    out = torch.empty(t.shape, dtype=dtype or t.dtype, device=t.device)
+    views = iter(_group_view_op(out, g, lambda v, gs: v))
+    _group_view_op(t, g, lambda v, gs: torch.mul(v, per_group[:, gs, None], out=next(views)))
+    return out
 
 
 def sum_groups(t: torch.Tensor, g: int) -> torch.Tensor:
@@ -157,7 +159,8 @@ class _LoRARoundedWeight(torch.autograd.Function):
     h = rectified_sigmoid(v0 + a1 @ a2), forward and backward written out (straight-through hard rounding and
     step rounding, as the composed ops of `QuantLinearSim` define them). `base` = floor(W / scale0) + z.
 
-    `constants` = (v0, base, z [N, K], scale0 [N, G], group length, qmax). Every value of the forward equals the
+    `constants` = (v0, base, z [N, K], scale0 [N, G], group length, qmax, dtype of W_q: bfloat16 under bfloat16
+    autocast saves the cast the matmul would make). Every value of the forward equals the
     composed ops' (each step is exact in float32); the backward equals theirs up to summation order. It makes about
     a third of the memory passes over [N, K] that autograd of the composed ops makes, which is what a calibration
     step on a CPU spends most of its time on.
@@ -165,7 +168,7 @@ class _LoRARoundedWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a1, a2, log_delta, constants):
-        v0, base, zero_k, scale0, group_len, qmax = constants
+        v0, base, zero_k, scale0, group_len, qmax, out_dtype = constants
         h = torch.mm(a1, a2).add_(v0).sigmoid_().mul_(ZETA - GAMMA).add_(GAMMA)
         h_in = (h >= 0) & (h <= 1)  # where rectified_sigmoid's clamp passes the gradient
         h.clamp_(0.0, 1.0)
@@ -175,7 +178,7 @@ class _LoRARoundedWeight(torch.autograd.Function):
         qz = q.sub_(zero_k)
         e = torch.exp(log_delta)
         step = round_scale(scale0 * e)
-        w = mul_groups_(qz.clone(), step, group_len)
+        w = mul_groups(qz, step, group_len, out_dtype)
         ctx.save_for_backward(a1, a2, h, h_in, q_in, qz, step, scale0, e)
         ctx.group_len = group_len
         return w, h
@@ -185,7 +188,7 @@ class _LoRARoundedWeight(torch.autograd.Function):
         a1, a2, h, h_in, q_in, qz, step, scale0, e = ctx.saved_tensors
         g = ctx.group_len
         g_log_delta = sum_groups(g_w * qz, g).mul_(scale0).mul_(e) if ctx.needs_input_grad[2] else None
-        t = mul_groups_(g_w.clone(), step, g).mul_(q_in)  # d loss / d h through the straight-through codes
+        t = mul_groups(g_w, step, g, torch.float32).mul_(q_in)  # d loss / d h through the straight-through codes
         if g_h is not None:
             t.add_(g_h)
         sig = (h - GAMMA).div_(ZETA - GAMMA)  # sigmoid(V) where the clamp passed it (elsewhere h_in masks)
@@ -314,12 +317,15 @@ class QuantLinearSim(QuantStandIn):
             z = expand_groups(self.zero, self.in_features, self.spec)
             return (self._codes(scale) - z) * expand_groups(scale, self.in_features, self.spec)
         base, z = self._fused_constants()
+        dev = self.weight.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32
         if not torch.is_grad_enabled():  # the evaluation batches between two optimizer steps share one weight
-            state = (base, *((t.data_ptr(), t._version) for t in (self.a1, self.a2, self.log_delta)))
+            state = (base, dtype, *((t.data_ptr(), t._version) for t in (self.a1, self.a2, self.log_delta)))
             cached = getattr(self, "_eval_weight", None)
             if cached is not None and cached[0][0] is base and cached[0][1:] == state[1:]:
                 return cached[1]
-        constants = (self.v0, base, z, self.scale0, self.spec.group_len(self.in_features), self.spec.qmax)
+        group_len = self.spec.group_len(self.in_features)
+        constants = (self.v0, base, z, self.scale0, group_len, self.spec.qmax, dtype)
         w, h = _LoRARoundedWeight.apply(self.a1, self.a2, self.log_delta, constants)
         if torch.is_grad_enabled():
             self._offsets_of_last_forward = h
