@@ -27,8 +27,8 @@ from cbq_hf.data import get_calibration_batches
 from cbq_hf.demo import demo_model_path
 from cbq_hf.evaluation import perplexity
 from cbq_hf.formats.uniform import UniformSpec, fake_quantize_activations
-from cbq_hf.modeling import quantizable_linears
 from cbq_hf.locations import wikitext2_file
+from cbq_hf.modeling import quantizable_linears
 
 
 def parse(setting: str) -> tuple[int, int | None, int]:
