@@ -38,6 +38,7 @@ from torch import nn
 
 from ..formats.stand_in import QuantStandIn, StandInOptions
 from ..formats.uniform import UniformSpec, expand_groups, minmax_qparams, pack_uniform, round_scale
+from ..rotation import hadamard_transform
 
 ZETA = 1.1
 GAMMA = -0.1
@@ -197,6 +198,26 @@ class _LoRARoundedWeight(torch.autograd.Function):
         return t @ a2.t(), a1.t() @ t, g_log_delta, None
 
 
+class _RoundingRegularizer(torch.autograd.Function):
+    """`rounding_regularizer(h, beta)` = mean(1 - |2h - 1|^beta) with its gradient written out:
+    d/dh = -2 beta / numel * |2h - 1|^beta / (2h - 1) (zero where 2h = 1, as beta > 1 makes it). Fewer passes over
+    [N, K] than autograd of the composed ops."""
+
+    @staticmethod
+    def forward(ctx, h, beta):
+        d = torch.mul(h, 2.0).sub_(1.0)
+        t = d.abs().pow_(beta)
+        ctx.save_for_backward(d, t)
+        ctx.beta = beta
+        return 1.0 - t.mean()
+
+    @staticmethod
+    def backward(ctx, g):
+        d, t = ctx.saved_tensors
+        grad = torch.div(t, d).nan_to_num_(0.0, 0.0, 0.0).mul_(g * (-2.0 * ctx.beta / d.numel()))
+        return grad, None
+
+
 def fake_quantize_activations_ste(x: torch.Tensor, act_bits: int, clip: torch.Tensor) -> torch.Tensor:
     """Per-token symmetric quantization of x (as `fake_quantize_activations`), differentiable through `clip`."""
     qmax = 2 ** (act_bits - 1) - 1
@@ -259,6 +280,20 @@ class QuantLinearSim(QuantStandIn):
             self.act_clip = nn.Parameter(clip)
         else:
             self.register_buffer("act_clip", clip)
+
+    @torch.no_grad()
+    def start_from(self, weight: torch.Tensor) -> None:
+        """Round `weight` [N, K] instead of the linear's weight, on the same starting grid (scale0, zero): the
+        initial hard rounding becomes torch.round(weight / scale0) exactly (`gptq.gptq_start` gives the
+        error-compensated weight of GPTQ). Offsets within 1e-4 of 1/2 are moved to that side of 1/2, so the
+        inverse sigmoid's float error cannot flip a decision."""
+        self.weight.copy_(weight)
+        if self.use_lora_rounding:
+            x = self.weight / expand_groups(self.scale0, self.in_features, self.spec)
+            floor = torch.floor(x)
+            frac = x - floor
+            frac = torch.where(torch.round(x) > floor, frac.clamp(min=0.5 + 1e-4), frac.clamp(max=0.5 - 1e-4))
+            self.v0.copy_(inverse_rectified_sigmoid(frac))
 
     # ---------------------------------------------------------------- parameters
     def rounding_parameters(self) -> list[nn.Parameter]:
@@ -340,9 +375,13 @@ class QuantLinearSim(QuantStandIn):
             return self.weight.new_zeros(())
         h = getattr(self, "_offsets_of_last_forward", None)
         self._offsets_of_last_forward = None
-        return rounding_regularizer(self.offsets() if h is None else h, beta)
+        if h is None:
+            return rounding_regularizer(self.offsets(), beta)
+        return _RoundingRegularizer.apply(h, float(beta))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "online_hadamard", False):  # the online rotation of `CBQConfig(rotation=...)`, as CBQLinear
+            x = hadamard_transform(x)
         if self.input_scale is not None:
             x = x / self.input_scale
         if self.act_bits is not None:
