@@ -26,7 +26,7 @@ WORKER = Path(__file__).with_name("resume_worker.py")
 #: 5 blocks, window 2, overlap 1: windows 0..3.
 LAYERS = 5
 #: Seconds a child may take to reach its pause point or to finish (generous: shared 2-core machine).
-CHILD_TIMEOUT = 120
+CHILD_TIMEOUT = 600  # seconds; generous: a loaded 2-core machine runs the child several times slower
 
 
 class Server:
