@@ -25,8 +25,9 @@ from safetensors.torch import load_file
 WORKER = Path(__file__).with_name("resume_worker.py")
 #: 5 blocks, window 2, overlap 1: windows 0..3.
 LAYERS = 5
-#: Seconds a child may take to reach its pause point or to finish (generous: shared 2-core machine).
-CHILD_TIMEOUT = 600  # seconds; generous: a loaded 2-core machine runs the child several times slower
+#: Seconds a child may take to reach its pause point or to finish (generous: a loaded 2-core machine runs the
+#: child several times slower than a quiet one).
+CHILD_TIMEOUT = 600
 
 
 class Server:
