@@ -63,6 +63,8 @@ ABLATIONS = {
     "lr_norm=1e-3": dict(lr_norm=1e-3),
     # not an ablation: the trained window's matrix products in bfloat16 autocast (calibration speed on AMX CPUs)
     "calibration_dtype=bfloat16": dict(calibration_dtype="bfloat16"),
+    # not an ablation: the rounding starts from GPTQ's error-compensated codes on the same clip-searched grid
+    "rounding_init=gptq": dict(rounding_init="gptq"),
 }
 SETTING_ORDER = list(SETTINGS)
 

@@ -22,6 +22,7 @@ _METHODS = ("rtn", "cbq")
 _LOBCQ_CODEBOOKS = ("universal", "per_layer")
 _ACTIVATION_STORAGE = ("cpu", "disk")
 _CALIBRATION_DTYPES = ("float32", "bfloat16", "auto")
+_ROUNDING_INITS = ("rtn", "gptq")
 
 # Keys that only describe the run (where data came from, how it went) and are never needed to load weights.
 _RUN_ONLY_KEYS = ("tokenizer",)
@@ -98,6 +99,10 @@ class CBQConfig(QuantizationConfigMixin):
             reconstruction loss; 0 (default) leaves them as they are (after CFP / smoothing folding). They stay
             float in the checkpoint. method="cbq" only.
         lora_rank: rank r of the LoRA-Rounding offsets V = A1 @ A2.
+        rounding_init: the starting point of the rounding: "rtn" (default: round-to-nearest on the clip-searched
+            grid) or "gptq" (GPTQ's error-compensated codes on that same grid, from each linear's input Hessian
+            over the calibration tokens of its float input, K x K float32 per linear while its window runs;
+            `calibration/gptq.py`). method="cbq" with format="uniform" only.
         loss_weight_accumulated / loss_weight_homologous: weights of the two reconstruction terms
             (quantized window on X_q vs full precision on X_fp; quantized vs full precision both on X_q).
         kl_weight: weight of the KL part of each distance term (0 disables it).
@@ -200,6 +205,7 @@ class CBQConfig(QuantizationConfigMixin):
         format_version: int = FORMAT_VERSION,
         preset: str | None = None,
         calibration_dtype: str = "float32",
+        rounding_init: str = "rtn",
         **kwargs: Any,
     ) -> None:
         self.quant_method = "cbq"
@@ -229,6 +235,7 @@ class CBQConfig(QuantizationConfigMixin):
         self.lr_scale = lr_scale
         self.lr_norm = lr_norm
         self.lora_rank = lora_rank
+        self.rounding_init = rounding_init
         self.loss_weight_accumulated = loss_weight_accumulated
         self.loss_weight_homologous = loss_weight_homologous
         self.kl_weight = kl_weight
@@ -309,6 +316,13 @@ class CBQConfig(QuantizationConfigMixin):
         _check_float("lr_scale", self.lr_scale, 0.0)
         _check_float("lr_norm", self.lr_norm, 0.0)
         _check_int("lora_rank", self.lora_rank, 1)
+        if self.rounding_init not in _ROUNDING_INITS:
+            raise _err("rounding_init", self.rounding_init, f"allowed: {list(_ROUNDING_INITS)}")
+        if self.rounding_init == "gptq" and (self.method != "cbq" or self.format != "uniform"):
+            raise ValueError(
+                f"CBQConfig: rounding_init='gptq' starts the uniform format's CBQ rounding from GPTQ's codes; it "
+                f"needs method='cbq' and format='uniform' (got method={self.method!r}, format={self.format!r})."
+            )
         for name in (
             "loss_weight_accumulated",
             "loss_weight_homologous",

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..formats.stand_in import QuantStandIn, StandInOptions
 from ..modeling import set_module
+from .gptq import gptq_start
 from .loss import window_loss
 from .moe import inside_experts
 from .pipeline import BlockPipeline
@@ -64,7 +65,8 @@ class CBQMethod:
 
     def observers(self, pipe: BlockPipeline, new: list[int]) -> dict[int, StatsCollector]:
         keep = SEARCH_TOKENS if self.config.smooth_alpha == "auto" else 0
-        return {b: StatsCollector(pipe.states[b].fp, list(pipe.names[b]), keep_tokens=keep) for b in new}
+        gptq = self.config.rounding_init == "gptq"
+        return {b: StatsCollector(pipe.states[b].fp, list(pipe.names[b]), keep, hessian=gptq) for b in new}
 
     def prepare(self, pipe: BlockPipeline, new: list[int], observers: dict, first_in: dict) -> None:
         for b in new:
@@ -139,8 +141,21 @@ def _make_stand_ins(pipe: BlockPipeline, b: int, stats: StatsCollector, divisors
             generator=pipe.gen,
         )
         sim = pipe.fmt.stand_in(lin, options).to(pipe.device)
+        hessian = _smoothed_hessian(stats, rel, divisors) if config.rounding_init == "gptq" else None
+        if hessian is not None:
+            gptq_start(sim, hessian.to(pipe.device))
         pipe.states[b].stand_ins[rel] = sim
         set_module(live, rel, sim)
+
+
+def _smoothed_hessian(stats: StatsCollector, rel: str, divisors: dict) -> torch.Tensor | None:
+    """H [K, K] of the input linear `rel`'s stand-in multiplies: of x / d where smoothing divides its float input
+    x by d (folded into a norm or as the input scale), H' = D^-1 H D^-1; None when no token reached it."""
+    h = stats.hessian(rel)
+    if h is None or rel not in divisors:
+        return h
+    inv = 1.0 / divisors[rel].float().to(h.device)
+    return h * inv[:, None] * inv[None, :]
 
 
 def _block_vectors(pipe: BlockPipeline, win: Window) -> list[nn.Parameter]:

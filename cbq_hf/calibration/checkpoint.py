@@ -66,6 +66,7 @@ OPTIONAL_FIELDS = {
     "token_normalized_loss": False,
     "lr_norm": 0.0,
     "calibration_dtype": "float32",
+    "rounding_init": "rtn",
 }
 #: Report entries the pipeline recomputes on resume; the rest (the method's totals) is saved with each commit.
 _PIPELINE_REPORT_KEYS = ("windows", "device", "num_blocks", "resumed_from_window", "seconds")

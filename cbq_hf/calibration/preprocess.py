@@ -127,6 +127,8 @@ class BlockStats:
     act_max / act_sq: per linear (relative name) max |x| and mean x^2 per input channel.
     feeds: per linear, the relative name of the leaf module whose output tensor it receives (None if not found).
     samples: per linear, the first `keep_tokens` rows of its float input (float32, CPU), when asked for.
+    gram: per linear, sum of x^T x over its float input tokens [K, K] (float32, on the input's device), when asked
+        for (`StatsCollector.hessian`).
     """
 
     act_max: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -134,18 +136,21 @@ class BlockStats:
     tokens: dict[str, int] = field(default_factory=dict)
     feeds: dict[str, str | None] = field(default_factory=dict)
     samples: dict[str, torch.Tensor] = field(default_factory=dict)
+    gram: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class StatsCollector:
     """Forward hooks on one block: per-channel input statistics of its linears and which module feeds them.
 
-    Use as a context manager around forwards of the block.
+    Use as a context manager around forwards of the block. With `hessian`, it also accumulates each linear's
+    X^T X (K x K float32 per linear) for `hessian`.
     """
 
-    def __init__(self, block: nn.Module, linear_names: list[str], keep_tokens: int = 0) -> None:
+    def __init__(self, block: nn.Module, linear_names: list[str], keep_tokens: int = 0, hessian: bool = False) -> None:
         self.block = block
         self.names = linear_names
         self.keep_tokens = keep_tokens
+        self.keep_gram = hessian
         self.stats = BlockStats()
         self._handles: list = []
         self._outputs: dict[str, torch.Tensor] = {}
@@ -194,6 +199,9 @@ class StatsCollector:
             if have < self.keep_tokens:
                 rows = xf[: self.keep_tokens - have].cpu()
                 st.samples[name] = torch.cat([st.samples[name], rows]) if have else rows.clone()
+            if self.keep_gram:
+                gram = xf.T @ xf
+                st.gram[name] = st.gram[name].add_(gram) if name in st.gram else gram
             if self._first:
                 st.feeds[name] = next(
                     (n for n, o in self._outputs.items() if o.data_ptr() == x.data_ptr() and o.shape == x.shape), None
@@ -207,6 +215,13 @@ class StatsCollector:
         if name not in self.stats.act_sq:
             return None
         return self.stats.act_sq[name] / max(self.stats.tokens[name], 1)
+
+    def hessian(self, name: str) -> torch.Tensor | None:
+        """H = 2 X^T X / n [K, K] of linear `name`'s float input over the n tokens seen (collected with
+        hessian=True); None when not collected or no token reached it."""
+        if name not in self.stats.gram:
+            return None
+        return self.stats.gram[name] * (2.0 / max(self.stats.tokens[name], 1))
 
 
 def _is_affine_norm(mod: nn.Module) -> bool:

@@ -1,0 +1,106 @@
+"""Error-compensated starting point of the uniform stand-in (`CBQConfig.rounding_init="gptq"`).
+
+`gptq_quantize` is GPTQ (Frantar et al. 2023) as a pure function on tensors, on a *fixed* grid: given W [N, K], the
+Hessian H = 2 X^T X / n [K, K] of the linear's input and the per-group (scale, zero) of the stand-in's starting
+grid, it quantizes the columns left to right, each from its value after the error feedback of the columns before
+it (inverse-Hessian updates, lazy batches of BLOCK columns, dampening `damp * mean(diag(H))`, no activation
+ordering). Unlike the baseline in benchmarks/baselines/gptq.py, the grid is not recomputed from the updated
+weights when a group starts: it is the clip-searched grid of `rounding.init_qparams`, so that LoRA-Rounding trains
+on the grid GPTQ quantized on.
+
+`gptq_start` gives a `QuantLinearSim` the error-compensated weight W' (each column as GPTQ quantized it) as the
+weight its offsets round, so that its initial hard rounding (round-to-nearest of W' / scale0) equals GPTQ's codes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..formats.uniform import UniformSpec, group_index, round_scale
+
+#: Columns per lazy batch update (the reference implementation's block size).
+BLOCK = 128
+#: Times the dampening is multiplied by 10 when the dampened Hessian is still not positive definite.
+DAMP_RETRIES = 3
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of the inverse of the dampened H [K, K] (float32); dead channels (zero diagonal)
+    count as independent unit channels.
+
+    Raises:
+        torch.linalg.LinAlgError: H + damp * mean(diag(H)) * I is not positive definite, even with 1000x the
+            dampening.
+    """
+    h = hessian.detach().float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    eye = torch.eye(h.shape[0], device=h.device)
+    mean_diag = torch.mean(torch.diag(h))
+    for attempt in range(DAMP_RETRIES + 1):
+        factor, info = torch.linalg.cholesky_ex(h + eye * (damp * 10**attempt) * mean_diag)
+        if int(info) == 0:
+            break
+    else:
+        raise torch.linalg.LinAlgError("cbq_hf: the dampened Hessian is not positive definite")
+    return torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
+
+
+@torch.no_grad()
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    spec: UniformSpec,
+    damp: float = 0.01,
+    step: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ of W [N, K] on the fixed grid (scale, zero) [N, G].
+
+    Args:
+        weight: W [N, K].
+        hessian: H [K, K] of the linear's input (any positive multiple of X^T X gives the same result).
+        scale, zero: the grid: codes q = clamp(round(w / scale) + zero, 0, qmax).
+        spec: groups and code range of the grid.
+        damp: dampening relative to the mean diagonal of H.
+        step: the step the dequantized weight (q - zero) * step uses in the error feedback (the stored step, e.g.
+            `round_scale(scale)`); `scale` when None.
+
+    Returns:
+        (W' [N, K] float32: each column as it was when quantized, so that clamp(round(W' / scale) + zero) are the
+        codes; codes [N, K] float32, integer-valued). Columns of dead input channels (zero diagonal) are set to 0.
+    """
+    w = weight.detach().float().clone()
+    n, k = w.shape
+    w[:, torch.diag(hessian) == 0] = 0.0
+    hinv = inverse_hessian_factor(hessian.to(w.device), damp)
+    gi = group_index(k, spec, w.device)
+    scale_k, zero_k = scale.float()[:, gi], zero.float()[:, gi]
+    step_k = scale_k if step is None else step.float()[:, gi]
+    w_start, codes = torch.empty_like(w), torch.empty_like(w)
+    for i1 in range(0, k, BLOCK):
+        i2 = min(i1 + BLOCK, k)
+        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        err1 = torch.zeros_like(w1)
+        for i in range(i2 - i1):
+            col, wc = i1 + i, w1[:, i]
+            q = torch.clamp(torch.round(wc / scale_k[:, col]) + zero_k[:, col], 0, spec.qmax)
+            w_start[:, col], codes[:, col] = wc, q
+            e = (wc - (q - zero_k[:, col]) * step_k[:, col]) / hinv1[i, i]
+            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return w_start, codes
+
+
+@torch.no_grad()
+def gptq_start(sim, hessian: torch.Tensor, damp: float = 0.01) -> None:
+    """Start the uniform stand-in `sim` (`rounding.QuantLinearSim`) from GPTQ's error-compensated weight on its own
+    starting grid (sim.scale0, sim.zero), in place; `hessian` [K, K] is of the input its matmul sees. The codes use
+    the grid the stand-in rounds on (scale0 with LoRA-Rounding, else the stored step), the error feedback the
+    stored step."""
+    stored = round_scale(sim.scale0)
+    codes_on = sim.scale0 if sim.use_lora_rounding else stored
+    w_start, _ = gptq_quantize(sim.weight, hessian, codes_on, sim.zero, sim.spec, damp, stored)
+    sim.start_from(w_start)
