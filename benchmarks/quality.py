@@ -33,6 +33,7 @@ from cbq_hf.calibration.rtn import quantize_rtn
 from cbq_hf.config import CBQConfig
 from cbq_hf.formats import get_format
 from cbq_hf.lm_head import quantize_lm_head
+from cbq_hf.rotation import apply_rotation
 
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -46,6 +47,9 @@ SETTINGS = {
     "w4a4_g128": dict(bits=4, group_size=128, act_bits=4),
     # the same W4A16 with the output head quantized too (int8 RTN, CBQConfig(lm_head_bits=8)): what it costs
     "w4a16_g128_head8": dict(bits=4, group_size=128, act_bits=None, lm_head_bits=8),
+    # activation-quantized settings on the Hadamard-rotated model (CBQConfig(rotation="hadamard"), cbq_hf/rotation.py)
+    "w4a8_g128_rot": dict(bits=4, group_size=128, act_bits=8, rotation="hadamard"),
+    "w4a4_g128_rot": dict(bits=4, group_size=128, act_bits=4, rotation="hadamard"),
 }
 ABLATIONS = {
     "window_size=1": dict(window_size=1, window_overlap=0),
@@ -400,6 +404,7 @@ def main(argv: list[str] | None = None) -> None:
             model = load_model(path)
             cfg = CBQConfig(method="rtn", **SETTINGS[s])
             t0 = time.perf_counter()
+            apply_rotation(model, cfg)  # rotation="hadamard" settings (calibrate() does it for CBQ)
             quantize_rtn(model, get_format(cfg), progress=False)
             if cfg.lm_head_bits is not None:
                 quantize_lm_head(model, cfg.lm_head_bits)

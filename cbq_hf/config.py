@@ -150,6 +150,10 @@ class CBQConfig(QuantizationConfigMixin):
         lm_head_bits: None (default) keeps the output head in full precision, as the peers' numbers do; 8 or 4
             quantizes it round-to-nearest, weight-only, in groups of 128 inputs, after calibration (faster decode:
             the head is ~20% of a small model's weights). A head tied to the input embedding is untied.
+        rotation: None (default) or "hadamard": before calibrating (RTN or CBQ), fold the norms into the linears and
+            rotate the residual stream by a randomized Hadamard matrix, and rotate the input of every `mlp.down_proj`
+            online (saved as `CBQLinear.input_hadamard`) so activation grids (W4A8, W4A4) see no outlier channels.
+            Llama-shaped decoders only (llama, mistral, qwen2, qwen3), format "uniform"; a tied head is untied.
     """
 
     def __init__(
@@ -166,6 +170,7 @@ class CBQConfig(QuantizationConfigMixin):
         seed: int = 0,
         modules_to_not_convert: list[str] | None = None,
         lm_head_bits: int | None = None,
+        rotation: str | None = None,
         method: str = "cbq",
         window_size: int = 2,
         window_overlap: int = 1,
@@ -226,6 +231,7 @@ class CBQConfig(QuantizationConfigMixin):
             modules_to_not_convert = list(modules_to_not_convert)
         self.modules_to_not_convert = modules_to_not_convert
         self.lm_head_bits = lm_head_bits
+        self.rotation = rotation
         self.method = method
         self.window_size = window_size
         self.window_overlap = window_overlap
@@ -303,6 +309,13 @@ class CBQConfig(QuantizationConfigMixin):
             raise _err("modules_to_not_convert", self.modules_to_not_convert, "expected a list of module names")
         if self.lm_head_bits not in (None, 8, 4) or isinstance(self.lm_head_bits, bool):
             raise _err("lm_head_bits", self.lm_head_bits, "allowed: None (full-precision head), 8 or 4")
+        if self.rotation not in (None, "hadamard"):
+            raise _err("rotation", self.rotation, "allowed: None or 'hadamard'")
+        if self.rotation is not None and self.format != "uniform":
+            raise ValueError(
+                f"CBQConfig: rotation={self.rotation!r} is implemented for format='uniform' (its calibration stand-in "
+                f"applies the online Hadamard); format={self.format!r} has none. Use rotation=None."
+            )
         _check_int("window_size", self.window_size, 1)
         _check_int("window_overlap", self.window_overlap, 0)
         if self.window_overlap >= self.window_size:
@@ -478,6 +491,8 @@ class CBQConfig(QuantizationConfigMixin):
         keys += list(format_class(self.format).layout_fields)
         if self.lm_head_bits is not None:  # only then: checkpoints saved before the field existed keep matching
             keys.append("lm_head_bits")
+        if self.rotation is not None:  # likewise; the skeleton of a rotated checkpoint has input_hadamard buffers
+            keys.append("rotation")
         return {k: getattr(self, k) for k in keys}
 
 

@@ -151,6 +151,13 @@ def _check_settings(qconfig: Any, to: str) -> None:
             f"linears only and keeps the output head in full precision, but this checkpoint no longer has a float "
             f"head. Re-quantize with lm_head_bits=None to export, or load this checkpoint with `import cbq_hf`."
         )
+    if getattr(qconfig, "rotation", None) is not None:
+        raise UnsupportedExportError(
+            f"rotation={qconfig.rotation!r} cannot be exported to {to}: every mlp.down_proj of this checkpoint "
+            f"multiplies its input by a Hadamard matrix at run time (input_hadamard), which {to} has no field or "
+            f"kernel for; its layers would compute a different function. Load this checkpoint with `import cbq_hf`, "
+            f"or re-quantize with rotation=None to export."
+        )
     if qconfig.format != "uniform":
         raise UnsupportedExportError(
             f"format={qconfig.format!r} cannot be exported to {to}: LO-BCQ stores codebook indices with per-block "

@@ -169,7 +169,8 @@ def empty_cbq_linear(
     name: str = "layer",
 ) -> CBQLinear:
     """A `CBQLinear` with the shape of `linear` (`nn.Linear` or `Conv1D`) and zero buffers (filled later by
-    `load_packed` or a checkpoint)."""
+    `load_packed` or a checkpoint). It rotates its input online (`input_hadamard`) where `linear` does (a float linear
+    or stand-in marked `online_hadamard` by `cbq_hf.rotation`, or a `CBQLinear` with the buffer)."""
     out_features, in_features = linear_shape(linear)
     fmt.check_shape(out_features, in_features, name)
     bias = getattr(linear, "bias", None)
@@ -182,6 +183,9 @@ def empty_cbq_linear(
         dtype=dtype,
         device=device,
         has_input_scale=has_input_scale,
+        input_hadamard=bool(
+            getattr(linear, "online_hadamard", False) or getattr(linear, "input_hadamard", None) is not None
+        ),
     )
 
 

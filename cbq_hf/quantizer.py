@@ -72,6 +72,10 @@ class CBQHfQuantizer(HfQuantizer):
             return model
         fmt = get_format(cfg)
         expected: dict[str, tuple[int, ...]] = {}
+        if cfg.rotation is not None:  # a rotated checkpoint: every block's down_proj rotates its input online
+            from .rotation import mark_online_hadamard
+
+            mark_online_hadamard(model)
         for name, lin in quantizable_linears(model, cfg.modules_to_not_convert).items():
             q = empty_cbq_linear(lin, fmt, cfg.has_input_scale(), device="meta", name=name)
             if isinstance(lin, Conv1D):  # GPT-2's _init_weights reads c_proj.weight while loading
@@ -79,6 +83,8 @@ class CBQHfQuantizer(HfQuantizer):
             set_module(model, name, q)
             for buf, (shape, _) in fmt.buffer_specs(q.out_features, q.in_features).items():
                 expected[f"{name}.{buf}"] = shape
+            if q.input_hadamard is not None:
+                expected[f"{name}.input_hadamard"] = (1,)
         for name, experts in quantizable_experts(model, cfg.modules_to_not_convert).items():
             q = empty_cbq_experts(experts, fmt, device="meta", name=name)
             set_module(model, name, q)
@@ -132,7 +138,9 @@ class CBQHfQuantizer(HfQuantizer):
         cfg = self.quantization_config
         fmt = get_format(cfg)
         from .calibration.rtn import quantize_rtn
+        from .rotation import apply_rotation
 
+        apply_rotation(model, cfg)  # CBQConfig(rotation=...): before RTN or CBQ, on the float model
         if cfg.method == "rtn":
             quantize_rtn(model, fmt, cfg.modules_to_not_convert)  # block by block, offloaded models included
             return

@@ -243,7 +243,10 @@ def verify_checkpoint(
             saved_sig = meta.get(META_CONFIG)
             if saved_sig is not None:
                 saved = json.loads(saved_sig)
-                diff = {k: (saved.get(k), v) for k, v in signature.items() if saved.get(k) != v}
+                # Optional fields are in a signature only when not at their default (CBQConfig.loading_signature):
+                # one the tensors were saved with must be in the config too (a rotated checkpoint without rotation).
+                keys = [*signature, *(k for k in ("lm_head_bits", "rotation") if k in saved and k not in signature)]
+                diff = {k: (saved.get(k), signature.get(k)) for k in keys if saved.get(k) != signature.get(k)}
                 if diff:
                     raise CheckpointError(
                         "the checkpoint's quantization_config disagrees with the settings its tensors were saved "

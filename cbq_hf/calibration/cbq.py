@@ -141,6 +141,7 @@ def _make_stand_ins(pipe: BlockPipeline, b: int, stats: StatsCollector, divisors
             generator=pipe.gen,
         )
         sim = pipe.fmt.stand_in(lin, options).to(pipe.device)
+        sim.online_hadamard = bool(getattr(lin, "online_hadamard", False))  # cbq_hf.rotation: rotates its input
         hessian = _smoothed_hessian(stats, rel, divisors) if config.rounding_init == "gptq" else None
         if hessian is not None:
             gptq_start(sim, hessian.to(pipe.device))

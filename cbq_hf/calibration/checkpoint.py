@@ -62,6 +62,7 @@ IGNORED_FIELDS = (
 #: Config fields added after calibration checkpoints existed, with their defaults: part of the identity only when
 #: set to another value, so a checkpoint written before a field existed still resumes with the field at its default.
 OPTIONAL_FIELDS = {
+    "rotation": None,
     "smooth_alpha": None,
     "token_normalized_loss": False,
     "lr_norm": 0.0,

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..rotation import apply_rotation
 from .cbq import CBQMethod
 from .pipeline import BlockPipeline, resolve_device
 
@@ -32,6 +33,7 @@ def calibrate(model: nn.Module, config, input_ids: torch.Tensor, progress: bool 
         mixture-of-experts model, under "experts", the routing mode, the calibration tokens routed to each expert
         (experts module name -> count per expert) and the experts packed by RTN because none reached them.
     """
+    apply_rotation(model, config)  # CBQConfig(rotation=...): the blocks are calibrated rotated
     pipeline = BlockPipeline(model, config, input_ids)
     report = pipeline.run(CBQMethod(config), progress)
     statuses = [w["status"] for w in report["windows"]]

@@ -1,8 +1,10 @@
 """`CBQLinear`: the inference module that replaces an `nn.Linear` after quantization.
 
-It holds only what is saved: the format's packed buffers, an optional bias and an optional per-input-channel
-scale (CFP smoothing that could not be folded into a preceding op). It has no training state; calibration works
-on float weights elsewhere and packs its result into this module (quantize / freeze split).
+It holds only what is saved: the format's packed buffers, an optional bias, an optional per-input-channel
+scale (CFP smoothing that could not be folded into a preceding op) and an optional `input_hadamard` flag (the
+online Hadamard rotation of the input, `CBQConfig(rotation="hadamard")`, see `cbq_hf.rotation`). It has no
+training state; calibration works on float weights elsewhere and packs its result into this module (quantize /
+freeze split).
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ from torch import nn
 
 from ..formats.registry import QuantFormat
 from ..kernels import dispatch
+from ..rotation import hadamard_transform
 
 
 class CBQLinear(nn.Module):
-    """Quantized linear layer: y = Q_act(x / input_scale) @ W_hat.T + bias.
+    """Quantized linear layer: y = Q_act(x' / input_scale) @ W_hat.T + bias, x' = x @ H (the orthonormal Hadamard
+    matrix of size K, `cbq_hf.rotation.hadamard_transform`) with `input_hadamard`, else x.
 
     Args:
         in_features: input size K.
@@ -25,6 +29,8 @@ class CBQLinear(nn.Module):
         dtype: dtype of the bias and of the computation's output when the input has no float dtype.
         device: where buffers are allocated ("meta" when transformers builds the model before loading).
         has_input_scale: allocate the per-input-channel smoothing scale `input_scale` [K].
+        input_hadamard: rotate the input by the Hadamard matrix of size K before anything else; recorded as the
+            int32 buffer `input_hadamard` = [K], saved with the checkpoint.
     """
 
     def __init__(
@@ -36,6 +42,7 @@ class CBQLinear(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         has_input_scale: bool = False,
+        input_hadamard: bool = False,
     ) -> None:
         super().__init__()
         self.in_features = in_features
@@ -47,6 +54,10 @@ class CBQLinear(nn.Module):
             self.register_buffer("input_scale", torch.ones(in_features, dtype=torch.float32, device=device))
         else:
             self.input_scale = None
+        if input_hadamard:
+            self.register_buffer("input_hadamard", torch.tensor([in_features], dtype=torch.int32, device=device))
+        else:
+            self.input_hadamard = None
         if bias:
             self.bias = nn.Parameter(
                 torch.zeros(out_features, dtype=dtype or torch.float32, device=device), requires_grad=False
@@ -101,10 +112,13 @@ class CBQLinear(nn.Module):
         return self.fmt.dequantize(self.packed_buffers(), self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_hadamard is not None:  # before dispatch: the reference and every kernel see the rotated x
+            x = hadamard_transform(x)
         return dispatch.linear(self, x)
 
     def extra_repr(self) -> str:
         act = f", act_bits={self.fmt.act_bits}" if self.fmt.act_bits else ""
+        act += ", input_hadamard=True" if self.input_hadamard is not None else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"format={self.fmt.name}{act}"

@@ -45,3 +45,50 @@ def test_load_packed_rejects_wrong_shapes():
 def test_state_dict_holds_only_packed_tensors():
     lin, _, _ = _make(8, 32, 4, 16, act_bits=4)
     assert set(lin.state_dict()) == {"qweight", "scales", "zeros", "act_clip", "bias"}
+
+
+# ---------------------------------------------------------------------------------------------- input_hadamard
+def _rotated_pair(k: int, act_bits):
+    """A CBQLinear with the online Hadamard and the same layer without it (same packed buffers and bias)."""
+    fmt = UniformFormat(4, 32, act_bits=act_bits)
+    packed, b = fmt.quantize_rtn(torch.randn(24, k)), torch.randn(24)
+    rot, plain = CBQLinear(k, 24, True, fmt, input_hadamard=True), CBQLinear(k, 24, True, fmt)
+    rot.load_packed(packed, bias=b)
+    plain.load_packed(packed, bias=b)
+    return rot, plain
+
+
+@pytest.mark.parametrize("act_bits", [None, 8, 4], ids=["a16", "a8", "a4"])
+@pytest.mark.parametrize("k", [64, 96, 192], ids=lambda k: f"k{k}")
+def test_input_hadamard_every_kernel_sees_the_rotated_input(k, act_bits):
+    from cbq_hf.kernels import dispatch
+    from cbq_hf.rotation import hadamard_matrix, hadamard_transform
+
+    rot, plain = _rotated_pair(k, act_bits)
+    x = torch.randn(3, 5, k)
+    assert torch.allclose(hadamard_transform(x).double(), x.double() @ hadamard_matrix(k), atol=1e-5)
+    ran = []
+    for name in dispatch.available_kernels():
+        try:
+            with dispatch.force_kernel(name), torch.no_grad():
+                got, want = rot(x), plain(hadamard_transform(x))
+        except RuntimeError as e:  # a path that cannot run this call (device, dtype) says so
+            if "cannot run this call" in str(e):
+                continue
+            raise
+        ran.append(name)
+        assert torch.equal(got, want), name
+    assert "reference" in ran
+
+
+def test_input_hadamard_is_a_saved_buffer_and_reloads():
+    rot, _ = _rotated_pair(96, 8)
+    sd = rot.state_dict()
+    assert sd["input_hadamard"].tolist() == [96] and sd["input_hadamard"].dtype == torch.int32
+    fresh = CBQLinear(96, 24, True, rot.fmt, input_hadamard=True)
+    fresh.load_state_dict(sd)
+    x = torch.randn(4, 96)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), rot(x))
+    assert "input_hadamard" not in CBQLinear(96, 24, True, rot.fmt).state_dict()  # older layout unchanged
+    assert "input_hadamard=True" in repr(rot)
