@@ -67,6 +67,8 @@ ABLATIONS = {
     "lr_norm=1e-3": dict(lr_norm=1e-3),
     # not an ablation: the trained window's matrix products in bfloat16 autocast (calibration speed on AMX CPUs)
     "calibration_dtype=bfloat16": dict(calibration_dtype="bfloat16"),
+    # not an ablation: the end-to-end stage after the windows (steps and clipping trained on the KL to fp32)
+    "e2e_epochs=4": dict(e2e_epochs=4, e2e_lr=1e-3),
     # not an ablation: the rounding starts from GPTQ's error-compensated codes on the same clip-searched grid
     "rounding_init=gptq": dict(rounding_init="gptq"),
 }

@@ -98,6 +98,10 @@ class CBQConfig(QuantizationConfigMixin):
             biases: the per-channel scales that feed the quantized linears) while its windows train, by the same
             reconstruction loss; 0 (default) leaves them as they are (after CFP / smoothing folding). They stay
             float in the checkpoint. method="cbq" only.
+        e2e_epochs: passes of the end-to-end stage after the windows (`calibration/e2e.py`): every packed uniform
+            linear's step sizes and activation clipping ratio trained together on the KL divergence between the
+            float model's next-token distribution and the quantized model's, codes fixed; 0 (default) skips it.
+        e2e_lr: Adam learning rate of that stage (on the log of each step size and on the clipping ratios).
         lora_rank: rank r of the LoRA-Rounding offsets V = A1 @ A2.
         rounding_init: the starting point of the rounding: "rtn" (default: round-to-nearest on the clip-searched
             grid) or "gptq" (GPTQ's error-compensated codes on that same grid, from each linear's input Hessian
@@ -179,6 +183,8 @@ class CBQConfig(QuantizationConfigMixin):
         lr: float = 1e-2,
         lr_scale: float = 1e-3,
         lr_norm: float = 0.0,
+        e2e_epochs: int = 0,
+        e2e_lr: float = 1e-4,
         lora_rank: int = 5,
         loss_weight_accumulated: float = 1.0,
         loss_weight_homologous: float = 1.0,
@@ -240,6 +246,8 @@ class CBQConfig(QuantizationConfigMixin):
         self.lr = lr
         self.lr_scale = lr_scale
         self.lr_norm = lr_norm
+        self.e2e_epochs = e2e_epochs
+        self.e2e_lr = e2e_lr
         self.lora_rank = lora_rank
         self.rounding_init = rounding_init
         self.loss_weight_accumulated = loss_weight_accumulated
@@ -328,6 +336,8 @@ class CBQConfig(QuantizationConfigMixin):
         _check_float("lr", self.lr, 0.0)
         _check_float("lr_scale", self.lr_scale, 0.0)
         _check_float("lr_norm", self.lr_norm, 0.0)
+        _check_int("e2e_epochs", self.e2e_epochs, 0)
+        _check_float("e2e_lr", self.e2e_lr, 0.0)
         _check_int("lora_rank", self.lora_rank, 1)
         if self.rounding_init not in _ROUNDING_INITS:
             raise _err("rounding_init", self.rounding_init, f"allowed: {list(_ROUNDING_INITS)}")

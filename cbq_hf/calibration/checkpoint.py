@@ -58,6 +58,8 @@ IGNORED_FIELDS = (
     "modules_to_not_convert",
     "activation_storage",
     "preset",
+    "e2e_epochs",  # the end-to-end stage runs after the windows: the checkpointed windows do not depend on it
+    "e2e_lr",
 )
 #: Config fields added after calibration checkpoints existed, with their defaults: part of the identity only when
 #: set to another value, so a checkpoint written before a field existed still resumes with the field at its default.

@@ -7,6 +7,7 @@ the method trained in each window is `cbq.CBQMethod`; the formats provide the tr
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -14,6 +15,8 @@ from torch import nn
 
 from ..rotation import apply_rotation
 from .cbq import CBQMethod
+from .e2e import float_targets, train_end_to_end
+from .offload import is_dispatched
 from .pipeline import BlockPipeline, resolve_device
 
 __all__ = ["calibrate", "resolve_device"]
@@ -34,8 +37,11 @@ def calibrate(model: nn.Module, config, input_ids: torch.Tensor, progress: bool 
         (experts module name -> count per expert) and the experts packed by RTN because none reached them.
     """
     apply_rotation(model, config)  # CBQConfig(rotation=...): the blocks are calibrated rotated
+    targets = _end_to_end_targets(model, config, input_ids)
     pipeline = BlockPipeline(model, config, input_ids)
     report = pipeline.run(CBQMethod(config), progress)
+    if targets is not None:
+        report["e2e"] = train_end_to_end(model, input_ids, targets, config)
     statuses = [w["status"] for w in report["windows"]]
     if isinstance(getattr(config, "run_info", None), dict):  # JSON-safe summary saved with the checkpoint
         config.run_info["cbq_calibration"] = {
@@ -46,6 +52,24 @@ def calibrate(model: nn.Module, config, input_ids: torch.Tensor, progress: bool 
             "device": report["device"],
             **report["cfp"],
         }
+        if "e2e" in report:
+            config.run_info["cbq_calibration"]["e2e"] = report["e2e"]
         if "experts" in report:  # routing mode, calibration tokens routed to each expert, experts packed by RTN
             config.run_info["cbq_calibration"]["experts"] = report["experts"]
     return report
+
+
+def _end_to_end_targets(model: nn.Module, config, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """The float model's final hidden states for the end-to-end stage (before the windows change the model), or
+    None when the stage is off or cannot run (a model dispatched by accelerate: the stage runs the whole model)."""
+    if config.e2e_epochs == 0:
+        return None
+    if is_dispatched(model):
+        warnings.warn(
+            "cbq_hf: e2e_epochs is set but the model is dispatched by accelerate (device_map with offload or several "
+            "devices); the end-to-end stage needs the whole model on one device and is skipped.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    return float_targets(model, input_ids, config.batch_size)

@@ -1,0 +1,177 @@
+"""End-to-end stage after the windows: the step sizes (and activation clipping ratios) of every packed uniform
+linear trained jointly against the float model's output, codes fixed.
+
+Block-wise windows correct the error each window sees; what they cannot see is how the errors of all windows add
+up at the output. This stage trains the cheap-to-hold quantizer parameters of the whole model (one step per group
+and linear, one clipping ratio per linear) on the KL divergence between the float model's next-token
+distribution (computed once, before calibration changes the model: its final hidden states are kept) and the
+quantized model's. The codes and zero points stay as the windows froze them. The model's other parameters are
+frozen. A stage whose KL ends above where it started is reverted.
+
+Memory: the whole model runs forward and backward on the calibration device, plus one int8 copy of the codes per
+linear; a model dispatched by accelerate over several devices / offloaded is skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..formats.uniform import UniformFormat, round_scale, unpack_codes
+from ..kernels.reference import scale_input
+from ..nn.linear import CBQLinear
+from ..rotation import hadamard_transform
+from .rounding import MIN_ACT_CLIP, fake_quantize_activations_ste, mul_groups, sum_groups
+
+logger = logging.getLogger(__name__)
+
+#: Calibration batches the KL is measured on before and after the stage.
+EVAL_BATCHES = 4
+
+
+class _ScaledCodes(torch.autograd.Function):
+    """W = (q - z) * round_scale(scale0 * exp(log_delta)) with fixed codes: the gradient reaches log_delta only."""
+
+    @staticmethod
+    def forward(ctx, log_delta, qz, scale0, group_len):
+        e = torch.exp(log_delta)
+        ctx.save_for_backward(qz, scale0, e)
+        ctx.group_len = group_len
+        return mul_groups(qz, round_scale(scale0 * e), group_len, torch.float32)
+
+    @staticmethod
+    def backward(ctx, g_w):
+        qz, scale0, e = ctx.saved_tensors
+        return sum_groups(g_w * qz, ctx.group_len).mul_(scale0).mul_(e), None, None, None
+
+
+class TrainableSteps(nn.Module):
+    """Stands in for a packed uniform `CBQLinear` during the stage: the same function, with its steps and
+    activation clipping ratio trainable (straight-through rounding of the steps to float16)."""
+
+    def __init__(self, q: CBQLinear) -> None:
+        super().__init__()
+        self.q, spec = q, q.fmt.spec
+        codes = unpack_codes(q.qweight, spec.slot_bits, q.in_features).float()
+        zeros = q.zeros.float().index_select(1, torch.arange(q.in_features, device=codes.device) // self._g())
+        self.register_buffer("qz", (codes - zeros).to(torch.int8))
+        self.register_buffer("scale0", q.scales.float())
+        self.log_delta = nn.Parameter(torch.zeros_like(self.scale0))
+        clip = q.act_clip.float().clone() if q.fmt.act_bits is not None else None
+        self.act_clip = None if clip is None else nn.Parameter(clip)
+
+    def _g(self) -> int:
+        return self.q.fmt.spec.group_len(self.q.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.q
+        if q.input_hadamard is not None:
+            x = hadamard_transform(x)
+        x = scale_input(q.input_scale, x).float()
+        if self.act_clip is not None:
+            x = fake_quantize_activations_ste(x, q.fmt.act_bits, self.act_clip.clamp(MIN_ACT_CLIP, 1.0))
+        w = _ScaledCodes.apply(self.log_delta, self.qz.float(), self.scale0, self._g())
+        return F.linear(x, w, None if q.bias is None else q.bias.float())
+
+    @torch.no_grad()
+    def write_back(self) -> CBQLinear:
+        """The packed linear with the trained steps and clipping ratio stored."""
+        self.q.scales.copy_(round_scale(self.scale0 * torch.exp(self.log_delta)).to(self.q.scales.dtype))
+        if self.act_clip is not None:
+            self.q.act_clip.copy_(self.act_clip.clamp(MIN_ACT_CLIP, 1.0))
+        self.q._kernel_cache.clear()
+        return self.q
+
+
+def _final_hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The decoder's last hidden state (what the output head reads) for token ids `ids`."""
+    device = model.get_output_embeddings().weight.device
+    return model.get_decoder()(input_ids=ids.to(device)).last_hidden_state
+
+
+@torch.no_grad()
+def float_targets(model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Final hidden states [n, seqlen, hidden] of the float model on the calibration tokens (kept on the CPU)."""
+    out = [
+        _final_hidden(model, input_ids[s : s + batch_size]).float().cpu() for s in range(0, len(input_ids), batch_size)
+    ]
+    return torch.cat(out)
+
+
+def _swap(model: nn.Module, to_train: bool) -> list[TrainableSteps]:
+    """Replace every uniform `CBQLinear` by its `TrainableSteps` (or put them back); returns the stand-ins."""
+    found = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if to_train and isinstance(child, CBQLinear) and isinstance(child.fmt, UniformFormat):
+                setattr(parent, name, TrainableSteps(child))
+                found.append(getattr(parent, name))
+            elif not to_train and isinstance(child, TrainableSteps):
+                setattr(parent, name, child.write_back())
+    return found
+
+
+def _kl(model: nn.Module, ids: torch.Tensor, target_hidden: torch.Tensor) -> torch.Tensor:
+    """Mean KL(float || quantized) of the next-token distributions on a batch (float32)."""
+    head = model.get_output_embeddings()
+    logits = head(_final_hidden(model, ids)).float()
+    with torch.no_grad():
+        ref = F.log_softmax(head(target_hidden.to(head.weight.device, head.weight.dtype)).float(), -1)
+    return F.kl_div(F.log_softmax(logits, -1), ref, log_target=True, reduction="none").sum(-1).mean()
+
+
+def train_end_to_end(model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, config) -> dict[str, Any]:
+    """Train every uniform packed linear's steps and clipping ratio on the KL to the float model's outputs for
+    `config.e2e_epochs` passes over the calibration tokens (batch `config.batch_size`, Adam at `config.e2e_lr`).
+    Returns the stage's report (KL before / after, steps, status)."""
+    was_training = model.training
+    model.eval()
+    model.requires_grad_(False)
+    stand_ins = _swap(model, to_train=True)
+    batches = [(s, min(s + config.batch_size, len(input_ids))) for s in range(0, len(input_ids), config.batch_size)]
+    params = [p for m in stand_ins for p in m.parameters()]
+    start = [p.detach().clone() for p in params]
+    try:
+        kl_start = _eval_kl(model, input_ids, targets, batches)
+        steps = _run(model, input_ids, targets, batches, params, config)
+        kl_end = _eval_kl(model, input_ids, targets, batches)
+        status = "ok"
+        if not (math.isfinite(kl_end) and kl_end <= kl_start):
+            with torch.no_grad():
+                for p, s in zip(params, start):
+                    p.copy_(s)
+            status = "reverted"
+    finally:
+        _swap(model, to_train=False)
+        model.train(was_training)
+    logger.info("end-to-end stage: KL %.4g -> %.4g over %d steps (%s)", kl_start, kl_end, steps, status)
+    return {"kl_start": kl_start, "kl_end": kl_end, "steps": steps, "status": status, "linears": len(stand_ins)}
+
+
+@torch.no_grad()
+def _eval_kl(model, input_ids, targets, batches) -> float:
+    ids = batches[:EVAL_BATCHES]
+    return sum(float(_kl(model, input_ids[s:e], targets[s:e])) for s, e in ids) / len(ids)
+
+
+def _run(model, input_ids, targets, batches, params: list[nn.Parameter], config) -> int:
+    """Adam over `params` for `config.e2e_epochs` shuffled passes; stops at a non-finite loss. Returns steps."""
+    gen = torch.Generator().manual_seed(config.seed)
+    opt = torch.optim.Adam(params, lr=config.e2e_lr)
+    step = 0
+    for _ in range(config.e2e_epochs):
+        for i in torch.randperm(len(batches), generator=gen).tolist():
+            s, e = batches[i]
+            loss = _kl(model, input_ids[s:e], targets[s:e])
+            if not torch.isfinite(loss):
+                return step
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    return step
