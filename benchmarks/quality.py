@@ -71,6 +71,8 @@ ABLATIONS = {
     "e2e_epochs=4": dict(e2e_epochs=4, e2e_lr=1e-3),
     # not an ablation: the rounding starts from GPTQ's error-compensated codes on the same clip-searched grid
     "rounding_init=gptq": dict(rounding_init="gptq"),
+    # the two together
+    "gptq+e2e_epochs=4": dict(rounding_init="gptq", e2e_epochs=4, e2e_lr=1e-3),
 }
 SETTING_ORDER = list(SETTINGS)
 

@@ -78,10 +78,10 @@ def _add_quantize(sub) -> None:
     g.add_argument("--batch-size", type=int, default=None, help="calibration sequences per optimisation step")
     g.add_argument(
         "--calibration-dtype",
-        default="float32",
+        default=None,
         choices=["float32", "bfloat16", "auto"],
-        help="matrix products of the trained window: float32 (default), bfloat16 autocast, or auto (bfloat16 where "
-        "the device has bfloat16 matrix units)",
+        help="matrix products of the trained window: float32, bfloat16 autocast, or auto (bfloat16 where the device "
+        "has bfloat16 matrix units); default: the preset's (auto for fast and balanced), else float32",
     )
     g.add_argument("--device", default="auto", help="calibration device: auto, cpu, cuda, cuda:N")
     g.add_argument("--checkpoint-dir", default=None, help="folder to resume an interrupted calibration from")

@@ -84,14 +84,16 @@ class CBQConfig(QuantizationConfigMixin):
         method: "rtn" (round-to-nearest min-max, no data needed) or "cbq" (cross-block reconstruction).
         window_size: consecutive decoder blocks reconstructed jointly (1 = block-wise reconstruction).
         window_overlap: blocks shared by consecutive windows (< window_size).
-        preset: a named calibration budget that sets nsamples, seqlen, epochs and batch_size where they are not
-            given: "fast" (minutes on a CPU for a small model), "balanced" (the best measured quality per minute),
-            "gpu" (the defaults without a preset); docs/presets.md has their measured time and quality.
+        preset: a named calibration budget that sets nsamples, seqlen, epochs, batch_size and calibration_dtype
+            where they are not given: "fast" (minutes on a CPU for a small model), "balanced" (the best measured
+            quality per minute), "gpu" (the defaults without a preset); docs/presets.md has their measured time and
+            quality.
         epochs: passes over the calibration samples per window (None: the preset's, else 2).
         batch_size: calibration samples per optimisation step (None: the preset's, else 4).
-        calibration_dtype: "float32" (default), "bfloat16" (the window's matrix products in bfloat16 autocast;
-            quantizer parameters, targets and the loss stay float32), or "auto" (bfloat16 where the calibration
-            device has bfloat16 matrix units: AMX / AVX512-BF16 CPUs, CUDA devices with bfloat16; else float32).
+        calibration_dtype: "float32", "bfloat16" (the window's matrix products in bfloat16 autocast; quantizer
+            parameters, targets and the loss stay float32), or "auto" (bfloat16 where the calibration device has
+            bfloat16 matrix units: AMX / AVX512-BF16 CPUs, CUDA devices with bfloat16; else float32). None: the
+            preset's ("auto" for fast and balanced), else "float32".
         lr: learning rate of the rounding parameters (LoRA factors).
         lr_scale: learning rate of the step sizes and activation clipping ratios.
         lr_norm: learning rate of each decoder block's own float vector parameters (RMSNorm / LayerNorm weights and
@@ -215,7 +217,7 @@ class CBQConfig(QuantizationConfigMixin):
         lobcq_iters: int = 20,
         format_version: int = FORMAT_VERSION,
         preset: str | None = None,
-        calibration_dtype: str = "float32",
+        calibration_dtype: str | None = None,
         rounding_init: str = "rtn",
         **kwargs: Any,
     ) -> None:
@@ -229,7 +231,16 @@ class CBQConfig(QuantizationConfigMixin):
         self.tokenizer = tokenizer
         from .presets import resolve
 
-        budget = resolve(preset, dict(nsamples=nsamples, seqlen=seqlen, epochs=epochs, batch_size=batch_size))
+        budget = resolve(
+            preset,
+            dict(
+                nsamples=nsamples,
+                seqlen=seqlen,
+                epochs=epochs,
+                batch_size=batch_size,
+                calibration_dtype=calibration_dtype,
+            ),
+        )
         self.preset = preset
         self.nsamples, self.seqlen = budget["nsamples"], budget["seqlen"]
         self.seed = seed
@@ -242,7 +253,7 @@ class CBQConfig(QuantizationConfigMixin):
         self.window_size = window_size
         self.window_overlap = window_overlap
         self.epochs, self.batch_size = budget["epochs"], budget["batch_size"]
-        self.calibration_dtype = calibration_dtype
+        self.calibration_dtype = budget["calibration_dtype"]
         self.lr = lr
         self.lr_scale = lr_scale
         self.lr_norm = lr_norm

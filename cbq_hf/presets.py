@@ -9,17 +9,19 @@ from __future__ import annotations
 
 #: Name -> the fields it sets. "fast" finishes the demo model in minutes on two CPU cores; "balanced" is the
 #: budget of the best measured W4A16 row; "gpu" is the budget for GPU runs (also the defaults without a preset).
-PRESETS: dict[str, dict[str, int]] = {
-    "fast": dict(nsamples=32, seqlen=256, epochs=2, batch_size=2),
-    "balanced": dict(nsamples=32, seqlen=256, epochs=4, batch_size=2),
-    "gpu": dict(nsamples=128, seqlen=512, epochs=2, batch_size=4),
+#: The CPU presets train in bfloat16 autocast where the CPU has bfloat16 matrix units ("auto": the same perplexity
+#: as float32 on the demo model's balanced W4A16 run, docs/presets.md); "gpu" keeps float32 until measured there.
+PRESETS: dict[str, dict[str, int | str]] = {
+    "fast": dict(nsamples=32, seqlen=256, epochs=2, batch_size=2, calibration_dtype="auto"),
+    "balanced": dict(nsamples=32, seqlen=256, epochs=4, batch_size=2, calibration_dtype="auto"),
+    "gpu": dict(nsamples=128, seqlen=512, epochs=2, batch_size=4, calibration_dtype="float32"),
 }
 #: The fields' values when neither a preset nor the field is given.
 DEFAULT_PRESET = "gpu"
 
 
-def resolve(preset: str | None, explicit: dict[str, int | None]) -> dict[str, int]:
-    """The budget fields: each explicit (non-None) value, else the preset's, else the default preset's.
+def resolve(preset: str | None, explicit: dict[str, int | str | None]) -> dict[str, int | str]:
+    """The fields a preset sets: each explicit (non-None) value, else the preset's, else the default preset's.
 
     Raises:
         ValueError: `preset` is not a known name.

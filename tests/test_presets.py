@@ -7,7 +7,7 @@ import pytest
 from cbq_hf.config import CBQConfig
 from cbq_hf.presets import DEFAULT_PRESET, PRESETS, estimate_message
 
-BUDGET = ("nsamples", "seqlen", "epochs", "batch_size")
+BUDGET = ("nsamples", "seqlen", "epochs", "batch_size", "calibration_dtype")
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -38,6 +38,12 @@ def test_preset_round_trips_through_the_saved_config():
     cfg = CBQConfig(preset="fast", epochs=3)
     again = CBQConfig.from_dict(cfg.to_dict())
     assert {k: getattr(again, k) for k in (*BUDGET, "preset")} == {k: getattr(cfg, k) for k in (*BUDGET, "preset")}
+
+
+def test_cpu_presets_train_in_bfloat16_where_the_cpu_has_it_and_an_explicit_dtype_wins():
+    assert CBQConfig(preset="fast").calibration_dtype == "auto"
+    assert CBQConfig().calibration_dtype == "float32"
+    assert CBQConfig(preset="balanced", calibration_dtype="float32").calibration_dtype == "float32"
 
 
 def test_calibration_dtype_is_validated():
