@@ -90,8 +90,10 @@ layers (transposed weight, become `CBQLinear`), and fused mixture-of-experts mod
 
 What stays float, and why: embeddings, norms and the LM head are outside the decoder blocks (the head can be
 quantized separately with `lm_head_bits`); MoE routers (`gate`, `router`, `shared_expert_gate`) pick the experts
-and are tiny, so they are kept exact. With `method="cbq"`, fused experts are quantized by RTN (one warning says so):
-CBQ calibration of experts is not implemented yet.
+and are tiny, so they are kept exact. With `method="cbq"`, the experts are trained with their window like every
+linear (`calibration/moe.py`; `moe_calibrate_all_experts=True`, the default, sends every calibration token through
+every expert while the router's output stays as it is); an expert no calibration token reaches is packed by RTN
+and named in the calibration report.
 
 Checkpoints follow transformers' own key conversions on save and load (GPT-NeoX's head saved as `embed_out`,
 Mixtral/PhiMoE blocks saved as `block_sparse_moe`); the packed expert tensors are saved under their own names
