@@ -28,7 +28,9 @@ echo "== fp32 perplexity ($MODEL)"
 cbq-hf eval "$MODEL" --json "$OUTDIR/fp32_eval.json" --cached
 for METHOD in rtn cbq; do
   OUT="$OUTDIR/smollm2-$TAG-$METHOD"
-  echo "== quantize ($METHOD W${BITS} g${GROUP}${ACT_BITS:+ A$ACT_BITS}${METHOD/rtn/}${METHOD/cbq/, preset $PRESET}) -> $OUT"
+  LABEL="$METHOD W${BITS} g${GROUP}${ACT_BITS:+ A$ACT_BITS}"
+  [ "$METHOD" = cbq ] && LABEL="$LABEL, preset $PRESET"
+  echo "== quantize ($LABEL) -> $OUT"
   cbq-hf quantize "$MODEL" "$OUT" --overwrite --method "$METHOD" --preset "$PRESET" --bits "$BITS" \
     --group-size "$GROUP" "${EXTRA[@]}" > "$OUTDIR/$METHOD-quantize.json"
   echo "== $METHOD: reloaded checkpoint perplexity (fresh process)"

