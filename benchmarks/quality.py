@@ -73,6 +73,8 @@ ABLATIONS = {
     "rounding_init=gptq": dict(rounding_init="gptq"),
     # the two together
     "gptq+e2e_epochs=4": dict(rounding_init="gptq", e2e_epochs=4, e2e_lr=1e-3),
+    # the same in bfloat16 autocast (what the CPU presets train in)
+    "gptq+e2e_epochs=4+bfloat16": dict(rounding_init="gptq", e2e_epochs=4, e2e_lr=1e-3, calibration_dtype="bfloat16"),
 }
 SETTING_ORDER = list(SETTINGS)
 
