@@ -48,6 +48,7 @@ SETTINGS = {
     # the same W4A16 with the output head quantized too (int8 RTN, CBQConfig(lm_head_bits=8)): what it costs
     "w4a16_g128_head8": dict(bits=4, group_size=128, act_bits=None, lm_head_bits=8),
     # activation-quantized settings on the Hadamard-rotated model (CBQConfig(rotation="hadamard"), cbq_hf/rotation.py)
+    "w4a16_g128_rot": dict(bits=4, group_size=128, act_bits=None, rotation="hadamard"),
     "w4a8_g128_rot": dict(bits=4, group_size=128, act_bits=8, rotation="hadamard"),
     "w4a4_g128_rot": dict(bits=4, group_size=128, act_bits=4, rotation="hadamard"),
 }
