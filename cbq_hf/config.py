@@ -103,7 +103,8 @@ class CBQConfig(QuantizationConfigMixin):
         e2e_epochs: passes of the end-to-end stage after the windows (`calibration/e2e.py`): every packed uniform
             linear's step sizes and activation clipping ratio trained together on the KL divergence between the
             float model's next-token distribution and the quantized model's, codes fixed; 0 (default) skips it.
-        e2e_lr: Adam learning rate of that stage (on the log of each step size and on the clipping ratios).
+        e2e_lr: Adam learning rate of that stage (on the log of each step size and on the clipping ratios; 1e-3 is
+            what the measured rows used).
         lora_rank: rank r of the LoRA-Rounding offsets V = A1 @ A2.
         rounding_init: the starting point of the rounding: "rtn" (default: round-to-nearest on the clip-searched
             grid) or "gptq" (GPTQ's error-compensated codes on that same grid, from each linear's input Hessian
@@ -186,7 +187,7 @@ class CBQConfig(QuantizationConfigMixin):
         lr_scale: float = 1e-3,
         lr_norm: float = 0.0,
         e2e_epochs: int = 0,
-        e2e_lr: float = 1e-4,
+        e2e_lr: float = 1e-3,
         lora_rank: int = 5,
         loss_weight_accumulated: float = 1.0,
         loss_weight_homologous: float = 1.0,

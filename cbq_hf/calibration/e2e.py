@@ -9,7 +9,8 @@ quantized model's. The codes and zero points stay as the windows froze them. The
 frozen. A stage whose KL ends above where it started is reverted.
 
 Memory: the whole model runs forward and backward on the calibration device, plus one int8 copy of the codes per
-linear; a model dispatched by accelerate over several devices / offloaded is skipped with a warning.
+linear; a model dispatched by accelerate over several devices / offloaded is skipped with a warning. The experts of
+mixture-of-experts blocks (`CBQExperts`) keep their windows' steps; the stage trains the other linears.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 
 from ..formats.uniform import UniformFormat, round_scale, unpack_codes
 from ..kernels.reference import scale_input
+from ..nn.experts import CBQExperts
 from ..nn.linear import CBQLinear
 from ..rotation import hadamard_transform
 from .rounding import MIN_ACT_CLIP, fake_quantize_activations_ste, mul_groups, sum_groups
@@ -104,9 +106,15 @@ def float_targets(model: nn.Module, input_ids: torch.Tensor, batch_size: int) ->
 
 
 def _swap(model: nn.Module, to_train: bool) -> list[TrainableSteps]:
-    """Replace every uniform `CBQLinear` by its `TrainableSteps` (or put them back); returns the stand-ins."""
+    """Replace every uniform `CBQLinear` by its `TrainableSteps` (or put them back); returns the stand-ins.
+
+    The matrices of a `CBQExperts` keep the steps their windows gave them: its kernels read their packed buffers
+    directly, so they cannot be stood in for."""
+    in_experts = {id(m) for e in model.modules() if isinstance(e, CBQExperts) for m in e.modules()}
     found = []
     for parent in list(model.modules()):
+        if id(parent) in in_experts:
+            continue
         for name, child in list(parent.named_children()):
             if to_train and isinstance(child, CBQLinear) and isinstance(child.fmt, UniformFormat):
                 setattr(parent, name, TrainableSteps(child))
@@ -133,6 +141,10 @@ def train_end_to_end(model: nn.Module, input_ids: torch.Tensor, targets: torch.T
     model.eval()
     model.requires_grad_(False)
     stand_ins = _swap(model, to_train=True)
+    if not stand_ins:  # e.g. format="lobcq": no uniform linear outside the experts has steps to train
+        model.train(was_training)
+        logger.info("end-to-end stage: no packed uniform linear to train; skipped")
+        return {"kl_start": None, "kl_end": None, "steps": 0, "status": "skipped", "linears": 0}
     batches = [(s, min(s + config.batch_size, len(input_ids))) for s in range(0, len(input_ids), config.batch_size)]
     params = [p for m in stand_ins for p in m.parameters()]
     start = [p.detach().clone() for p in params]

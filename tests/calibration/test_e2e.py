@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from helpers import tiny_llama
+from transformers import AutoModelForCausalLM
 
-from cbq_hf.calibration import e2e
+from cbq_hf.calibration import e2e, engine
 from cbq_hf.calibration.engine import calibrate
 from cbq_hf.config import CBQConfig
+from cbq_hf.nn.experts import CBQExperts
 from cbq_hf.nn.linear import CBQLinear
 
 
@@ -60,3 +63,51 @@ def test_trainable_steps_compute_the_packed_linear(calib_ids):
     x = torch.randn(5, q.in_features)
     with torch.no_grad():
         torch.testing.assert_close(e2e.TrainableSteps(q)(x), reference_linear(q, x), rtol=1e-5, atol=1e-5)
+
+
+def _expert_state(model) -> dict[str, torch.Tensor]:
+    return {
+        f"{n}.{k}": v.clone()
+        for n, m in model.named_modules()
+        if isinstance(m, CBQExperts)
+        for k, v in m.state_dict().items()
+    }
+
+
+def test_stage_on_a_mixture_of_experts_model_leaves_the_experts_as_the_windows_left_them(monkeypatch):
+    """The packed experts' kernels read their buffers directly: the stage trains the other linears only."""
+    cfg = transformers.MixtralConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    before: dict[str, torch.Tensor] = {}
+
+    def stage_after_noting_the_experts(model_, input_ids, targets, config):
+        before.update(_expert_state(model_))
+        return e2e.train_end_to_end(model_, input_ids, targets, config)
+
+    monkeypatch.setattr(engine, "train_end_to_end", stage_after_noting_the_experts)
+    report = engine.calibrate(model, _cfg(nsamples=8, seqlen=32, e2e_epochs=2, e2e_lr=1e-2), ids, progress=False)
+    stage = report["e2e"]
+    assert stage["status"] in ("ok", "reverted") and stage["linears"] == 8 and stage["steps"] == 2 * 2
+    after = _expert_state(model)
+    assert before and sorted(before) == sorted(after) and all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.isfinite(model(torch.randint(0, 128, (1, 16))).logits).all()
+
+
+def test_stage_without_uniform_linears_is_skipped(calib_ids):
+    """LO-BCQ linears have no uniform steps: the stage says it skipped instead of failing."""
+    model = tiny_llama(layers=1).eval()
+    cfg = CBQConfig(method="cbq", format="lobcq", act_bits=4, epochs=1, batch_size=4, e2e_epochs=1)
+    report = calibrate(model, cfg, calib_ids, progress=False)
+    assert report["e2e"]["status"] == "skipped" and report["e2e"]["linears"] == 0
