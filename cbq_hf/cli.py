@@ -77,6 +77,19 @@ def _add_quantize(sub) -> None:
     g.add_argument("--epochs", type=int, default=None, help="passes over the samples per window")
     g.add_argument("--batch-size", type=int, default=None, help="calibration sequences per optimisation step")
     g.add_argument(
+        "--rounding-init",
+        default=None,
+        choices=["rtn", "gptq"],
+        help="start of the rounding: gptq (GPTQ's error-compensated codes; the default for cbq on the uniform grid) "
+        "or rtn",
+    )
+    g.add_argument(
+        "--e2e-epochs",
+        type=int,
+        default=None,
+        help="passes of the end-to-end stage after the windows (0 skips it); default: the preset's",
+    )
+    g.add_argument(
         "--calibration-dtype",
         default=None,
         choices=["float32", "bfloat16", "auto"],
@@ -279,6 +292,8 @@ def cmd_quantize(args) -> dict:
         ("window_overlap", args.window_overlap),
         ("epochs", args.epochs),
         ("batch_size", args.batch_size),
+        ("rounding_init", args.rounding_init),
+        ("e2e_epochs", args.e2e_epochs),
     ):
         if flag is not None:
             fields[key] = flag

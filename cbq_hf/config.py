@@ -84,10 +84,10 @@ class CBQConfig(QuantizationConfigMixin):
         method: "rtn" (round-to-nearest min-max, no data needed) or "cbq" (cross-block reconstruction).
         window_size: consecutive decoder blocks reconstructed jointly (1 = block-wise reconstruction).
         window_overlap: blocks shared by consecutive windows (< window_size).
-        preset: a named calibration budget that sets nsamples, seqlen, epochs, batch_size and calibration_dtype
-            where they are not given: "fast" (minutes on a CPU for a small model), "balanced" (the best measured
-            quality per minute), "gpu" (the defaults without a preset); docs/presets.md has their measured time and
-            quality.
+        preset: a named calibration budget that sets nsamples, seqlen, epochs, batch_size, calibration_dtype and
+            e2e_epochs where they are not given: "fast" (minutes on a CPU for a small model), "balanced" (the best
+            measured quality per minute), "gpu" (the defaults without a preset); docs/presets.md has their measured
+            time and quality.
         epochs: passes over the calibration samples per window (None: the preset's, else 2).
         batch_size: calibration samples per optimisation step (None: the preset's, else 4).
         calibration_dtype: "float32", "bfloat16" (the window's matrix products in bfloat16 autocast; quantizer
@@ -102,14 +102,18 @@ class CBQConfig(QuantizationConfigMixin):
             float in the checkpoint. method="cbq" only.
         e2e_epochs: passes of the end-to-end stage after the windows (`calibration/e2e.py`): every packed uniform
             linear's step sizes and activation clipping ratio trained together on the KL divergence between the
-            float model's next-token distribution and the quantized model's, codes fixed; 0 (default) skips it.
+            float model's next-token distribution and the quantized model's, codes fixed; 0 skips it. None: the
+            preset's (docs/presets.md) for method="cbq" with format="uniform", else 0.
         e2e_lr: Adam learning rate of that stage (on the log of each step size and on the clipping ratios; 1e-3 is
             what the measured rows used).
+        e2e_lr_norm: Adam learning rate of the normalisation layers' weights and biases (RMSNorm / LayerNorm) in that
+            stage, trained with the steps on the same KL; 0 (default) leaves them. They stay float in the checkpoint.
         lora_rank: rank r of the LoRA-Rounding offsets V = A1 @ A2.
-        rounding_init: the starting point of the rounding: "rtn" (default: round-to-nearest on the clip-searched
-            grid) or "gptq" (GPTQ's error-compensated codes on that same grid, from each linear's input Hessian
-            over the calibration tokens of its float input, K x K float32 per linear while its window runs;
-            `calibration/gptq.py`). method="cbq" with format="uniform" only.
+        rounding_init: the starting point of the rounding: "rtn" (round-to-nearest on the clip-searched grid) or
+            "gptq" (GPTQ's error-compensated codes on that same grid, from each linear's input Hessian over the
+            calibration tokens of its float input, K x K float32 per linear while its window runs;
+            `calibration/gptq.py`; method="cbq" with format="uniform" only). None: "gptq" where it applies, else
+            "rtn" (the GPTQ start measured better at every uniform setting, docs/benchmarks_quality.md).
         loss_weight_accumulated / loss_weight_homologous: weights of the two reconstruction terms
             (quantized window on X_q vs full precision on X_fp; quantized vs full precision both on X_q).
         kl_weight: weight of the KL part of each distance term (0 disables it).
@@ -186,8 +190,9 @@ class CBQConfig(QuantizationConfigMixin):
         lr: float = 1e-2,
         lr_scale: float = 1e-3,
         lr_norm: float = 0.0,
-        e2e_epochs: int = 0,
+        e2e_epochs: int | None = None,
         e2e_lr: float = 1e-3,
+        e2e_lr_norm: float = 0.0,
         lora_rank: int = 5,
         loss_weight_accumulated: float = 1.0,
         loss_weight_homologous: float = 1.0,
@@ -219,7 +224,7 @@ class CBQConfig(QuantizationConfigMixin):
         format_version: int = FORMAT_VERSION,
         preset: str | None = None,
         calibration_dtype: str | None = None,
-        rounding_init: str = "rtn",
+        rounding_init: str | None = None,
         **kwargs: Any,
     ) -> None:
         self.quant_method = "cbq"
@@ -240,6 +245,7 @@ class CBQConfig(QuantizationConfigMixin):
                 epochs=epochs,
                 batch_size=batch_size,
                 calibration_dtype=calibration_dtype,
+                e2e_epochs=e2e_epochs,
             ),
         )
         self.preset = preset
@@ -258,10 +264,13 @@ class CBQConfig(QuantizationConfigMixin):
         self.lr = lr
         self.lr_scale = lr_scale
         self.lr_norm = lr_norm
-        self.e2e_epochs = e2e_epochs
+        # The GPTQ start and the end-to-end stage exist for CBQ on the uniform grid only: elsewhere None means off.
+        cbq_uniform = method == "cbq" and format == "uniform"
+        self.e2e_epochs = e2e_epochs if e2e_epochs is not None else (budget["e2e_epochs"] if cbq_uniform else 0)
         self.e2e_lr = e2e_lr
+        self.e2e_lr_norm = e2e_lr_norm
         self.lora_rank = lora_rank
-        self.rounding_init = rounding_init
+        self.rounding_init = rounding_init if rounding_init is not None else ("gptq" if cbq_uniform else "rtn")
         self.loss_weight_accumulated = loss_weight_accumulated
         self.loss_weight_homologous = loss_weight_homologous
         self.kl_weight = kl_weight
@@ -350,6 +359,7 @@ class CBQConfig(QuantizationConfigMixin):
         _check_float("lr_norm", self.lr_norm, 0.0)
         _check_int("e2e_epochs", self.e2e_epochs, 0)
         _check_float("e2e_lr", self.e2e_lr, 0.0)
+        _check_float("e2e_lr_norm", self.e2e_lr_norm, 0.0)
         _check_int("lora_rank", self.lora_rank, 1)
         if self.rounding_init not in _ROUNDING_INITS:
             raise _err("rounding_init", self.rounding_init, f"allowed: {list(_ROUNDING_INITS)}")

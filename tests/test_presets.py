@@ -7,7 +7,7 @@ import pytest
 from cbq_hf.config import CBQConfig
 from cbq_hf.presets import DEFAULT_PRESET, PRESETS, estimate_message
 
-BUDGET = ("nsamples", "seqlen", "epochs", "batch_size", "calibration_dtype")
+BUDGET = ("nsamples", "seqlen", "epochs", "batch_size", "calibration_dtype", "e2e_epochs")
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -27,6 +27,24 @@ def test_explicit_fields_override_the_preset(name):
 def test_no_preset_gives_the_default_budget():
     cfg = CBQConfig()
     assert {k: getattr(cfg, k) for k in BUDGET} == PRESETS[DEFAULT_PRESET] and cfg.preset is None
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_gptq_start_and_end_to_end_stage_are_the_defaults_for_cbq_on_the_uniform_grid(name):
+    cfg = CBQConfig(preset=name)
+    assert (cfg.rounding_init, cfg.e2e_epochs) == ("gptq", PRESETS[name]["e2e_epochs"]) and cfg.e2e_epochs > 0
+    explicit = CBQConfig(preset=name, rounding_init="rtn", e2e_epochs=0)
+    assert (explicit.rounding_init, explicit.e2e_epochs) == ("rtn", 0)
+
+
+@pytest.mark.parametrize(
+    "fields", [dict(method="rtn"), dict(format="lobcq", bits=4, act_bits=4, group_size=-1, method="cbq")]
+)
+def test_where_they_do_not_apply_the_defaults_turn_them_off(fields):
+    cfg = CBQConfig(**fields)
+    assert (cfg.rounding_init, cfg.e2e_epochs) == ("rtn", 0)
+    with pytest.raises(ValueError, match="rounding_init='gptq'"):
+        CBQConfig(rounding_init="gptq", **fields)
 
 
 def test_unknown_preset_is_refused_with_the_choices():

@@ -60,9 +60,10 @@ IGNORED_FIELDS = (
     "preset",
     "e2e_epochs",  # the end-to-end stage runs after the windows: the checkpointed windows do not depend on it
     "e2e_lr",
+    "e2e_lr_norm",
 )
-#: Config fields added after calibration checkpoints existed, with their defaults: part of the identity only when
-#: set to another value, so a checkpoint written before a field existed still resumes with the field at its default.
+#: Config fields added after calibration checkpoints existed, with the value every run had before: part of the
+#: identity only when set to another value, so a checkpoint written before a field existed still resumes with it.
 OPTIONAL_FIELDS = {
     "rotation": None,
     "smooth_alpha": None,

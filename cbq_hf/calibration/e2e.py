@@ -28,6 +28,7 @@ from ..kernels.reference import scale_input
 from ..nn.experts import CBQExperts
 from ..nn.linear import CBQLinear
 from ..rotation import hadamard_transform
+from .cbq import autocast
 from .rounding import MIN_ACT_CLIP, fake_quantize_activations_ste, mul_groups, sum_groups
 
 logger = logging.getLogger(__name__)
@@ -124,19 +125,22 @@ def _swap(model: nn.Module, to_train: bool) -> list[TrainableSteps]:
     return found
 
 
-def _kl(model: nn.Module, ids: torch.Tensor, target_hidden: torch.Tensor) -> torch.Tensor:
-    """Mean KL(float || quantized) of the next-token distributions on a batch (float32)."""
+def _kl(model: nn.Module, ids: torch.Tensor, target_hidden: torch.Tensor, calibration_dtype: str) -> torch.Tensor:
+    """Mean KL(float || quantized) of the next-token distributions on a batch (float32; the matrix products in
+    bfloat16 autocast where `calibration_dtype` asks for it, as in the windows)."""
     head = model.get_output_embeddings()
-    logits = head(_final_hidden(model, ids)).float()
-    with torch.no_grad():
-        ref = F.log_softmax(head(target_hidden.to(head.weight.device, head.weight.dtype)).float(), -1)
+    with autocast(head.weight.device, calibration_dtype):
+        logits = head(_final_hidden(model, ids)).float()
+        with torch.no_grad():
+            ref = F.log_softmax(head(target_hidden.to(head.weight.device, head.weight.dtype)).float(), -1)
     return F.kl_div(F.log_softmax(logits, -1), ref, log_target=True, reduction="none").sum(-1).mean()
 
 
 def train_end_to_end(model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, config) -> dict[str, Any]:
-    """Train every uniform packed linear's steps and clipping ratio on the KL to the float model's outputs for
-    `config.e2e_epochs` passes over the calibration tokens (batch `config.batch_size`, Adam at `config.e2e_lr`).
-    Returns the stage's report (KL before / after, steps, status)."""
+    """Train every uniform packed linear's steps and clipping ratio (and, with `config.e2e_lr_norm` > 0, the
+    normalisation layers' weights) on the KL to the float model's outputs for `config.e2e_epochs` passes over the
+    calibration tokens (batch `config.batch_size`, Adam at `config.e2e_lr`). Returns the stage's report (KL
+    before / after, steps, status)."""
     was_training = model.training
     model.eval()
     model.requires_grad_(False)
@@ -146,12 +150,15 @@ def train_end_to_end(model: nn.Module, input_ids: torch.Tensor, targets: torch.T
         logger.info("end-to-end stage: no packed uniform linear to train; skipped")
         return {"kl_start": None, "kl_end": None, "steps": 0, "status": "skipped", "linears": 0}
     batches = [(s, min(s + config.batch_size, len(input_ids))) for s in range(0, len(input_ids), config.batch_size)]
-    params = [p for m in stand_ins for p in m.parameters()]
+    groups = [{"params": [p for m in stand_ins for p in m.parameters()], "lr": config.e2e_lr}]
+    if config.e2e_lr_norm > 0:
+        groups.append({"params": _norm_vectors(model), "lr": config.e2e_lr_norm})
+    params = [p for g in groups for p in g["params"]]
     start = [p.detach().clone() for p in params]
     try:
-        kl_start = _eval_kl(model, input_ids, targets, batches)
-        steps = _run(model, input_ids, targets, batches, params, config)
-        kl_end = _eval_kl(model, input_ids, targets, batches)
+        kl_start = _eval_kl(model, input_ids, targets, batches, config)
+        steps = _run(model, input_ids, targets, batches, groups, config)
+        kl_end = _eval_kl(model, input_ids, targets, batches, config)
         status = "ok"
         if not (math.isfinite(kl_end) and kl_end <= kl_start):
             with torch.no_grad():
@@ -160,26 +167,42 @@ def train_end_to_end(model: nn.Module, input_ids: torch.Tensor, targets: torch.T
             status = "reverted"
     finally:
         _swap(model, to_train=False)
+        model.requires_grad_(False)
         model.train(was_training)
     logger.info("end-to-end stage: KL %.4g -> %.4g over %d steps (%s)", kl_start, kl_end, steps, status)
     return {"kl_start": kl_start, "kl_end": kl_end, "steps": steps, "status": status, "linears": len(stand_ins)}
 
 
 @torch.no_grad()
-def _eval_kl(model, input_ids, targets, batches) -> float:
+def _eval_kl(model, input_ids, targets, batches, config) -> float:
     ids = batches[:EVAL_BATCHES]
-    return sum(float(_kl(model, input_ids[s:e], targets[s:e])) for s, e in ids) / len(ids)
+    dtype = config.calibration_dtype
+    return sum(float(_kl(model, input_ids[s:e], targets[s:e], dtype)) for s, e in ids) / len(ids)
 
 
-def _run(model, input_ids, targets, batches, params: list[nn.Parameter], config) -> int:
-    """Adam over `params` for `config.e2e_epochs` shuffled passes; stops at a non-finite loss. Returns steps."""
+def _norm_vectors(model: nn.Module) -> list[nn.Parameter]:
+    """The weights and biases of the model's normalisation layers (RMSNorm / LayerNorm: the per-channel scales
+    that feed the quantized linears), made trainable for `e2e_lr_norm`. They stay float in the checkpoint."""
+    out = []
+    for module in model.get_decoder().modules():
+        if "norm" in type(module).__name__.lower():
+            for p in module.parameters(recurse=False):
+                if p.is_floating_point():
+                    p.requires_grad_(True)
+                    out.append(p)
+    return out
+
+
+def _run(model, input_ids, targets, batches, groups: list[dict], config) -> int:
+    """Adam over the parameter `groups` (each with its lr) for `config.e2e_epochs` shuffled passes; stops at a
+    non-finite loss. Returns steps."""
     gen = torch.Generator().manual_seed(config.seed)
-    opt = torch.optim.Adam(params, lr=config.e2e_lr)
+    opt = torch.optim.Adam(groups)
     step = 0
     for _ in range(config.e2e_epochs):
         for i in torch.randperm(len(batches), generator=gen).tolist():
             s, e = batches[i]
-            loss = _kl(model, input_ids[s:e], targets[s:e])
+            loss = _kl(model, input_ids[s:e], targets[s:e], config.calibration_dtype)
             if not torch.isfinite(loss):
                 return step
             opt.zero_grad(set_to_none=True)

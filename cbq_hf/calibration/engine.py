@@ -7,6 +7,7 @@ the method trained in each window is `cbq.CBQMethod`; the formats provide the tr
 
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Any
 
@@ -32,16 +33,22 @@ def calibrate(model: nn.Module, config, input_ids: torch.Tensor, progress: bool 
         progress: show a tqdm bar over the windows.
 
     Returns:
-        A report: per window the blocks, start/end loss, steps, status and seconds; totals and CFP counts; for a
+        A report: per window the blocks, start/end loss, steps, status and seconds; totals (seconds: windows and
+        end-to-end stage) and CFP counts; under "e2e" the end-to-end stage's KL, steps and seconds; for a
         mixture-of-experts model, under "experts", the routing mode, the calibration tokens routed to each expert
         (experts module name -> count per expert) and the experts packed by RTN because none reached them.
     """
     apply_rotation(model, config)  # CBQConfig(rotation=...): the blocks are calibrated rotated
+    t0 = time.perf_counter()
     targets = _end_to_end_targets(model, config, input_ids)
+    target_seconds = time.perf_counter() - t0
     pipeline = BlockPipeline(model, config, input_ids)
     report = pipeline.run(CBQMethod(config), progress)
     if targets is not None:
+        t0 = time.perf_counter()
         report["e2e"] = train_end_to_end(model, input_ids, targets, config)
+        report["e2e"]["seconds"] = round(time.perf_counter() - t0 + target_seconds, 2)
+        report["seconds"] = round(report["seconds"] + report["e2e"]["seconds"], 2)
     statuses = [w["status"] for w in report["windows"]]
     if isinstance(getattr(config, "run_info", None), dict):  # JSON-safe summary saved with the checkpoint
         config.run_info["cbq_calibration"] = {
@@ -63,6 +70,14 @@ def _end_to_end_targets(model: nn.Module, config, input_ids: torch.Tensor) -> to
     """The float model's final hidden states for the end-to-end stage (before the windows change the model), or
     None when the stage is off or cannot run (a model dispatched by accelerate: the stage runs the whole model)."""
     if config.e2e_epochs == 0:
+        return None
+    if not (callable(getattr(model, "get_decoder", None)) and callable(getattr(model, "get_output_embeddings", None))):
+        warnings.warn(
+            f"cbq_hf: the end-to-end stage needs a transformers causal LM (get_decoder, get_output_embeddings); "
+            f"{type(model).__name__} has neither, so it is skipped (e2e_epochs=0 silences this).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return None
     if is_dispatched(model):
         warnings.warn(

@@ -16,7 +16,7 @@ from cbq_hf.nn.linear import CBQLinear
 
 
 def _cfg(**kw) -> CBQConfig:
-    base = dict(method="cbq", bits=3, group_size=32, epochs=1, batch_size=4)
+    base = dict(method="cbq", bits=3, group_size=32, epochs=1, batch_size=4, e2e_epochs=0)
     return CBQConfig(**{**base, **kw})
 
 
@@ -51,6 +51,29 @@ def test_stage_that_raises_the_kl_is_reverted(calib_ids, monkeypatch):
     assert report["e2e"]["status"] == "reverted"
     before, after = _packed(without), _packed(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _norms(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "norm" in n}
+
+
+def test_stage_with_e2e_lr_norm_trains_the_norm_weights_too(calib_ids):
+    model = tiny_llama(layers=2).eval()
+    before = _norms(model)
+    report = calibrate(model, _cfg(e2e_epochs=3, e2e_lr=1e-2, e2e_lr_norm=1e-2), calib_ids, progress=False)
+    assert report["e2e"]["status"] == "ok" and report["e2e"]["kl_end"] < report["e2e"]["kl_start"]
+    after = _norms(model)
+    assert len(after) == 5 and all(not torch.equal(before[k], after[k]) for k in before)  # 2 blocks x 2 + final
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_a_reverted_stage_puts_the_norm_weights_back(calib_ids):
+    without = tiny_llama(layers=2).eval()
+    calibrate(without, _cfg(), calib_ids, progress=False)
+    model = tiny_llama(layers=2).eval()
+    report = calibrate(model, _cfg(e2e_epochs=2, e2e_lr=10.0, e2e_lr_norm=10.0), calib_ids, progress=False)
+    assert report["e2e"]["status"] == "reverted"
+    assert all(torch.equal(v, _norms(model)[k]) for k, v in _norms(without).items())
 
 
 def test_trainable_steps_compute_the_packed_linear(calib_ids):

@@ -165,15 +165,15 @@ def test_rounding_init_field_validates_and_round_trips(calib_ids):
     cfg = CBQConfig(bits=3, rounding_init="gptq")
     back = CBQConfig(**json.loads(json.dumps(cfg.to_dict())))
     assert back.rounding_init == "gptq" and back.to_dict() == cfg.to_dict()
-    assert CBQConfig().rounding_init == "rtn"
+    assert CBQConfig().rounding_init == "gptq" and CBQConfig(method="rtn").rounding_init == "rtn"
     with pytest.raises(ValueError, match="`rounding_init`"):
         CBQConfig(rounding_init="nearest")
     with pytest.raises(ValueError, match="rounding_init='gptq'.*method='rtn'"):
         CBQConfig(method="rtn", rounding_init="gptq")
     with pytest.raises(ValueError, match="rounding_init='gptq'.*format='lobcq'"):
         CBQConfig(format="lobcq", bits=4, rounding_init="gptq")
-    # a checkpoint written before the field existed still matches a run at the default, and not a gptq run
+    # a checkpoint written before the field existed (an RTN start) still matches an RTN-start run, not a gptq run
     model = tiny_llama(layers=2)
-    plain = run_identity(CBQConfig(), calib_ids, model, 2)
+    plain = run_identity(CBQConfig(rounding_init="rtn"), calib_ids, model, 2)
     assert "rounding_init" not in plain["config"]
-    assert run_identity(CBQConfig(rounding_init="gptq"), calib_ids, model, 2) != plain
+    assert run_identity(CBQConfig(), calib_ids, model, 2) != plain

@@ -48,6 +48,7 @@ def _cfg(method: str) -> cbq_hf.CBQConfig:
         epochs=1,
         calibration_device="cpu",
         seed=0,
+        e2e_epochs=0,  # the end-to-end stage runs the whole model on one device: skipped for dispatched models
     )
 
 
