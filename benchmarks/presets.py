@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fp32", action="store_true", help="also evaluate the float model (the ratio's reference)")
     ap.add_argument("--eval-windows", type=int, default=40)
     ap.add_argument("--render-only", action="store_true", help="only regenerate the table of docs/presets.md")
+    ap.add_argument("--e2e-epochs", type=int, default=None, help="end-to-end epochs instead of the preset's")
     ap.add_argument(
         "--windows-only",
         action="store_true",
@@ -120,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
         _record(rows, dict(preset="fp32", setting="-", calibration_dtype="-", ppl=ppl, **common))
     for name in [p for p in args.presets.split(",") if p]:
         levers = dict(rounding_init="rtn", e2e_epochs=0) if args.windows_only else {}
+        if args.e2e_epochs is not None:
+            levers["e2e_epochs"] = args.e2e_epochs
         cfg = CBQConfig(
             method="cbq", preset=name, calibration_dtype=args.calibration_dtype, **SETTINGS[args.setting], **levers
         )

@@ -77,7 +77,9 @@ ABLATIONS = {
     # the same in bfloat16 autocast (what the CPU presets train in)
     "gptq+e2e_epochs=4+bfloat16": dict(rounding_init="gptq", e2e_epochs=4, e2e_lr=1e-3, calibration_dtype="bfloat16"),
     # the same with the norm weights trained in the end-to-end stage too
-    "gptq+e2e_epochs=4+e2e_lr_norm=1e-3": dict(rounding_init="gptq", e2e_epochs=4, e2e_lr=1e-3, e2e_lr_norm=1e-3),
+    "gptq+e2e_epochs=4+bfloat16+e2e_lr_norm=1e-3": dict(
+        rounding_init="gptq", e2e_epochs=4, e2e_lr=1e-3, e2e_lr_norm=1e-3, calibration_dtype="bfloat16"
+    ),
 }
 SETTING_ORDER = list(SETTINGS)
 #: The "full" CBQ rows of this harness are the cross-block windows alone (RTN start, no end-to-end stage): what the

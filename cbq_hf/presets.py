@@ -11,10 +11,10 @@ from __future__ import annotations
 #: budget of the best measured W4A16 row; "gpu" is the budget for GPU runs (also the defaults without a preset).
 #: The CPU presets train in bfloat16 autocast where the CPU has bfloat16 matrix units ("auto": the same perplexity
 #: as float32 on the demo model's balanced W4A16 run, docs/presets.md); "gpu" keeps float32 until measured there.
-#: e2e_epochs (the end-to-end stage, CBQ on the uniform grid only) is sized in full-model steps: 32 for fast, 64
+#: e2e_epochs (the end-to-end stage, CBQ on the uniform grid only) is sized in full-model steps: 16 for fast, 64
 #: for balanced and gpu (e2e_epochs x nsamples / batch_size).
 PRESETS: dict[str, dict[str, int | str]] = {
-    "fast": dict(nsamples=32, seqlen=256, epochs=2, batch_size=2, calibration_dtype="auto", e2e_epochs=2),
+    "fast": dict(nsamples=32, seqlen=256, epochs=2, batch_size=2, calibration_dtype="auto", e2e_epochs=1),
     "balanced": dict(nsamples=32, seqlen=256, epochs=4, batch_size=2, calibration_dtype="auto", e2e_epochs=4),
     "gpu": dict(nsamples=128, seqlen=512, epochs=2, batch_size=4, calibration_dtype="float32", e2e_epochs=2),
 }
