@@ -40,7 +40,8 @@ def token_steps(config) -> int:
 
 
 def estimate_message(config, seconds_per_window: float, windows_left: int) -> str:
-    """One line: the estimated remaining calibration time and, per preset with a smaller budget, its estimate."""
+    """One line: the estimated remaining time of the windows, the end-to-end stage's steps when it runs, and per
+    preset with a smaller budget, its estimate."""
     left = seconds_per_window * windows_left
     faster = []
     for name, fields in PRESETS.items():
@@ -48,7 +49,11 @@ def estimate_message(config, seconds_per_window: float, windows_left: int) -> st
         if ratio < 0.999:
             faster.append(f"preset {name!r} ~{_minutes(left * ratio)}")
     hint = f"; faster: {', '.join(faster)}" if faster else ""
-    return f"calibration: ~{_minutes(left)} left for {windows_left} windows ({seconds_per_window:.0f} s each){hint}"
+    steps = getattr(config, "e2e_epochs", 0) * -(-config.nsamples // config.batch_size)
+    then = f", then the end-to-end stage ({steps} full-model steps)" if steps else ""
+    return (
+        f"calibration: ~{_minutes(left)} left for {windows_left} windows ({seconds_per_window:.0f} s each){then}{hint}"
+    )
 
 
 def _minutes(seconds: float) -> str:

@@ -74,3 +74,8 @@ def test_estimate_names_the_faster_presets_only():
     msg = estimate_message(CBQConfig(preset="gpu"), seconds_per_window=60, windows_left=29)
     assert "29 min left" in msg and "'fast'" in msg and "'balanced'" in msg and "'gpu'" not in msg
     assert "faster" not in estimate_message(CBQConfig(preset="fast"), seconds_per_window=5, windows_left=2)
+
+
+def test_estimate_names_the_end_to_end_stage_when_it_runs():
+    assert "end-to-end stage (64 full-model steps)" in estimate_message(CBQConfig(preset="balanced"), 5, 2)
+    assert "end-to-end" not in estimate_message(CBQConfig(preset="balanced", e2e_epochs=0), 5, 2)
