@@ -76,6 +76,11 @@ ABLATIONS = {
     "gptq+e2e_epochs=4": dict(rounding_init="gptq", e2e_epochs=4, e2e_lr=1e-3),
     # the same in bfloat16 autocast (what the CPU presets train in)
     "gptq+e2e_epochs=4+bfloat16": dict(rounding_init="gptq", e2e_epochs=4, e2e_lr=1e-3, calibration_dtype="bfloat16"),
+    # a longer or faster end-to-end stage
+    "gptq+e2e_epochs=8+bfloat16": dict(rounding_init="gptq", e2e_epochs=8, e2e_lr=1e-3, calibration_dtype="bfloat16"),
+    "gptq+e2e_epochs=4+e2e_lr=3e-3+bfloat16": dict(
+        rounding_init="gptq", e2e_epochs=4, e2e_lr=3e-3, calibration_dtype="bfloat16"
+    ),
     # the same with the norm weights trained in the end-to-end stage too
     "gptq+e2e_epochs=4+bfloat16+e2e_lr_norm=1e-3": dict(
         rounding_init="gptq", e2e_epochs=4, e2e_lr=1e-3, e2e_lr_norm=1e-3, calibration_dtype="bfloat16"
