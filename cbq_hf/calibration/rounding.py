@@ -170,7 +170,9 @@ class _LoRARoundedWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a1, a2, log_delta, constants):
         v0, base, zero_k, scale0, group_len, qmax, out_dtype = constants
-        h = torch.mm(a1, a2).add_(v0).sigmoid_().mul_(ZETA - GAMMA).add_(GAMMA)
+        with torch.autocast(a1.device.type, enabled=False):  # the offsets in float32 under autocast too
+            h = torch.mm(a1, a2)
+        h = h.add_(v0).sigmoid_().mul_(ZETA - GAMMA).add_(GAMMA)
         h_in = (h >= 0) & (h <= 1)  # where rectified_sigmoid's clamp passes the gradient
         h.clamp_(0.0, 1.0)
         qpre = base + (h >= 0.5)
@@ -196,6 +198,53 @@ class _LoRARoundedWeight(torch.autograd.Function):
         t.mul_(h_in).mul_(ZETA - GAMMA).mul_(sig)
         t.mul_(sig.neg_().add_(1.0))  # sigmoid'(V) = sig * (1 - sig)
         return t @ a2.t(), a1.t() @ t, g_log_delta, None
+
+
+class _LoRARoundedWeightCPU(torch.autograd.Function):
+    """`_LoRARoundedWeight` with the per-element work of the forward and of the whole backward in the CPU
+    extension's kernels (``lora_round_fwd`` / ``lora_round_bwd``, cbq_hf/kernels/cpu/rounding_cpu.cpp): one pass
+    over [N, K] each after the rank-r product and the sigmoid, and no [N, K] gradient tensor at all (the LoRA
+    factors' gradients are summed in the same pass). The same values as `_LoRARoundedWeight` up to float summation
+    order.
+
+    `constants` = (v0, base as int16, zero [N, G], scale0 [N, G], group length, qmax, dtype of W_q (float32 or
+    bfloat16), the op namespace).
+    """
+
+    @staticmethod
+    def forward(ctx, a1, a2, log_delta, constants):
+        v0, base16, zero, scale0, group_len, qmax, out_dtype, ops = constants
+        with torch.autocast("cpu", enabled=False):  # the offsets in float32 under autocast too
+            h = torch.addmm(v0, a1, a2).sigmoid_()
+        e = torch.exp(log_delta)
+        step = round_scale(scale0 * e).contiguous()
+        w = ops.lora_round_fwd(h, base16, zero, step, group_len, qmax, out_dtype == torch.bfloat16)
+        ctx.save_for_backward(a1, a2, h, step, scale0, e)
+        ctx.constants = (base16, zero, group_len, qmax, ops)
+        return w, h
+
+    @staticmethod
+    def backward(ctx, g_w, g_h):
+        a1, a2, h, step, scale0, e = ctx.saved_tensors
+        base16, zero, group_len, qmax, ops = ctx.constants
+        g_h = None if g_h is None else g_h.float().contiguous()
+        g_a1, g_a2, g_raw = ops.lora_round_bwd(g_w.contiguous(), g_h, h, base16, zero, step, a1, a2, group_len, qmax)
+        g_log_delta = g_raw.mul_(scale0).mul_(e) if ctx.needs_input_grad[2] else None
+        return g_a1, g_a2, g_log_delta, None
+
+
+#: Whether LoRA-Rounding on the CPU uses the extension's kernels (`_LoRARoundedWeightCPU`) when they are built;
+#: False keeps the composed PyTorch ops everywhere (to compare the two).
+USE_CPU_KERNELS = True
+
+
+def _cpu_rounding_ops():
+    """The op namespace with ``lora_round_fwd``/``lora_round_bwd``, or None where the CPU kernels are not built."""
+    if not USE_CPU_KERNELS:
+        return None
+    from ..kernels.cpu import build
+
+    return build.load()
 
 
 class _RoundingRegularizer(torch.autograd.Function):
@@ -334,15 +383,22 @@ class QuantLinearSim(QuantStandIn):
             q = round_ste(self.weight / s)
         return torch.clamp(q + z, 0, self.spec.qmax)
 
-    def _fused_constants(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(floor(W / scale0) + z, z expanded to [N, K]) for `_LoRARoundedWeight`, rebuilt when W, scale0 or z
-        change (a resumed window loads them)."""
-        key = tuple((t.data_ptr(), t._version, t.device) for t in (self.weight, self.scale0, self.zero))
+    def _fused_constants(self) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """(floor(W / scale0) + z, z expanded to [N, K]) for `_LoRARoundedWeight`, and the CPU kernels' (v0, the
+        same base as int16, z [N, G]) or None where they do not apply; rebuilt when W, v0, scale0 or z change (a
+        resumed window loads them)."""
+        tensors = (self.weight, self.v0, self.scale0, self.zero)
+        key = tuple((t.data_ptr(), t._version, t.device) for t in tensors)
         if getattr(self, "_constants_key", None) != key:
             k = self.in_features
             z = expand_groups(self.zero, k, self.spec)
             base = torch.floor(self.weight / expand_groups(self.scale0, k, self.spec)).add_(z)
-            self._constants, self._constants_key = (base, z), key
+            kernel_args = None
+            fits = bool(base.abs().max() < 2**15) if base.numel() else False
+            if self.weight.device.type == "cpu" and fits and _cpu_rounding_ops() is not None:
+                # the kernels take contiguous rows (an expert's weight can be a transposed view)
+                kernel_args = (self.v0.contiguous(), base.to(torch.int16).contiguous(), self.zero.contiguous())
+            self._constants, self._constants_key = (base, z, kernel_args), key
         return self._constants
 
     def quantized_weight(self) -> torch.Tensor:
@@ -351,7 +407,7 @@ class QuantLinearSim(QuantStandIn):
             scale = self.scale()
             z = expand_groups(self.zero, self.in_features, self.spec)
             return (self._codes(scale) - z) * expand_groups(scale, self.in_features, self.spec)
-        base, z = self._fused_constants()
+        base, z, kernel_args = self._fused_constants()
         dev = self.weight.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32
         if not torch.is_grad_enabled():  # the evaluation batches between two optimizer steps share one weight
@@ -360,8 +416,14 @@ class QuantLinearSim(QuantStandIn):
             if cached is not None and cached[0][0] is base and cached[0][1:] == state[1:]:
                 return cached[1]
         group_len = self.spec.group_len(self.in_features)
-        constants = (self.v0, base, z, self.scale0, group_len, self.spec.qmax, dtype)
-        w, h = _LoRARoundedWeight.apply(self.a1, self.a2, self.log_delta, constants)
+        ops = _cpu_rounding_ops() if kernel_args is not None and dtype in (torch.float32, torch.bfloat16) else None
+        if ops is not None:
+            v0, base16, zero = kernel_args
+            constants = (v0, base16, zero, self.scale0.contiguous(), group_len, self.spec.qmax, dtype, ops)
+            w, h = _LoRARoundedWeightCPU.apply(self.a1, self.a2, self.log_delta, constants)
+        else:
+            constants = (self.v0, base, z, self.scale0, group_len, self.spec.qmax, dtype)
+            w, h = _LoRARoundedWeight.apply(self.a1, self.a2, self.log_delta, constants)
         if torch.is_grad_enabled():
             self._offsets_of_last_forward = h
         else:

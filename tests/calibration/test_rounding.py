@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cbq_hf.calibration import rounding
 from cbq_hf.calibration.rounding import (
     QuantLinearSim,
     init_qparams,
@@ -23,6 +24,7 @@ from cbq_hf.formats.uniform import (
     quantize_codes,
     round_scale,
 )
+from cbq_hf.kernels.cpu import build
 from cbq_hf.nn.linear import CBQLinear
 
 SPECS = [UniformSpec(4, 32), UniformSpec(2, 16), UniformSpec(3, 48), UniformSpec(4, 32, sym=True)]
@@ -174,6 +176,14 @@ def test_step_change_keeps_the_learned_rounding_choice(spec):
     assert torch.allclose(sim.quantized_weight().detach(), expected)
 
 
+def _use_cpu_kernels(on: bool, monkeypatch) -> None:
+    """Routes LoRA-Rounding through the CPU extension's kernels (skips where they cannot be built) or through the
+    PyTorch ops."""
+    monkeypatch.setattr(rounding, "USE_CPU_KERNELS", on)
+    if on and build.load() is None:
+        pytest.skip(f"the CPU kernels could not be built here: {build._state.get('error')}")
+
+
 def _composed_weight(sim: QuantLinearSim) -> torch.Tensor:
     """The quantized weight through the composed ops (the definition `_LoRARoundedWeight` writes out)."""
     k = sim.in_features
@@ -186,9 +196,12 @@ def _composed_weight(sim: QuantLinearSim) -> torch.Tensor:
     [(96, 200, 64, 4), (64, 128, 32, 2), (48, 576, 128, 3), (40, 100, -1, 4)],
     ids=["w4-g64-ragged", "w2-g32", "w3-g128-ragged", "w4-row"],
 )
-def test_fused_weight_equals_composed_ops(n, k, group, bits):
-    """The written-out forward gives the composed ops' weight bit for bit and their gradients up to summation
-    order; the regulariser reuses the forward's offsets with the same value and gradient."""
+@pytest.mark.parametrize("cpu_kernels", [False, True], ids=["torch", "cpu-kernels"])
+def test_fused_weight_equals_composed_ops(n, k, group, bits, cpu_kernels, monkeypatch):
+    """The written-out forward (in PyTorch ops, or in the CPU extension's kernels) gives the composed ops' weight
+    bit for bit and their gradients up to summation order; the regulariser reuses the forward's offsets with the
+    same value and gradient."""
+    _use_cpu_kernels(cpu_kernels, monkeypatch)
     torch.manual_seed(0)
     sim = QuantLinearSim(nn.Linear(k, n), UniformSpec(bits, group), None, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -208,4 +221,34 @@ def test_fused_weight_equals_composed_ops(n, k, group, bits):
     w_ref, g_ref = run(lambda: _composed_weight(sim))
     assert torch.equal(w_fused, w_ref)
     for a, b in zip(g_fused, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16], ids=["float32", "bfloat16-autocast"])
+def test_cpu_kernels_match_torch_ops(autocast_dtype, monkeypatch):
+    """A calibration step through the CPU kernels gives the PyTorch ops' output and gradients (float32, and under
+    bfloat16 autocast, where the weight comes out in bfloat16 and the offsets stay float32), codes clamped at both
+    ends of the grid included."""
+    spec = UniformSpec(4, 64)
+    lin = _linear(n=72, k=200, seed=3)
+    x = torch.randn(17, 200)
+    results = {}
+    for on in (False, True):
+        _use_cpu_kernels(on, monkeypatch)
+        sim = QuantLinearSim(lin, spec, None, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            sim.a2.normal_(0, 2.0, generator=torch.Generator().manual_seed(2))  # flips many offsets
+            sim.log_delta.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
+        with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            w = sim.quantized_weight()
+            loss = F.linear(x, w).float().pow(2).mean() + 0.3 * sim.regularizer(3.0)
+        loss.backward()
+        assert (sim._constants[2] is not None) == on  # the int16 codes base exists only for the kernels
+        results[on] = (w.detach(), *(p.grad.clone() for p in (sim.a1, sim.a2, sim.log_delta)))
+    w_ref, w_cpu = results[False][0], results[True][0]
+    assert w_cpu.dtype == w_ref.dtype == (autocast_dtype or torch.float32)
+    assert torch.equal(w_cpu, w_ref)
+    codes = sim.freeze_codes()[0]
+    assert (codes == 0).any() and (codes == spec.qmax).any()
+    for a, b in zip(results[True][1:], results[False][1:]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))

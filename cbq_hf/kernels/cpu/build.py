@@ -24,14 +24,16 @@ from ...locations import cache_dir
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cbq_cpu.cpp")
-#: Every source of the extension: the uniform-format kernels, the 2-bit table-lookup kernel, the AMX integer GEMM and
-#: the LO-BCQ kernels (ops in the same namespace), and the Python bindings of the decode GEMMs (`direct()`).
+#: Every source of the extension: the uniform-format kernels, the 2-bit table-lookup kernel, the AMX integer GEMM, the
+#: LO-BCQ kernels, the calibration's LoRA-Rounding kernels (ops in the same namespace), and the Python bindings of the
+#: decode GEMMs (`direct()`).
 BINDINGS = Path(__file__).with_name("bindings.cpp")
 SOURCES = (
     SOURCE,
     Path(__file__).with_name("lut2_cpu.cpp"),
     Path(__file__).with_name("amx_cpu.cpp"),
     Path(__file__).with_name("lobcq_cpu.cpp"),
+    Path(__file__).with_name("rounding_cpu.cpp"),
     BINDINGS,
 )
 #: Headers they include (part of the build's cache key: a changed header must rebuild).

@@ -1,0 +1,222 @@
+// Calibration kernels of LoRA-Rounding (cbq_hf/calibration/rounding.py, `_LoRARoundedWeight`): the hard-rounded
+// weight of one linear from its soft offsets, and the gradients of the LoRA factors and of the step sizes, each in
+// one pass over the [N, K] weight. The composed PyTorch ops make about ten passes for the forward and as many for
+// the backward, which is what a calibration step on a CPU spends most of its time on.
+//
+// Forward, per element (n, k) of group g = k / glen:
+//   h    = clamp(sig * (ZETA - GAMMA) + GAMMA, 0, 1)     (sig = sigmoid(v0 + a1 @ a2), computed by the caller)
+//   q    = clamp(base + [h >= 0.5], 0, qmax)             (base = floor(W / scale0) + z)
+//   w    = (q - z[n, g]) * step[n, g]                    (float32, or bfloat16 rounded to nearest even)
+// Backward (straight-through hard rounding and code clamp, as the composed ops define them):
+//   t           = (g_w * step * [q unclamped] + g_h) * (ZETA - GAMMA) * sig * (1 - sig)   where 0 < h < 1, else 0
+//   g_a1[n, :] = sum_k t[n, k] * a2[:, k],   g_a2[:, k] = sum_n a1[n, :] * t[n, k]
+//   g_raw[n, g] = sum over the group of g_w * (q - z)   (the caller multiplies by scale0 * exp(log_delta))
+// sig is recovered from h where 0 < h < 1; where the clamp cut h (h = 0 or 1) the gradient is zero, as the composed
+// ops' clamp gives it except at the measure-zero points where the unclamped value is exactly 0 or 1.
+#include <torch/library.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Functions.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+// The constants of rectified_sigmoid, as float32 operands of the composed ops (Python doubles cast to float).
+const float kZeta = 1.1f;
+const float kGamma = -0.1f;
+const float kSpan = static_cast<float>(1.1 - (-0.1));
+
+void check_rows(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t N, int64_t K) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), name, " must be a contiguous CPU tensor");
+  TORCH_CHECK(t.scalar_type() == dtype, name, " has dtype ", t.scalar_type(), ", expected ", dtype);
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == N && t.size(1) == K, name, " must be [", N, ", ", K, "], got ", t.sizes());
+}
+
+inline float bf16_to_float(uint16_t b) {
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Round to nearest even, as PyTorch's float -> bfloat16 conversion for finite values.
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+template <bool kBF16>
+void forward_rows(float* h, const int16_t* base, const float* zero, const float* step, void* out, int64_t n0,
+                  int64_t n1, int64_t K, int64_t G, int64_t glen, float qmax) {
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t k0 = g * glen, k1 = std::min(K, k0 + glen);
+      const float z = zero[n * G + g], st = step[n * G + g];
+      float* hr = h + n * K;
+      const int16_t* br = base + n * K;
+#pragma omp simd
+      for (int64_t k = k0; k < k1; ++k) {
+        float hv = hr[k] * kSpan;
+        hv = hv + kGamma;
+        hv = std::min(std::max(hv, 0.0f), 1.0f);
+        hr[k] = hv;
+        const float qpre = static_cast<float>(br[k]) + (hv >= 0.5f ? 1.0f : 0.0f);
+        const float q = std::min(std::max(qpre, 0.0f), qmax);
+        const float w = (q - z) * st;
+        if constexpr (kBF16) {
+          static_cast<uint16_t*>(out)[n * K + k] = float_to_bf16(w);
+        } else {
+          static_cast<float*>(out)[n * K + k] = w;
+        }
+      }
+    }
+  }
+}
+
+// h [N, K] float32 holds sigmoid(v0 + a1 @ a2) on entry and the clamped offsets on return; base [N, K] int16;
+// zero, step [N, G] float32. Returns W_q [N, K] in float32, or bfloat16 when `bf16`.
+at::Tensor lora_round_fwd(at::Tensor h, const at::Tensor& base, const at::Tensor& zero, const at::Tensor& step,
+                          int64_t glen, int64_t qmax, bool bf16) {
+  TORCH_CHECK(h.dim() == 2, "h must be [N, K]");
+  const int64_t N = h.size(0), K = h.size(1);
+  TORCH_CHECK(glen > 0, "glen must be positive");
+  const int64_t G = (K + glen - 1) / glen;
+  check_rows(h, "h", at::kFloat, N, K);
+  check_rows(base, "base", at::kShort, N, K);
+  check_rows(zero, "zero", at::kFloat, N, G);
+  check_rows(step, "step", at::kFloat, N, G);
+  at::Tensor out = at::empty({N, K}, h.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+  float* hp = h.data_ptr<float>();
+  const int16_t* bp = base.data_ptr<int16_t>();
+  const float* zp = zero.data_ptr<float>();
+  const float* sp = step.data_ptr<float>();
+  void* op = out.data_ptr();
+  const float qm = static_cast<float>(qmax);
+  at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
+    if (bf16) {
+      forward_rows<true>(hp, bp, zp, sp, op, n0, n1, K, G, glen, qm);
+    } else {
+      forward_rows<false>(hp, bp, zp, sp, op, n0, n1, K, G, glen, qm);
+    }
+  });
+  return out;
+}
+
+template <bool kBF16>
+void backward_rows(const void* g_w, const float* g_h, const float* h, const int16_t* base, const float* zero,
+                   const float* step, const float* a1, const float* a2, float* g_a1, float* g_a2_part, float* g_raw,
+                   float* t, int64_t n0, int64_t n1, int64_t K, int64_t G, int64_t glen, int64_t r, float qmax) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* hr = h + n * K;
+    const int16_t* br = base + n * K;
+    const float* ghr = g_h ? g_h + n * K : nullptr;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t k0 = g * glen, k1 = std::min(K, k0 + glen);
+      const float z = zero[n * G + g], st = step[n * G + g];
+      float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t k = k0; k < k1; ++k) {
+        float gw;
+        if constexpr (kBF16) {
+          gw = bf16_to_float(static_cast<const uint16_t*>(g_w)[n * K + k]);
+        } else {
+          gw = static_cast<const float*>(g_w)[n * K + k];
+        }
+        const float hv = hr[k];
+        const float qpre = static_cast<float>(br[k]) + (hv >= 0.5f ? 1.0f : 0.0f);
+        const float q = std::min(std::max(qpre, 0.0f), qmax);
+        acc += gw * (q - z);
+        float tv = q == qpre ? gw * st : 0.0f;
+        if (ghr) tv += ghr[k];
+        const float sig = (hv - kGamma) / kSpan;
+        tv = (hv > 0.0f && hv < 1.0f) ? tv * kSpan * sig * (1.0f - sig) : 0.0f;
+        t[k] = tv;
+      }
+      g_raw[n * G + g] = acc;
+    }
+    for (int64_t j = 0; j < r; ++j) {
+      const float* a2r = a2 + j * K;
+      float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t k = 0; k < K; ++k) acc += t[k] * a2r[k];
+      g_a1[n * r + j] = acc;
+      const float a = a1[n * r + j];
+      float* part = g_a2_part + j * K;
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) part[k] += a * t[k];
+    }
+  }
+}
+
+// Gradients of `lora_round_fwd`'s outputs: g_w [N, K] (the dtype of W_q), optional g_h [N, K] float32 (the gradient
+// reaching the offsets h directly, from the rounding regulariser). Returns (g_a1 [N, r], g_a2 [r, K], g_raw [N, G]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_round_bwd(const at::Tensor& g_w, const std::optional<at::Tensor>& g_h,
+                                                              const at::Tensor& h, const at::Tensor& base,
+                                                              const at::Tensor& zero, const at::Tensor& step,
+                                                              const at::Tensor& a1, const at::Tensor& a2, int64_t glen,
+                                                              int64_t qmax) {
+  TORCH_CHECK(h.dim() == 2 && a1.dim() == 2 && a2.dim() == 2, "h, a1, a2 must be 2-D");
+  const int64_t N = h.size(0), K = h.size(1), r = a1.size(1);
+  TORCH_CHECK(glen > 0, "glen must be positive");
+  const int64_t G = (K + glen - 1) / glen;
+  const bool bf16 = g_w.scalar_type() == at::kBFloat16;
+  check_rows(g_w, "g_w", bf16 ? at::kBFloat16 : at::kFloat, N, K);
+  if (g_h) check_rows(*g_h, "g_h", at::kFloat, N, K);
+  check_rows(h, "h", at::kFloat, N, K);
+  check_rows(base, "base", at::kShort, N, K);
+  check_rows(zero, "zero", at::kFloat, N, G);
+  check_rows(step, "step", at::kFloat, N, G);
+  check_rows(a1, "a1", at::kFloat, N, r);
+  check_rows(a2, "a2", at::kFloat, r, K);
+  const auto opts = h.options().dtype(at::kFloat);
+  at::Tensor g_a1 = at::empty({N, r}, opts);
+  at::Tensor g_raw = at::empty({N, G}, opts);
+  const int nthreads = at::get_num_threads();
+  // One g_a2 accumulator per thread (summed below), and one row of t per thread.
+  at::Tensor parts = at::zeros({nthreads, r, K}, opts);
+  at::Tensor rows = at::empty({nthreads, K}, opts);
+  const void* gwp = g_w.data_ptr();
+  const float* ghp = g_h ? g_h->data_ptr<float>() : nullptr;
+  const float* hp = h.data_ptr<float>();
+  const int16_t* bp = base.data_ptr<int16_t>();
+  const float* zp = zero.data_ptr<float>();
+  const float* sp = step.data_ptr<float>();
+  const float* a1p = a1.data_ptr<float>();
+  const float* a2p = a2.data_ptr<float>();
+  float* g1p = g_a1.data_ptr<float>();
+  float* grp = g_raw.data_ptr<float>();
+  float* pp = parts.data_ptr<float>();
+  float* tp = rows.data_ptr<float>();
+  const float qm = static_cast<float>(qmax);
+  at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
+    const int tid = at::get_thread_num();
+    float* part = pp + tid * r * K;
+    float* t = tp + tid * K;
+    if (bf16) {
+      backward_rows<true>(gwp, ghp, hp, bp, zp, sp, a1p, a2p, g1p, part, grp, t, n0, n1, K, G, glen, r, qm);
+    } else {
+      backward_rows<false>(gwp, ghp, hp, bp, zp, sp, a1p, a2p, g1p, part, grp, t, n0, n1, K, G, glen, r, qm);
+    }
+  });
+  return {g_a1, parts.sum(0), g_raw};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(cbq_hf_cpu, m) {
+  m.def("lora_round_fwd(Tensor(a!) h, Tensor base, Tensor zero, Tensor step, int glen, int qmax, bool bf16) -> Tensor");
+  m.def("lora_round_bwd(Tensor g_w, Tensor? g_h, Tensor h, Tensor base, Tensor zero, Tensor step, Tensor a1, "
+        "Tensor a2, int glen, int qmax) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(cbq_hf_cpu, CPU, m) {
+  m.impl("lora_round_fwd", &lora_round_fwd);
+  m.impl("lora_round_bwd", &lora_round_bwd);
+}
