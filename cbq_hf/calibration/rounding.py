@@ -267,6 +267,22 @@ class _RoundingRegularizer(torch.autograd.Function):
         return grad, None
 
 
+class _RoundingRegularizerCPU(torch.autograd.Function):
+    """`_RoundingRegularizer` in the CPU extension's kernels (``rounding_reg_sum`` / ``rounding_reg_grad``): one
+    pass over h each way, |2h - 1|^beta through float32 exp/log approximations (within ~1e-5 relative)."""
+
+    @staticmethod
+    def forward(ctx, h, beta, ops):
+        ctx.save_for_backward(h)
+        ctx.beta, ctx.ops = beta, ops
+        return 1.0 - ops.rounding_reg_sum(h, beta) / h.numel()
+
+    @staticmethod
+    def backward(ctx, g):
+        (h,) = ctx.saved_tensors
+        return ctx.ops.rounding_reg_grad(h, ctx.beta, -float(g) / h.numel()), None, None
+
+
 def fake_quantize_activations_ste(x: torch.Tensor, act_bits: int, clip: torch.Tensor) -> torch.Tensor:
     """Per-token symmetric quantization of x (as `fake_quantize_activations`), differentiable through `clip`."""
     qmax = 2 ** (act_bits - 1) - 1
@@ -439,6 +455,9 @@ class QuantLinearSim(QuantStandIn):
         self._offsets_of_last_forward = None
         if h is None:
             return rounding_regularizer(self.offsets(), beta)
+        ops = _cpu_rounding_ops() if h.device.type == "cpu" and h.is_contiguous() and beta > 0 else None
+        if ops is not None:
+            return _RoundingRegularizerCPU.apply(h, float(beta), ops)
         return _RoundingRegularizer.apply(h, float(beta))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <tuple>
@@ -208,15 +209,133 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_round_bwd(const at::Tensor& 
   return {g_a1, parts.sum(0), g_raw};
 }
 
+// Natural logarithm of x > 0 (finite, normal), Cephes' logf: within ~2 ulp, branch-free so that loops of it
+// vectorize.
+inline float log_approx(float x) {
+  uint32_t u = __builtin_bit_cast(uint32_t, x);
+  int32_t e = static_cast<int32_t>((u >> 23) & 0xffu) - 126;  // x = m * 2^e, m in [0.5, 1)
+  float m = __builtin_bit_cast(float, (u & 0x807fffffu) | 0x3f000000u);
+  // Both sides computed, then selected: a floating-point operation under a condition keeps the loop scalar.
+  const bool small = m < 0.707106781186547524f;
+  const float m_small = m + m - 1.0f;
+  const float m_large = m - 1.0f;
+  e = small ? e - 1 : e;
+  m = small ? m_small : m_large;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  const float fe = static_cast<float>(e);
+  y += -2.12194440e-4f * fe;
+  y += -0.5f * z;
+  return m + y + 0.693359375f * fe;
+}
+
+// exp(x) for x <= 0, Cephes' expf polynomial (within ~1 ulp); x below -87 gives exp(-87) instead of a subnormal or
+// zero. n = round(x / ln 2) through the 1.5 * 2^23 rounding constant rather than a float -> int conversion: with the
+// clamp before it, the conversion keeps GCC from vectorizing the loop.
+inline float exp_approx(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float magic = 12582912.0f;
+  const float shifted = x * 1.44269504088896341f + magic;
+  const int32_t n = static_cast<int32_t>(__builtin_bit_cast(uint32_t, shifted) - __builtin_bit_cast(uint32_t, magic));
+  const float fx = shifted - magic;
+  x -= fx * 0.693359375f;
+  x -= fx * -2.12194440e-4f;
+  const float z = x * x;
+  float y = 1.9875691500e-4f;
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * z + x + 1.0f;
+  return y * __builtin_bit_cast(float, static_cast<uint32_t>(n + 127) << 23);
+}
+
+// |d|^beta for d in [-1, 1], beta > 0 (0 at d = 0).
+inline float abs_pow(float d, float beta) {
+  const float a = std::abs(d);
+  const float p = exp_approx(beta * log_approx(a > 1e-30f ? a : 1e-30f));
+  return a > 0.0f ? p : 0.0f;
+}
+
+float reg_sum_row(const float* h, int64_t K, float beta) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t k = 0; k < K; ++k) acc += abs_pow(h[k] * 2.0f - 1.0f, beta);
+  return acc;
+}
+
+void reg_grad_row(const float* h, float* out, int64_t K, float beta, float c) {
+#pragma omp simd
+  for (int64_t k = 0; k < K; ++k) {
+    const float d = h[k] * 2.0f - 1.0f;
+    const float p = abs_pow(d, beta);
+    const float ratio = p / (d != 0.0f ? d : 1.0f);  // p = 0 where d = 0
+    out[k] = c * ratio;
+  }
+}
+
+// The rounding regulariser mean(1 - |2h - 1|^beta) of offsets h [N, K] float32 needs sum |2h - 1|^beta: returned as
+// a float32 scalar (rows summed in float32, the rows' sums in double).
+at::Tensor rounding_reg_sum(const at::Tensor& h, double beta) {
+  TORCH_CHECK(h.dim() == 2, "h must be [N, K]");
+  const int64_t N = h.size(0), K = h.size(1);
+  check_rows(h, "h", at::kFloat, N, K);
+  TORCH_CHECK(beta > 0, "beta must be positive");
+  const float* hp = h.data_ptr<float>();
+  const float b = static_cast<float>(beta);
+  std::vector<double> rows(N);
+  at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      rows[n] = reg_sum_row(hp + n * K, K, b);
+    }
+  });
+  double total = 0.0;
+  for (double v : rows) total += v;
+  return at::scalar_tensor(static_cast<float>(total), h.options());
+}
+
+// d/dh of coef * sum |2h - 1|^beta: coef * 2 beta |2h - 1|^beta / (2h - 1) (zero where 2h = 1).
+at::Tensor rounding_reg_grad(const at::Tensor& h, double beta, double coef) {
+  TORCH_CHECK(h.dim() == 2, "h must be [N, K]");
+  const int64_t N = h.size(0), K = h.size(1);
+  check_rows(h, "h", at::kFloat, N, K);
+  TORCH_CHECK(beta > 0, "beta must be positive");
+  at::Tensor out = at::empty_like(h);
+  const float* hp = h.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float b = static_cast<float>(beta);
+  const float c = static_cast<float>(coef * 2.0 * beta);
+  at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      reg_grad_row(hp + n * K, op + n * K, K, b, c);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(cbq_hf_cpu, m) {
   m.def("lora_round_fwd(Tensor(a!) h, Tensor base, Tensor zero, Tensor step, int glen, int qmax, bool bf16) -> Tensor");
   m.def("lora_round_bwd(Tensor g_w, Tensor? g_h, Tensor h, Tensor base, Tensor zero, Tensor step, Tensor a1, "
         "Tensor a2, int glen, int qmax) -> (Tensor, Tensor, Tensor)");
+  m.def("rounding_reg_sum(Tensor h, float beta) -> Tensor");
+  m.def("rounding_reg_grad(Tensor h, float beta, float coef) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(cbq_hf_cpu, CPU, m) {
   m.impl("lora_round_fwd", &lora_round_fwd);
   m.impl("lora_round_bwd", &lora_round_bwd);
+  m.impl("rounding_reg_sum", &rounding_reg_sum);
+  m.impl("rounding_reg_grad", &rounding_reg_grad);
 }
