@@ -38,19 +38,66 @@ EVAL_BATCHES = 4
 
 
 class _ScaledCodes(torch.autograd.Function):
-    """W = (q - z) * round_scale(scale0 * exp(log_delta)) with fixed codes: the gradient reaches log_delta only."""
+    """W = qz * round_scale(scale0 * exp(log_delta)) from fixed codes qz = q - z (int8 [N, K]): the gradient reaches
+    log_delta only. W comes out in `out_dtype` (the autocast dtype of the matrix product that reads it, so it is
+    not cast again); on the CPU with the extension's kernels (`ops`), forward and backward are one pass each."""
 
     @staticmethod
-    def forward(ctx, log_delta, qz, scale0, group_len):
+    def forward(ctx, log_delta, qz, scale0, group_len, out_dtype, ops):
         e = torch.exp(log_delta)
+        step = round_scale(scale0 * e)
+        if ops is not None:
+            w = ops.scaled_codes_fwd(qz, step.contiguous(), group_len, out_dtype == torch.bfloat16)
+        else:
+            w = mul_groups(qz, step, group_len, out_dtype)
         ctx.save_for_backward(qz, scale0, e)
-        ctx.group_len = group_len
-        return mul_groups(qz, round_scale(scale0 * e), group_len, torch.float32)
+        ctx.group_len, ctx.ops = group_len, ops
+        return w
 
     @staticmethod
     def backward(ctx, g_w):
         qz, scale0, e = ctx.saved_tensors
-        return sum_groups(g_w * qz, ctx.group_len).mul_(scale0).mul_(e), None, None, None
+        if ctx.ops is not None:
+            raw = ctx.ops.scaled_codes_bwd(g_w.contiguous(), qz, ctx.group_len)
+        else:
+            raw = sum_groups(g_w.float() * qz, ctx.group_len)
+        return raw.mul_(scale0).mul_(e), None, None, None, None, None
+
+
+class _KLToReference(torch.autograd.Function):
+    """Mean over tokens of KL(softmax(ref) || softmax(logits)) for float32 logits [T, V] and reference logits
+    [T, V] (no gradient; overwritten), written out: sum_v p (log p - logits) + logsumexp(logits) per token, with
+    p = softmax(ref), and the gradient softmax(logits) - p. The same values as `F.kl_div` of the two log-softmaxes
+    up to float rounding (it takes sum_v p = 1), in about half the passes over [T, V]: at a 49k vocabulary the
+    composed ops cost as much as the model's forward."""
+
+    @staticmethod
+    def forward(ctx, logits, ref):
+        lse = torch.logsumexp(logits, -1, keepdim=True)
+        ref_logp = ref.sub_(torch.logsumexp(ref, -1, keepdim=True))
+        p = torch.exp(ref_logp)
+        per_token = ref_logp.sub_(logits).mul_(p).sum(-1) + lse.squeeze(-1)
+        ctx.save_for_backward(logits, lse, p)
+        return per_token.mean()
+
+    @staticmethod
+    def backward(ctx, g):
+        logits, lse, p = ctx.saved_tensors
+        return torch.sub(logits, lse).exp_().sub_(p).mul_(g / lse.numel()), None
+
+
+def kl_to_reference(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """Mean KL(softmax(ref_logits) || softmax(logits)) over all tokens: logits [..., V] float32 (differentiable);
+    `ref_logits` [..., V] float32 is used as scratch space (its values are lost)."""
+    v = logits.shape[-1]
+    return _KLToReference.apply(logits.reshape(-1, v), ref_logits.reshape(-1, v))
+
+
+def _cpu_kernels():
+    """The CPU extension's op namespace where it is built (None elsewhere)."""
+    from ..kernels.cpu import build
+
+    return build.load()
 
 
 class TrainableSteps(nn.Module):
@@ -75,10 +122,15 @@ class TrainableSteps(nn.Module):
         q = self.q
         if q.input_hadamard is not None:
             x = hadamard_transform(x)
-        x = scale_input(q.input_scale, x).float()
+        x = scale_input(q.input_scale, x)
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32
+        if self.act_clip is not None or dtype == torch.float32:  # autocast casts x for the product itself
+            x = x.float()
         if self.act_clip is not None:
             x = fake_quantize_activations_ste(x, q.fmt.act_bits, self.act_clip.clamp(MIN_ACT_CLIP, 1.0))
-        w = _ScaledCodes.apply(self.log_delta, self.qz.float(), self.scale0, self._g())
+        ops = _cpu_kernels() if dev == "cpu" and dtype in (torch.float32, torch.bfloat16) else None
+        w = _ScaledCodes.apply(self.log_delta, self.qz, self.scale0, self._g(), dtype, ops)
         return F.linear(x, w, None if q.bias is None else q.bias.float())
 
     @torch.no_grad()
@@ -125,15 +177,34 @@ def _swap(model: nn.Module, to_train: bool) -> list[TrainableSteps]:
     return found
 
 
-def _kl(model: nn.Module, ids: torch.Tensor, target_hidden: torch.Tensor, calibration_dtype: str) -> torch.Tensor:
+class _Head:
+    """The output head of the stage: its weight cast once to the autocast dtype (a frozen weight is otherwise cast
+    again at every call: 28M values for a 49k x 576 head, twice per step)."""
+
+    def __init__(self, model: nn.Module, calibration_dtype: str) -> None:
+        self.module = model.get_output_embeddings()
+        self.calibration_dtype = calibration_dtype
+        weight = self.module.weight
+        with autocast(weight.device, calibration_dtype) as ctx:
+            low = ctx.fast_dtype if torch.is_autocast_enabled(weight.device.type) else None
+        plain = type(self.module) is nn.Linear
+        self.weight = weight.detach().to(low) if plain and low is not None and weight.dtype != low else None
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.weight is None:
+            return self.module(hidden)
+        return F.linear(hidden, self.weight, self.module.bias)
+
+
+def _kl(model: nn.Module, ids: torch.Tensor, target_hidden: torch.Tensor, head: _Head) -> torch.Tensor:
     """Mean KL(float || quantized) of the next-token distributions on a batch (float32; the matrix products in
-    bfloat16 autocast where `calibration_dtype` asks for it, as in the windows)."""
-    head = model.get_output_embeddings()
-    with autocast(head.weight.device, calibration_dtype):
+    bfloat16 autocast where `head.calibration_dtype` asks for it, as in the windows)."""
+    device = head.module.weight.device
+    with autocast(device, head.calibration_dtype):
         logits = head(_final_hidden(model, ids)).float()
         with torch.no_grad():
-            ref = F.log_softmax(head(target_hidden.to(head.weight.device, head.weight.dtype)).float(), -1)
-    return F.kl_div(F.log_softmax(logits, -1), ref, log_target=True, reduction="none").sum(-1).mean()
+            ref = head(target_hidden.to(device, head.module.weight.dtype)).float()
+    return kl_to_reference(logits, ref)
 
 
 def train_end_to_end(model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, config) -> dict[str, Any]:
@@ -155,10 +226,11 @@ def train_end_to_end(model: nn.Module, input_ids: torch.Tensor, targets: torch.T
         groups.append({"params": _norm_vectors(model), "lr": config.e2e_lr_norm})
     params = [p for g in groups for p in g["params"]]
     start = [p.detach().clone() for p in params]
+    head = _Head(model, config.calibration_dtype)
     try:
-        kl_start = _eval_kl(model, input_ids, targets, batches, config)
-        steps = _run(model, input_ids, targets, batches, groups, config)
-        kl_end = _eval_kl(model, input_ids, targets, batches, config)
+        kl_start = _eval_kl(model, input_ids, targets, batches, head)
+        steps = _run(model, input_ids, targets, batches, groups, head, config)
+        kl_end = _eval_kl(model, input_ids, targets, batches, head)
         status = "ok"
         if not (math.isfinite(kl_end) and kl_end <= kl_start):
             with torch.no_grad():
@@ -174,10 +246,9 @@ def train_end_to_end(model: nn.Module, input_ids: torch.Tensor, targets: torch.T
 
 
 @torch.no_grad()
-def _eval_kl(model, input_ids, targets, batches, config) -> float:
+def _eval_kl(model, input_ids, targets, batches, head: _Head) -> float:
     ids = batches[:EVAL_BATCHES]
-    dtype = config.calibration_dtype
-    return sum(float(_kl(model, input_ids[s:e], targets[s:e], dtype)) for s, e in ids) / len(ids)
+    return sum(float(_kl(model, input_ids[s:e], targets[s:e], head)) for s, e in ids) / len(ids)
 
 
 def _norm_vectors(model: nn.Module) -> list[nn.Parameter]:
@@ -193,7 +264,7 @@ def _norm_vectors(model: nn.Module) -> list[nn.Parameter]:
     return out
 
 
-def _run(model, input_ids, targets, batches, groups: list[dict], config) -> int:
+def _run(model, input_ids, targets, batches, groups: list[dict], head: _Head, config) -> int:
     """Adam over the parameter `groups` (each with its lr) for `config.e2e_epochs` shuffled passes; stops at a
     non-finite loss. Returns steps."""
     gen = torch.Generator().manual_seed(config.seed)
@@ -202,7 +273,7 @@ def _run(model, input_ids, targets, batches, groups: list[dict], config) -> int:
     for _ in range(config.e2e_epochs):
         for i in torch.randperm(len(batches), generator=gen).tolist():
             s, e = batches[i]
-            loss = _kl(model, input_ids[s:e], targets[s:e], config.calibration_dtype)
+            loss = _kl(model, input_ids[s:e], targets[s:e], head)
             if not torch.isfinite(loss):
                 return step
             opt.zero_grad(set_to_none=True)

@@ -134,3 +134,47 @@ def test_stage_without_uniform_linears_is_skipped(calib_ids):
     cfg = CBQConfig(method="cbq", format="lobcq", act_bits=4, epochs=1, batch_size=4, e2e_epochs=1)
     report = calibrate(model, cfg, calib_ids, progress=False)
     assert report["e2e"]["status"] == "skipped" and report["e2e"]["linears"] == 0
+
+
+def test_kl_to_reference_matches_kl_div_of_the_log_softmaxes():
+    """The written-out KL gives `F.kl_div` of the two log-softmaxes, value and gradient, within float rounding."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(2, 7, 301, generator=gen)).requires_grad_()
+    ref = 3 * torch.randn(2, 7, 301, generator=gen)
+    expected = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(ref, -1), log_target=True, reduction="none")
+    expected = expected.sum(-1).mean()
+    (g_expected,) = torch.autograd.grad(expected, logits)
+    got = e2e.kl_to_reference(logits, ref.clone())
+    (g_got,) = torch.autograd.grad(got, logits)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_got, g_expected, rtol=1e-4, atol=1e-8)
+    assert float(e2e.kl_to_reference(ref.clone(), ref.clone())) == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16], ids=["float32", "bfloat16-autocast"])
+def test_trainable_steps_cpu_kernels_match_torch_ops(calib_ids, autocast_dtype, monkeypatch):
+    """The stand-in's weight through the CPU kernels equals the PyTorch ops' (in the autocast dtype), and so do the
+    steps' gradients up to summation order."""
+    from cbq_hf.kernels.cpu import build
+
+    if build.load() is None:
+        pytest.skip(f"the CPU kernels could not be built here: {build._state.get('error')}")
+    model = tiny_llama(layers=1).eval()
+    calibrate(model, _cfg(), calib_ids, progress=False)
+    q = next(m for m in model.modules() if isinstance(m, CBQLinear))
+    x = torch.randn(9, q.in_features)
+    results = []
+    for kernels in (False, True):
+        monkeypatch.setattr(e2e, "_cpu_kernels", build.load if kernels else lambda: None)
+        steps = e2e.TrainableSteps(q)
+        with torch.no_grad():
+            steps.log_delta.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_dtype is not None):
+            y = steps(x)
+        y.float().pow(2).sum().backward()
+        results.append((y.detach(), steps.log_delta.grad))
+    assert results[0][0].dtype == results[1][0].dtype == (autocast_dtype or torch.float32)
+    assert torch.equal(results[0][0], results[1][0])
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-7)

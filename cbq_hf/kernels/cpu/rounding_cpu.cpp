@@ -1,7 +1,8 @@
-// Calibration kernels of LoRA-Rounding (cbq_hf/calibration/rounding.py, `_LoRARoundedWeight`): the hard-rounded
+// Calibration kernels. LoRA-Rounding (cbq_hf/calibration/rounding.py, `_LoRARoundedWeight`): the hard-rounded
 // weight of one linear from its soft offsets, and the gradients of the LoRA factors and of the step sizes, each in
-// one pass over the [N, K] weight. The composed PyTorch ops make about ten passes for the forward and as many for
-// the backward, which is what a calibration step on a CPU spends most of its time on.
+// one pass over the [N, K] weight; its regulariser; and the end-to-end stage's weight of fixed codes. The composed
+// PyTorch ops make about ten passes for the forward and as many for the backward, which is what a calibration step on
+// a CPU spends most of its time on.
 //
 // Forward, per element (n, k) of group g = k / glen:
 //   h    = clamp(sig * (ZETA - GAMMA) + GAMMA, 0, 1)     (sig = sigmoid(v0 + a1 @ a2), computed by the caller)
@@ -209,6 +210,74 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_round_bwd(const at::Tensor& 
   return {g_a1, parts.sum(0), g_raw};
 }
 
+// The end-to-end stage's weight of fixed codes (cbq_hf/calibration/e2e.py, `_ScaledCodes`): W = qz * step[n, g]
+// from qz = q - z [N, K] int8, in float32 or bfloat16 (rounded to nearest even), one pass.
+at::Tensor scaled_codes_fwd(const at::Tensor& qz, const at::Tensor& step, int64_t glen, bool bf16) {
+  TORCH_CHECK(qz.dim() == 2, "qz must be [N, K]");
+  const int64_t N = qz.size(0), K = qz.size(1);
+  TORCH_CHECK(glen > 0, "glen must be positive");
+  const int64_t G = (K + glen - 1) / glen;
+  check_rows(qz, "qz", at::kChar, N, K);
+  check_rows(step, "step", at::kFloat, N, G);
+  at::Tensor out = at::empty({N, K}, step.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+  const int8_t* qp = qz.data_ptr<int8_t>();
+  const float* sp = step.data_ptr<float>();
+  void* op = out.data_ptr();
+  at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t k0 = n * K + g * glen, k1 = n * K + std::min(K, (g + 1) * glen);
+        const float st = sp[n * G + g];
+        if (bf16) {
+          uint16_t* o = static_cast<uint16_t*>(op);
+#pragma omp simd
+          for (int64_t k = k0; k < k1; ++k) o[k] = float_to_bf16(static_cast<float>(qp[k]) * st);
+        } else {
+          float* o = static_cast<float*>(op);
+#pragma omp simd
+          for (int64_t k = k0; k < k1; ++k) o[k] = static_cast<float>(qp[k]) * st;
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// Sum over each group of g_w * qz -> [N, G] float32 (the gradient of `scaled_codes_fwd`'s W with respect to the
+// steps, before the caller's chain rule through the step's parametrisation). g_w float32 or bfloat16.
+at::Tensor scaled_codes_bwd(const at::Tensor& g_w, const at::Tensor& qz, int64_t glen) {
+  TORCH_CHECK(qz.dim() == 2, "qz must be [N, K]");
+  const int64_t N = qz.size(0), K = qz.size(1);
+  TORCH_CHECK(glen > 0, "glen must be positive");
+  const int64_t G = (K + glen - 1) / glen;
+  const bool bf16 = g_w.scalar_type() == at::kBFloat16;
+  check_rows(g_w, "g_w", bf16 ? at::kBFloat16 : at::kFloat, N, K);
+  check_rows(qz, "qz", at::kChar, N, K);
+  at::Tensor out = at::empty({N, G}, qz.options().dtype(at::kFloat));
+  const int8_t* qp = qz.data_ptr<int8_t>();
+  const void* gp = g_w.data_ptr();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t k0 = n * K + g * glen, k1 = n * K + std::min(K, (g + 1) * glen);
+        float acc = 0.0f;
+        if (bf16) {
+          const uint16_t* gw = static_cast<const uint16_t*>(gp);
+#pragma omp simd reduction(+ : acc)
+          for (int64_t k = k0; k < k1; ++k) acc += bf16_to_float(gw[k]) * static_cast<float>(qp[k]);
+        } else {
+          const float* gw = static_cast<const float*>(gp);
+#pragma omp simd reduction(+ : acc)
+          for (int64_t k = k0; k < k1; ++k) acc += gw[k] * static_cast<float>(qp[k]);
+        }
+        op[n * G + g] = acc;
+      }
+    }
+  });
+  return out;
+}
+
 // Natural logarithm of x > 0 (finite, normal), Cephes' logf: within ~2 ulp, branch-free so that loops of it
 // vectorize.
 inline float log_approx(float x) {
@@ -330,6 +399,8 @@ TORCH_LIBRARY_FRAGMENT(cbq_hf_cpu, m) {
   m.def("lora_round_bwd(Tensor g_w, Tensor? g_h, Tensor h, Tensor base, Tensor zero, Tensor step, Tensor a1, "
         "Tensor a2, int glen, int qmax) -> (Tensor, Tensor, Tensor)");
   m.def("rounding_reg_sum(Tensor h, float beta) -> Tensor");
+  m.def("scaled_codes_fwd(Tensor qz, Tensor step, int glen, bool bf16) -> Tensor");
+  m.def("scaled_codes_bwd(Tensor g_w, Tensor qz, int glen) -> Tensor");
   m.def("rounding_reg_grad(Tensor h, float beta, float coef) -> Tensor");
 }
 
@@ -337,5 +408,7 @@ TORCH_LIBRARY_IMPL(cbq_hf_cpu, CPU, m) {
   m.impl("lora_round_fwd", &lora_round_fwd);
   m.impl("lora_round_bwd", &lora_round_bwd);
   m.impl("rounding_reg_sum", &rounding_reg_sum);
+  m.impl("scaled_codes_fwd", &scaled_codes_fwd);
+  m.impl("scaled_codes_bwd", &scaled_codes_bwd);
   m.impl("rounding_reg_grad", &rounding_reg_grad);
 }
