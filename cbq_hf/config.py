@@ -104,8 +104,9 @@ class CBQConfig(QuantizationConfigMixin):
             linear's step sizes and activation clipping ratio trained together on the KL divergence between the
             float model's next-token distribution and the quantized model's, codes fixed; 0 skips it. None: the
             preset's (docs/presets.md) for method="cbq" with format="uniform", else 0.
-        e2e_lr: Adam learning rate of that stage (on the log of each step size and on the clipping ratios; 1e-3 is
-            what the measured rows used).
+        e2e_lr: Adam learning rate of that stage (on the log of each step size and on the clipping ratios). 3e-3
+            measured better than 1e-3 at every setting tried (docs/benchmarks_quality.md, "Longer or faster
+            end-to-end stage").
         e2e_lr_norm: Adam learning rate of the normalisation layers' weights and biases (RMSNorm / LayerNorm) in that
             stage, trained with the steps on the same KL; 0 (default) leaves them. They stay float in the checkpoint.
         lora_rank: rank r of the LoRA-Rounding offsets V = A1 @ A2.
@@ -191,7 +192,7 @@ class CBQConfig(QuantizationConfigMixin):
         lr_scale: float = 1e-3,
         lr_norm: float = 0.0,
         e2e_epochs: int | None = None,
-        e2e_lr: float = 1e-3,
+        e2e_lr: float = 3e-3,
         e2e_lr_norm: float = 0.0,
         lora_rank: int = 5,
         loss_weight_accumulated: float = 1.0,
