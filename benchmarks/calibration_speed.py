@@ -2,7 +2,9 @@
 forward of the quantized window, both loss terms, backward, Adam) for each calibration-speed lever alone:
 
 - weight: "composed" (the stand-in's quantized weight and rounding regulariser written as separate torch ops, what
-  autograd records op by op) vs "fused" (`rounding._LoRARoundedWeight`: one forward pass, the gradient written out);
+  autograd records op by op) vs "fused" (`rounding._LoRARoundedWeight`: the same in fewer torch ops, the gradient
+  written out) vs "cpu-kernels" (`rounding._LoRARoundedWeightCPU` and `_RoundingRegularizerCPU`: one pass of the
+  CPU extension's kernels over the weight each way);
 - dtype: float32 vs bfloat16 autocast of the window's matrix products (`CBQConfig(calibration_dtype=...)`);
 - threads: 1 vs all of the machine's torch threads.
 
@@ -33,6 +35,7 @@ from cbq_hf.formats.uniform import expand_groups
 
 RESULTS = ROOT / "benchmarks" / "results"
 FUSED = (rounding.QuantLinearSim.quantized_weight, rounding.QuantLinearSim.regularizer)
+WEIGHTS = ("composed", "fused", "cpu-kernels")
 
 
 def _composed_weight(self) -> torch.Tensor:
@@ -86,14 +89,15 @@ def main(argv: list[str] | None = None) -> None:
         loss.backward()
         opt.step()
 
-    variants = [
-        (w, d, t) for t in sorted({1, all_threads}) for d in ("float32", "bfloat16") for w in ("composed", "fused")
-    ]
+    variants = [(w, d, t) for t in sorted({1, all_threads}) for d in ("float32", "bfloat16") for w in WEIGHTS]
     times: dict[tuple, list[float]] = {v: [] for v in variants}
     for _ in range(args.repeats):  # interleaved, so drift in the machine's speed hits every variant alike
         for w, d, t in variants:
             torch.set_num_threads(t)
-            fused = w == "fused"
+            fused = w != "composed"
+            rounding.USE_CPU_KERNELS = w == "cpu-kernels"
+            for sim in sims:  # the kernels' int16 constants are built (or not) with the cached ones
+                sim._constants_key = None
             rounding.QuantLinearSim.quantized_weight = FUSED[0] if fused else _composed_weight
             rounding.QuantLinearSim.regularizer = FUSED[1] if fused else _composed_regularizer
             step(d)  # warm-up
@@ -102,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
                 step(d)
             times[(w, d, t)].append((time.perf_counter() - t0) / args.steps)
     rounding.QuantLinearSim.quantized_weight, rounding.QuantLinearSim.regularizer = FUSED
+    rounding.USE_CPU_KERNELS = True
     base = sorted(times[variants[0]])[len(times[variants[0]]) // 2]
     rows = []
     for v, ts in times.items():
