@@ -84,10 +84,10 @@ class CBQConfig(QuantizationConfigMixin):
         method: "rtn" (round-to-nearest min-max, no data needed) or "cbq" (cross-block reconstruction).
         window_size: consecutive decoder blocks reconstructed jointly (1 = block-wise reconstruction).
         window_overlap: blocks shared by consecutive windows (< window_size).
-        preset: a named calibration budget that sets nsamples, seqlen, epochs, batch_size, calibration_dtype and
-            e2e_epochs where they are not given: "fast" (minutes on a CPU for a small model), "balanced" (the best
-            measured quality per minute), "gpu" (the defaults without a preset); docs/presets.md has their measured
-            time and quality.
+        preset: a named calibration budget that sets nsamples, seqlen, epochs, batch_size, calibration_dtype,
+            e2e_epochs and e2e_lr where they are not given: "fast" (minutes on a CPU for a small model),
+            "balanced" (the best measured quality per minute), "gpu" (the defaults without a preset);
+            docs/presets.md has their measured time and quality.
         epochs: passes over the calibration samples per window (None: the preset's, else 2).
         batch_size: calibration samples per optimisation step (None: the preset's, else 4).
         calibration_dtype: "float32", "bfloat16" (the window's matrix products in bfloat16 autocast; quantizer
@@ -104,9 +104,10 @@ class CBQConfig(QuantizationConfigMixin):
             linear's step sizes and activation clipping ratio trained together on the KL divergence between the
             float model's next-token distribution and the quantized model's, codes fixed; 0 skips it. None: the
             preset's (docs/presets.md) for method="cbq" with format="uniform", else 0.
-        e2e_lr: Adam learning rate of that stage (on the log of each step size and on the clipping ratios). 3e-3
-            measured better than 1e-3 at every setting tried (docs/benchmarks_quality.md, "Longer or faster
-            end-to-end stage").
+        e2e_lr: Adam learning rate of that stage (on the log of each step size and on the clipping ratios; None:
+            the preset's, else 3e-3). Measured on the demo model: at 64 steps 3e-3 beats 1e-3 at every setting
+            tried (docs/benchmarks_quality.md, "Longer or faster end-to-end stage"); at the 16 steps of "fast",
+            1e-3 beats 3e-3 (docs/presets.md).
         e2e_lr_norm: Adam learning rate of the normalisation layers' weights and biases (RMSNorm / LayerNorm) in that
             stage, trained with the steps on the same KL; 0 (default) leaves them. They stay float in the checkpoint.
         lora_rank: rank r of the LoRA-Rounding offsets V = A1 @ A2.
@@ -192,7 +193,7 @@ class CBQConfig(QuantizationConfigMixin):
         lr_scale: float = 1e-3,
         lr_norm: float = 0.0,
         e2e_epochs: int | None = None,
-        e2e_lr: float = 3e-3,
+        e2e_lr: float | None = None,
         e2e_lr_norm: float = 0.0,
         lora_rank: int = 5,
         loss_weight_accumulated: float = 1.0,
@@ -247,6 +248,7 @@ class CBQConfig(QuantizationConfigMixin):
                 batch_size=batch_size,
                 calibration_dtype=calibration_dtype,
                 e2e_epochs=e2e_epochs,
+                e2e_lr=e2e_lr,
             ),
         )
         self.preset = preset
@@ -268,7 +270,7 @@ class CBQConfig(QuantizationConfigMixin):
         # The GPTQ start and the end-to-end stage exist for CBQ on the uniform grid only: elsewhere None means off.
         cbq_uniform = method == "cbq" and format == "uniform"
         self.e2e_epochs = e2e_epochs if e2e_epochs is not None else (budget["e2e_epochs"] if cbq_uniform else 0)
-        self.e2e_lr = e2e_lr
+        self.e2e_lr = budget["e2e_lr"]
         self.e2e_lr_norm = e2e_lr_norm
         self.lora_rank = lora_rank
         self.rounding_init = rounding_init if rounding_init is not None else ("gptq" if cbq_uniform else "rtn")

@@ -7,7 +7,7 @@ import pytest
 from cbq_hf.config import CBQConfig
 from cbq_hf.presets import DEFAULT_PRESET, PRESETS, estimate_message
 
-BUDGET = ("nsamples", "seqlen", "epochs", "batch_size", "calibration_dtype", "e2e_epochs")
+BUDGET = ("nsamples", "seqlen", "epochs", "batch_size", "calibration_dtype", "e2e_epochs", "e2e_lr")
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -19,8 +19,8 @@ def test_preset_sets_its_fields(name):
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_explicit_fields_override_the_preset(name):
-    cfg = CBQConfig(preset=name, epochs=7, nsamples=3)
-    assert (cfg.epochs, cfg.nsamples) == (7, 3)
+    cfg = CBQConfig(preset=name, epochs=7, nsamples=3, e2e_lr=5e-4)
+    assert (cfg.epochs, cfg.nsamples, cfg.e2e_lr) == (7, 3, 5e-4)
     assert (cfg.seqlen, cfg.batch_size) == (PRESETS[name]["seqlen"], PRESETS[name]["batch_size"])
 
 
