@@ -26,9 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.quality import DATA, SETTINGS, load_model
+from cbq_hf.calibration import rounding
 from cbq_hf.calibration.cbq import has_bf16_matrix_units
 from cbq_hf.calibration.engine import calibrate
 from cbq_hf.config import CBQConfig
+from cbq_hf.kernels.cpu import build
 from cbq_hf.presets import PRESETS
 
 RESULTS = ROOT / "benchmarks" / "results" / "presets.json"
@@ -42,8 +44,13 @@ def _levers(r: dict) -> str:
     return f"{init} start" + (f", e2e {e2e} at lr {lr:g}" if e2e else ", no e2e")
 
 
+def _ops(r: dict) -> str:
+    """Which ops built the rounded weights (rows without the field ran before the CPU calibration kernels)."""
+    return r.get("calibration_ops", "torch")
+
+
 def _key(r: dict) -> str:
-    return "|".join(str(r.get(k)) for k in ("preset", "setting", "calibration_dtype")) + "|" + _levers(r)
+    return "|".join(str(r.get(k)) for k in ("preset", "setting", "calibration_dtype")) + f"|{_levers(r)}|{_ops(r)}"
 
 
 def render(rows: list[dict]) -> str:
@@ -53,15 +60,15 @@ def render(rows: list[dict]) -> str:
         f"fp32 perplexity: {fp:.2f}" if fp else "fp32 perplexity: not measured",
         "",
         "| preset | setting | budget (samples x tokens, epochs, batch) | rounding start, end-to-end epochs | "
-        "calibration dtype | threads | calibration | perplexity | vs fp32 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "calibration dtype | calibration ops | threads | calibration | perplexity | vs fp32 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = list(PRESETS)
     for r in sorted((r for r in rows if r["preset"] != "fp32"), key=lambda r: (order.index(r["preset"]), _key(r))):
         ratio = f"{r['ppl'] / fp:.3f}x" if fp else "–"
         lines.append(
             f"| {r['preset']} | {r['setting']} | {r['budget']} | {_levers(r)} | "
-            f"{r['calibration_dtype']} ({r['autocast']}) | "
+            f"{r['calibration_dtype']} ({r['autocast']}) | {_ops(r)} | "
             f"{r['threads']} | {r['seconds'] / 60:.1f} min ({r['seconds']:.0f} s) | {r['ppl']:.2f} | {ratio} |"
         )
     cmds = sorted({r["command"] for r in rows})
@@ -147,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
             rounding_init=cfg.rounding_init,
             e2e_epochs=cfg.e2e_epochs,
             e2e_lr=cfg.e2e_lr,
+            calibration_ops="cpu-kernels" if rounding.USE_CPU_KERNELS and build.load() is not None else "torch",
             seconds=round(seconds, 1),
             e2e_seconds=report.get("e2e", {}).get("seconds"),
             ppl=ppl,
