@@ -66,3 +66,12 @@ def test_forcing_a_variant_this_cpu_cannot_run_is_refused(monkeypatch):
         build.select_variant({"avx2", "fma", "f16c"})
     monkeypatch.setenv(build.VARIANT_ENV, "AVX2")
     assert build.select_variant({"avx2", "fma", "f16c", "avx512f"}) == "avx2"
+
+
+def test_each_checkout_has_its_own_build_directory(monkeypatch, tmp_path):
+    """The build directory depends on where the sources are: torch writes their absolute paths into the build file,
+    so two checkouts sharing one directory would rebuild it for each other."""
+    here = build.build_dir("avx2")
+    assert build.build_dir("avx2") == here
+    monkeypatch.setattr(build, "SOURCE", tmp_path / "cbq_cpu.cpp")
+    assert build.build_dir("avx2") != here

@@ -141,9 +141,13 @@ def _sources(bindings: bool) -> tuple[Path, ...]:
 
 
 def build_dir(variant: str, bindings: bool = True) -> Path:
-    """Where a variant's build lives: keyed by torch version and a hash of the sources, headers and flags."""
+    """Where a variant's build lives: keyed by torch version and a hash of the sources, headers, flags and the
+    folder the sources are in (torch writes their absolute paths into the build file, so two checkouts sharing one
+    build directory would each rebuild it for the other)."""
     digest = hashlib.sha256(
-        b"".join(src.read_bytes() for src in _sources(bindings) + HEADERS) + " ".join(VARIANT_FLAGS[variant]).encode()
+        b"".join(src.read_bytes() for src in _sources(bindings) + HEADERS)
+        + " ".join(VARIANT_FLAGS[variant]).encode()
+        + str(SOURCE.parent).encode()
     ).hexdigest()[:12]
     tv = torch.__version__.replace("+", "_")
     return cache_dir() / "kernels" / f"cpu-{variant}{'' if bindings else '-ops'}-torch{tv}-{digest}"
