@@ -29,7 +29,14 @@ from ..nn.experts import CBQExperts
 from ..nn.linear import CBQLinear
 from ..rotation import hadamard_transform
 from .cbq import autocast
-from .rounding import MIN_ACT_CLIP, fake_quantize_activations_ste, mul_groups, sum_groups
+from .rounding import (
+    MIN_ACT_CLIP,
+    autocast_dtype,
+    cpu_calibration_ops,
+    fake_quantize_activations_ste,
+    mul_groups,
+    sum_groups,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -93,13 +100,6 @@ def kl_to_reference(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Ten
     return _KLToReference.apply(logits.reshape(-1, v), ref_logits.reshape(-1, v))
 
 
-def _cpu_kernels():
-    """The CPU extension's op namespace where it is built (None elsewhere)."""
-    from ..kernels.cpu import build
-
-    return build.load()
-
-
 class TrainableSteps(nn.Module):
     """Stands in for a packed uniform `CBQLinear` during the stage: the same function, with its steps and
     activation clipping ratio trainable (straight-through rounding of the steps to float16)."""
@@ -124,12 +124,12 @@ class TrainableSteps(nn.Module):
             x = hadamard_transform(x)
         x = scale_input(q.input_scale, x)
         dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32
+        dtype = autocast_dtype(dev)
         if self.act_clip is not None or dtype == torch.float32:  # autocast casts x for the product itself
             x = x.float()
         if self.act_clip is not None:
             x = fake_quantize_activations_ste(x, q.fmt.act_bits, self.act_clip.clamp(MIN_ACT_CLIP, 1.0))
-        ops = _cpu_kernels() if dev == "cpu" and dtype in (torch.float32, torch.bfloat16) else None
+        ops = cpu_calibration_ops() if dev == "cpu" and dtype in (torch.float32, torch.bfloat16) else None
         w = _ScaledCodes.apply(self.log_delta, self.qz, self.scale0, self._g(), dtype, ops)
         return F.linear(x, w, None if q.bias is None else q.bias.float())
 

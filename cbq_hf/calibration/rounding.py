@@ -233,13 +233,15 @@ class _LoRARoundedWeightCPU(torch.autograd.Function):
         return g_a1, g_a2, g_log_delta, None
 
 
-#: Whether LoRA-Rounding on the CPU uses the extension's kernels (`_LoRARoundedWeightCPU`) when they are built;
-#: False keeps the composed PyTorch ops everywhere (to compare the two).
+#: Whether calibration on the CPU uses the extension's kernels (LoRA-Rounding's `_LoRARoundedWeightCPU` and
+#: `_RoundingRegularizerCPU`, the end-to-end stage's fixed-code weight) when they are built; False keeps the
+#: PyTorch ops everywhere (to compare the two).
 USE_CPU_KERNELS = True
 
 
-def _cpu_rounding_ops():
-    """The op namespace with ``lora_round_fwd``/``lora_round_bwd``, or None where the CPU kernels are not built."""
+def cpu_calibration_ops():
+    """The op namespace with the calibration kernels (cbq_hf/kernels/cpu/rounding_cpu.cpp), or None where the CPU
+    kernels are not built or `USE_CPU_KERNELS` is off."""
     if not USE_CPU_KERNELS:
         return None
     from ..kernels.cpu import build
@@ -281,6 +283,11 @@ class _RoundingRegularizerCPU(torch.autograd.Function):
     def backward(ctx, g):
         (h,) = ctx.saved_tensors
         return ctx.ops.rounding_reg_grad(h, ctx.beta, -float(g) / h.numel()), None, None
+
+
+def autocast_dtype(device_type: str) -> torch.dtype:
+    """The dtype autocast gives matrix products on `device_type` now (float32 where autocast is off)."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else torch.float32
 
 
 def fake_quantize_activations_ste(x: torch.Tensor, act_bits: int, clip: torch.Tensor) -> torch.Tensor:
@@ -411,7 +418,7 @@ class QuantLinearSim(QuantStandIn):
             base = torch.floor(self.weight / expand_groups(self.scale0, k, self.spec)).add_(z)
             kernel_args = None
             fits = bool(base.abs().max() < 2**15) if base.numel() else False
-            if self.weight.device.type == "cpu" and fits and _cpu_rounding_ops() is not None:
+            if self.weight.device.type == "cpu" and fits and cpu_calibration_ops() is not None:
                 # the kernels take contiguous rows (an expert's weight can be a transposed view)
                 kernel_args = (self.v0.contiguous(), base.to(torch.int16).contiguous(), self.zero.contiguous())
             self._constants, self._constants_key = (base, z, kernel_args), key
@@ -424,15 +431,14 @@ class QuantLinearSim(QuantStandIn):
             z = expand_groups(self.zero, self.in_features, self.spec)
             return (self._codes(scale) - z) * expand_groups(scale, self.in_features, self.spec)
         base, z, kernel_args = self._fused_constants()
-        dev = self.weight.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32
+        dtype = autocast_dtype(self.weight.device.type)
         if not torch.is_grad_enabled():  # the evaluation batches between two optimizer steps share one weight
             state = (base, dtype, *((t.data_ptr(), t._version) for t in (self.a1, self.a2, self.log_delta)))
             cached = getattr(self, "_eval_weight", None)
             if cached is not None and cached[0][0] is base and cached[0][1:] == state[1:]:
                 return cached[1]
         group_len = self.spec.group_len(self.in_features)
-        ops = _cpu_rounding_ops() if kernel_args is not None and dtype in (torch.float32, torch.bfloat16) else None
+        ops = cpu_calibration_ops() if kernel_args is not None and dtype in (torch.float32, torch.bfloat16) else None
         if ops is not None:
             v0, base16, zero = kernel_args
             constants = (v0, base16, zero, self.scale0.contiguous(), group_len, self.spec.qmax, dtype, ops)
@@ -455,7 +461,7 @@ class QuantLinearSim(QuantStandIn):
         self._offsets_of_last_forward = None
         if h is None:
             return rounding_regularizer(self.offsets(), beta)
-        ops = _cpu_rounding_ops() if h.device.type == "cpu" and h.is_contiguous() and beta > 0 else None
+        ops = cpu_calibration_ops() if h.device.type == "cpu" and h.is_contiguous() and beta > 0 else None
         if ops is not None:
             return _RoundingRegularizerCPU.apply(h, float(beta), ops)
         return _RoundingRegularizer.apply(h, float(beta))
