@@ -3,7 +3,7 @@ forward of the quantized window, both loss terms, backward, Adam) for each calib
 
 - weight: "composed" (the stand-in's quantized weight and rounding regulariser written as separate torch ops, what
   autograd records op by op) vs "fused" (`rounding._LoRARoundedWeight`: the same in fewer torch ops, the gradient
-  written out) vs "cpu-kernels" (`rounding._LoRARoundedWeightCPU` and `_RoundingRegularizerCPU`: one pass of the
+  written out) vs "cpu-kernels" (`rounding._LoRARoundedWeightCPU`, with the rounding regulariser: one pass of the
   CPU extension's kernels over the weight each way);
 - dtype: float32 vs bfloat16 autocast of the window's matrix products (`CBQConfig(calibration_dtype=...)`);
 - threads: 1 vs all of the machine's torch threads.
@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def step(dtype: str) -> None:
         c = CBQConfig(**{**cfg.to_dict(), "calibration_dtype": dtype})
+        for s in sims:  # as the window loop does: the regulariser's beta known before the forward
+            s.regularizer_beta = 2.0
         loss = cbq._batch_loss(win, pipe, targets, 0, c)
         loss = loss + cfg.rounding_reg_weight * torch.stack([s.regularizer(2.0) for s in sims]).mean()
         opt.zero_grad()

@@ -286,20 +286,27 @@ def _run_steps(
     """`config.epochs` passes over the calibration batches in random order (annealed rounding regulariser).
     Returns (steps taken, whether a loss turned non-finite)."""
     total = config.epochs * len(pipe.inputs.batches)
+    regularized = config.use_lora_rounding and config.rounding_reg_weight > 0
     step = 0
-    for _ in range(config.epochs):
-        for c_idx in torch.randperm(len(pipe.inputs.batches), generator=pipe.gen).tolist():
-            beta = config.beta_start + (config.beta_end - config.beta_start) * step / max(total - 1, 1)
-            loss = _batch_loss(win, pipe, targets, c_idx, config)
-            if config.use_lora_rounding and config.rounding_reg_weight > 0:
-                reg = torch.stack([sim.regularizer(beta).to(loss.device) for sim in sims]).mean()
-                loss = loss + config.rounding_reg_weight * reg
-            if not torch.isfinite(loss):
-                return step, True
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
+    try:
+        for _ in range(config.epochs):
+            for c_idx in torch.randperm(len(pipe.inputs.batches), generator=pipe.gen).tolist():
+                beta = config.beta_start + (config.beta_end - config.beta_start) * step / max(total - 1, 1)
+                for sim in sims:
+                    sim.regularizer_beta = beta if regularized else None
+                loss = _batch_loss(win, pipe, targets, c_idx, config)
+                if regularized:
+                    reg = torch.stack([sim.regularizer(beta).to(loss.device) for sim in sims]).mean()
+                    loss = loss + config.rounding_reg_weight * reg
+                if not torch.isfinite(loss):
+                    return step, True
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+    finally:
+        for sim in sims:
+            sim.regularizer_beta = None
     return step, False
 
 

@@ -201,40 +201,46 @@ class _LoRARoundedWeight(torch.autograd.Function):
 
 
 class _LoRARoundedWeightCPU(torch.autograd.Function):
-    """`_LoRARoundedWeight` with the per-element work of the forward and of the whole backward in the CPU
-    extension's kernels (``lora_round_fwd`` / ``lora_round_bwd``, cbq_hf/kernels/cpu/rounding_cpu.cpp): one pass
-    over [N, K] each after the rank-r product and the sigmoid, and no [N, K] gradient tensor at all (the LoRA
-    factors' gradients are summed in the same pass). The same values as `_LoRARoundedWeight` up to float summation
-    order.
+    """`_LoRARoundedWeight` and, when beta > 0, `rounding_regularizer` of the same offsets, in the CPU extension's
+    kernels (``lora_round_fwd`` / ``lora_round_bwd``, cbq_hf/kernels/cpu/rounding_cpu.cpp): one pass over [N, K]
+    each way: the forward computes the rank-r product, the sigmoid, the codes and the regulariser's terms element by
+    element (writing the weight and the offsets the backward reads), the backward the gradients of both terms and
+    the LoRA factors' sums, so no [N, K] gradient tensor is written. The same values as `_LoRARoundedWeight` and
+    `_RoundingRegularizer` up to float rounding (float32 exp/log approximations, summation order).
 
     `constants` = (v0, base as int16, zero [N, G], scale0 [N, G], group length, qmax, dtype of W_q (float32 or
-    bfloat16), the op namespace).
+    bfloat16), beta of the regulariser (0: not computed), the op namespace). Returns (W_q, regulariser: mean(1 -
+    |2h - 1|^beta), 0 when beta is 0).
     """
 
     @staticmethod
     def forward(ctx, a1, a2, log_delta, constants):
-        v0, base16, zero, scale0, group_len, qmax, out_dtype, ops = constants
-        with torch.autocast("cpu", enabled=False):  # the offsets in float32 under autocast too
-            h = torch.addmm(v0, a1, a2).sigmoid_()
+        v0, base16, zero, scale0, group_len, qmax, out_dtype, beta, ops = constants
         e = torch.exp(log_delta)
         step = round_scale(scale0 * e).contiguous()
-        w = ops.lora_round_fwd(h, base16, zero, step, group_len, qmax, out_dtype == torch.bfloat16)
+        bf16 = out_dtype == torch.bfloat16
+        w, h, reg_sum = ops.lora_round_fwd(v0, a1, a2, base16, zero, step, group_len, qmax, bf16, beta)
         ctx.save_for_backward(a1, a2, h, step, scale0, e)
-        ctx.constants = (base16, zero, group_len, qmax, ops)
-        return w, h
+        ctx.constants = (base16, zero, group_len, qmax, beta, ops)
+        reg = 1.0 - reg_sum / v0.numel() if beta > 0 else reg_sum
+        return w, reg
 
     @staticmethod
-    def backward(ctx, g_w, g_h):
+    def backward(ctx, g_w, g_reg):
         a1, a2, h, step, scale0, e = ctx.saved_tensors
-        base16, zero, group_len, qmax, ops = ctx.constants
-        g_h = None if g_h is None else g_h.float().contiguous()
-        g_a1, g_a2, g_raw = ops.lora_round_bwd(g_w.contiguous(), g_h, h, base16, zero, step, a1, a2, group_len, qmax)
+        base16, zero, group_len, qmax, beta, ops = ctx.constants
+        reg_coef = -float(g_reg) / h.numel() if g_reg is not None and beta > 0 else 0.0
+        if g_w is None:
+            g_w = torch.zeros(h.shape, dtype=torch.float32)
+        g_a1, g_a2, g_raw = ops.lora_round_bwd(
+            g_w.contiguous(), reg_coef, h, a1, a2, base16, zero, step, group_len, qmax, beta
+        )
         g_log_delta = g_raw.mul_(scale0).mul_(e) if ctx.needs_input_grad[2] else None
         return g_a1, g_a2, g_log_delta, None
 
 
-#: Whether calibration on the CPU uses the extension's kernels (LoRA-Rounding's `_LoRARoundedWeightCPU` and
-#: `_RoundingRegularizerCPU`, the end-to-end stage's fixed-code weight) when they are built; False keeps the
+#: Whether calibration on the CPU uses the extension's kernels (LoRA-Rounding's `_LoRARoundedWeightCPU` with its
+#: regulariser, the end-to-end stage's fixed-code weight) when they are built; False keeps the
 #: PyTorch ops everywhere (to compare the two).
 USE_CPU_KERNELS = True
 
@@ -267,22 +273,6 @@ class _RoundingRegularizer(torch.autograd.Function):
         d, t = ctx.saved_tensors
         grad = torch.div(t, d).nan_to_num_(0.0, 0.0, 0.0).mul_(g * (-2.0 * ctx.beta / d.numel()))
         return grad, None
-
-
-class _RoundingRegularizerCPU(torch.autograd.Function):
-    """`_RoundingRegularizer` in the CPU extension's kernels (``rounding_reg_sum`` / ``rounding_reg_grad``): one
-    pass over h each way, |2h - 1|^beta through float32 exp/log approximations (within ~1e-5 relative)."""
-
-    @staticmethod
-    def forward(ctx, h, beta, ops):
-        ctx.save_for_backward(h)
-        ctx.beta, ctx.ops = beta, ops
-        return 1.0 - ops.rounding_reg_sum(h, beta) / h.numel()
-
-    @staticmethod
-    def backward(ctx, g):
-        (h,) = ctx.saved_tensors
-        return ctx.ops.rounding_reg_grad(h, ctx.beta, -float(g) / h.numel()), None, None
 
 
 def autocast_dtype(device_type: str) -> torch.dtype:
@@ -439,32 +429,37 @@ class QuantLinearSim(QuantStandIn):
                 return cached[1]
         group_len = self.spec.group_len(self.in_features)
         ops = cpu_calibration_ops() if kernel_args is not None and dtype in (torch.float32, torch.bfloat16) else None
+        grad = torch.is_grad_enabled()
         if ops is not None:
+            # the regulariser the training step will ask for, computed in the same pass as the weight
+            beta = float(self.regularizer_beta) if grad and self.regularizer_beta else 0.0
             v0, base16, zero = kernel_args
-            constants = (v0, base16, zero, self.scale0.contiguous(), group_len, self.spec.qmax, dtype, ops)
-            w, h = _LoRARoundedWeightCPU.apply(self.a1, self.a2, self.log_delta, constants)
+            constants = (v0, base16, zero, self.scale0.contiguous(), group_len, self.spec.qmax, dtype, beta, ops)
+            w, reg = _LoRARoundedWeightCPU.apply(self.a1, self.a2, self.log_delta, constants)
+            last = ("regularizer", beta, reg) if beta > 0 else None
         else:
             constants = (self.v0, base, z, self.scale0, group_len, self.spec.qmax, dtype)
             w, h = _LoRARoundedWeight.apply(self.a1, self.a2, self.log_delta, constants)
-        if torch.is_grad_enabled():
-            self._offsets_of_last_forward = h
+            last = ("offsets", h)
+        if grad:
+            self._last_forward = last
         else:
             self._eval_weight = (state, w)
         return w
 
     def regularizer(self, beta: float) -> torch.Tensor:
-        """Rounding regulariser of the soft offsets: those of the last forward with grad (its graph reaches the
+        """Rounding regulariser of the soft offsets: the one the last forward with grad computed with the weight
+        (CPU kernels, when `regularizer_beta` was `beta`), else from that forward's offsets (its graph reaches the
         LoRA factors through the same pass), else computed anew."""
         if not self.use_lora_rounding:
             return self.weight.new_zeros(())
-        h = getattr(self, "_offsets_of_last_forward", None)
-        self._offsets_of_last_forward = None
-        if h is None:
-            return rounding_regularizer(self.offsets(), beta)
-        ops = cpu_calibration_ops() if h.device.type == "cpu" and h.is_contiguous() and beta > 0 else None
-        if ops is not None:
-            return _RoundingRegularizerCPU.apply(h, float(beta), ops)
-        return _RoundingRegularizer.apply(h, float(beta))
+        last = getattr(self, "_last_forward", None)
+        self._last_forward = None
+        if last is not None and last[0] == "regularizer" and last[1] == float(beta):
+            return last[2]
+        if last is not None and last[0] == "offsets":
+            return _RoundingRegularizer.apply(last[1], float(beta))
+        return rounding_regularizer(self.offsets(), beta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if getattr(self, "online_hadamard", False):  # the online rotation of `CBQConfig(rotation=...)`, as CBQLinear

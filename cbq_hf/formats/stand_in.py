@@ -58,6 +58,10 @@ class QuantStandIn(nn.Module):
 
     in_features: int
     out_features: int
+    #: Exponent of the rounding regulariser the training step will ask for after the next forward (set by the window
+    #: loop before each step), so that a stand-in able to compute it in the same pass as its weight does; None:
+    #: not known, `regularizer` computes it on its own.
+    regularizer_beta: float | None = None
 
     def rounding_parameters(self) -> list[nn.Parameter]:
         """Parameters of the rounding choices (trained with `CBQConfig.lr`)."""

@@ -212,6 +212,7 @@ def test_fused_weight_equals_composed_ops(n, k, group, bits, cpu_kernels, monkey
     def run(weight_fn):
         for p in sim.parameters():
             p.grad = None
+        sim.regularizer_beta = 3.0
         w = weight_fn()
         loss = F.linear(x, w).pow(2).mean() + 0.3 * sim.regularizer(3.0)
         loss.backward()
@@ -239,8 +240,10 @@ def test_cpu_kernels_match_torch_ops(autocast_dtype, monkeypatch):
         with torch.no_grad():
             sim.a2.normal_(0, 2.0, generator=torch.Generator().manual_seed(2))  # flips many offsets
             sim.log_delta.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
+        sim.regularizer_beta = 3.0
         with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             w = sim.quantized_weight()
+            assert sim._last_forward[0] == ("regularizer" if on else "offsets")  # kernels: computed with the weight
             loss = F.linear(x, w).float().pow(2).mean() + 0.3 * sim.regularizer(3.0)
         loss.backward()
         assert (sim._constants[2] is not None) == on  # the int16 codes base exists only for the kernels
@@ -256,18 +259,28 @@ def test_cpu_kernels_match_torch_ops(autocast_dtype, monkeypatch):
 
 @pytest.mark.parametrize("beta", [2.0, 7.5, 20.0])
 def test_cpu_regularizer_matches_torch_ops(beta, monkeypatch):
-    """The CPU kernels' rounding regulariser (float32 exp/log approximations) gives `rounding_regularizer`'s value
-    and gradient within float noise, offsets at 0, 1/2 and 1 included."""
-    _use_cpu_kernels(True, monkeypatch)
-    torch.manual_seed(0)
-    h = torch.rand(37, 300)
-    h[0, :3] = torch.tensor([0.0, 0.5, 1.0])
-    h_ref = h.clone().requires_grad_()
-    ref = rounding_regularizer(h_ref, beta)
-    ref.backward()
-    h_cpu = h.clone().requires_grad_()
-    got = rounding._RoundingRegularizerCPU.apply(h_cpu, beta, build.load())
-    got.backward()
-    torch.testing.assert_close(got, ref.detach(), rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(h_cpu.grad, h_ref.grad, rtol=1e-4, atol=1e-9)
-    assert h_cpu.grad[0, 1] == 0
+    """The regulariser the CPU kernels compute in the weight's pass (float32 exp/log approximations) gives
+    `rounding_regularizer`'s value and gradient within float noise, offsets at 0, 1/2 and 1 included; asked for
+    another beta than the forward's, it is computed anew."""
+    spec = UniformSpec(4, 64)
+    lin = _linear(n=37, k=300, seed=5)
+    results = {}
+    for on in (False, True):
+        _use_cpu_kernels(on, monkeypatch)
+        sim = QuantLinearSim(lin, spec, None, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            sim.a2.normal_(0, 1.0, generator=torch.Generator().manual_seed(2))
+            sim.a1[0].zero_()  # row 0: h = h(v0) exactly
+            sim.v0[0, :3] = torch.tensor([-30.0, 0.0, 30.0])  # h = 0, 1/2, 1
+        sim.regularizer_beta = beta
+        sim.quantized_weight()
+        reg = sim.regularizer(beta)
+        reg.backward()
+        results[on] = (reg.detach(), sim.a1.grad.clone(), sim.a2.grad.clone())
+        assert float(sim.offsets().detach()[0, 1]) == 0.5
+        sim.regularizer_beta = beta
+        sim.quantized_weight()
+        other = sim.regularizer(beta + 1.0)  # not the forward's beta: from the offsets
+        torch.testing.assert_close(other, rounding_regularizer(sim.offsets(), beta + 1.0))
+    for a, b in zip(results[True], results[False]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))
