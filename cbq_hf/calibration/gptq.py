@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..formats.uniform import UniformSpec, group_index, round_scale
+from .rounding import cpu_calibration_ops
 
 #: Columns per lazy batch update (the reference implementation's block size).
 BLOCK = 128
@@ -79,19 +80,32 @@ def gptq_quantize(
     scale_k, zero_k = scale.float()[:, gi], zero.float()[:, gi]
     step_k = scale_k if step is None else step.float()[:, gi]
     w_start, codes = torch.empty_like(w), torch.empty_like(w)
+    ops = cpu_calibration_ops() if w.device.type == "cpu" else None
     for i1 in range(0, k, BLOCK):
         i2 = min(i1 + BLOCK, k)
-        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
-        err1 = torch.zeros_like(w1)
-        for i in range(i2 - i1):
-            col, wc = i1 + i, w1[:, i]
-            q = torch.clamp(torch.round(wc / scale_k[:, col]) + zero_k[:, col], 0, spec.qmax)
-            w_start[:, col], codes[:, col] = wc, q
-            e = (wc - (q - zero_k[:, col]) * step_k[:, col]) / hinv1[i, i]
-            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
-            err1[:, i] = e
+        block = (w[:, i1:i2], hinv[i1:i2, i1:i2], scale_k[:, i1:i2], zero_k[:, i1:i2], step_k[:, i1:i2])
+        if ops is not None:
+            start1, codes1, err1 = ops.gptq_columns(*(t.contiguous() for t in block), spec.qmax)
+        else:
+            start1, codes1, err1 = _columns(*block, spec.qmax)
+        w_start[:, i1:i2], codes[:, i1:i2] = start1, codes1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     return w_start, codes
+
+
+def _columns(w1, hinv1, scale1, zero1, step1, qmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ's column loop inside one lazy batch (the CPU kernel ``gptq_columns`` computes the same, bit for bit):
+    (each column as quantized, its codes, its scaled error), all [N, B]."""
+    w1 = w1.clone()
+    w_start, codes, err1 = torch.empty_like(w1), torch.empty_like(w1), torch.empty_like(w1)
+    for i in range(w1.shape[1]):
+        wc = w1[:, i]
+        q = torch.clamp(torch.round(wc / scale1[:, i]) + zero1[:, i], 0, qmax)
+        w_start[:, i], codes[:, i] = wc, q
+        e = (wc - (q - zero1[:, i]) * step1[:, i]) / hinv1[i, i]
+        w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+        err1[:, i] = e
+    return w_start, codes, err1
 
 
 @torch.no_grad()

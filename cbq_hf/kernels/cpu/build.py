@@ -34,6 +34,7 @@ SOURCES = (
     Path(__file__).with_name("amx_cpu.cpp"),
     Path(__file__).with_name("lobcq_cpu.cpp"),
     Path(__file__).with_name("rounding_cpu.cpp"),
+    Path(__file__).with_name("gptq_cpu.cpp"),
     BINDINGS,
 )
 #: Headers they include (part of the build's cache key: a changed header must rebuild).
