@@ -168,6 +168,9 @@ class BlockPipeline:
         self.x_q = self.x_fp.clone()
         self.schedule = window_schedule(len(self.blocks), config.window_size, config.window_overlap)
         self.states: dict[int, BlockState] = {}
+        #: (block index, X_fp at that block's input) that the last window's float run reached: the next window starts
+        #: its float run there instead of recomputing the blocks the two windows share.
+        self._fp_ahead: tuple[int, Stream] | None = None
         self.report: dict[str, Any] = {"device": str(self.device), "num_blocks": len(self.blocks), "windows": []}
         if any(self.experts_rel):
             mode = "all_experts" if config.moe_calibrate_all_experts else "routed"
@@ -238,7 +241,12 @@ class BlockPipeline:
         observers = method.observers(self, new)
         for b in new:
             start_counting(self.states[b].fp, self.config.moe_calibrate_all_experts)
-        fp_out, next_fp, first_in = self.run_float(win, self.x_fp, observers)
+        first, x = win.start, self.x_fp
+        ahead = self._fp_ahead
+        if ahead is not None and win.start < ahead[0] <= win.freeze_end and all(b >= ahead[0] for b in new):
+            first, x = ahead  # the previous window's float output: its blocks' float run on X_fp is known
+        fp_out, next_fp, first_in = self.run_float(win, x, observers, first)
+        self._fp_ahead = (win.end, fp_out)
         self._record_routing(new)
         method.prepare(self, new, observers, first_in)
         entry = method.train(self, win, fp_out)
@@ -297,18 +305,23 @@ class BlockPipeline:
 
     # ---------------------------------------------------------------- streams
     @torch.no_grad()
-    def run_float(self, win: Window, x: Stream, observers: dict[int, Any]) -> tuple[Stream, Stream, dict]:
-        """The float window on stream `x`: (its output, the stream at the window's freeze end, the first batch's
-        input of every block). `observers` record statistics of their block while it runs."""
+    def run_float(
+        self, win: Window, x: Stream, observers: dict[int, Any], first: int | None = None
+    ) -> tuple[Stream, Stream, dict]:
+        """The float window on stream `x`, the input of block `first` (default: the window's first block; a later
+        one when the blocks before it have run on `x` already): (its output, the stream at the window's freeze end,
+        the first batch's input of every block it ran). `observers` record statistics of their block while it runs.
+        """
+        first = win.start if first is None else first
         out = x.empty_like()
-        nxt = x.empty_like() if win.freeze_end < win.end else None
+        nxt = x.empty_like() if first < win.freeze_end < win.end else None
         first_in: dict[int, torch.Tensor] = {}
         for c in observers.values():
             c.__enter__()
         try:
             for c_idx, (s, e) in enumerate(self.inputs.batches):
                 h = x[s:e].to(self.device)
-                for b in win.blocks:
+                for b in range(first, win.end):
                     if c_idx == 0:
                         first_in[b] = h
                     h = self.inputs.call_block(self.states[b].fp, b, c_idx, h)
@@ -320,6 +333,8 @@ class BlockPipeline:
         finally:
             for c in observers.values():
                 c.__exit__(None, None, None)
+        if first == win.freeze_end:
+            return out, x, first_in
         return out, (nxt if nxt is not None else out), first_in
 
     @torch.no_grad()

@@ -46,6 +46,37 @@ def test_every_linear_packed(family, calib_ids):
     assert torch.isfinite(_logits(model, calib_ids)).all()
 
 
+def test_float_blocks_shared_by_two_windows_run_once_on_x_fp(calib_ids, monkeypatch):
+    """Each window after the first starts its float run on X_fp at the previous window's float output (the block the
+    two windows share ran there already), and the result is the same as recomputing it."""
+    from helpers import tiny_llama
+
+    from cbq_hf.calibration import pipeline
+
+    def run(cache: bool):
+        starts = []
+        original = pipeline.BlockPipeline.run_float
+
+        def run_float(self, win, x, observers, first=None):
+            if observers or first is not None:  # the X_fp run (the homologous X_q run passes neither)
+                if not cache:
+                    first, x = None, self.x_fp
+                starts.append((win.start, win.start if first is None else first))
+            return original(self, win, x, observers, first)
+
+        monkeypatch.setattr(pipeline.BlockPipeline, "run_float", run_float)
+        torch.manual_seed(0)
+        model = tiny_llama(layers=4)
+        calibrate(model, _cfg(), calib_ids, progress=False)
+        return starts, _logits(model, calib_ids)
+
+    starts, logits = run(True)
+    assert starts == [(0, 0), (1, 2), (2, 3)]
+    recomputed_starts, recomputed = run(False)
+    assert recomputed_starts == [(0, 0), (1, 1), (2, 2)]
+    assert torch.equal(logits, recomputed)
+
+
 def test_training_lowers_window_loss(family, calib_ids):
     rep = calibrate(family(layers=2), _cfg(epochs=4), calib_ids, progress=False)
     w = rep["windows"][0]
