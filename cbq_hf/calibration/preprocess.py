@@ -31,22 +31,26 @@ logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------ detection
-def outlier_counts(values: torch.Tensor, lambda1: float, lambda2: float) -> torch.Tensor:
+def outlier_counts(
+    values: torch.Tensor, lambda1: float, lambda2: float, sorted_desc: torch.Tensor | None = None
+) -> torch.Tensor:
     """Number of outliers in each row of `values` [R, M] (non-negative statistics), by coarse-to-fine detection.
 
+    `sorted_desc`: the rows of `values` (as float32) sorted in descending order, when the caller has them.
     Returns int64 [R]; 0 where no value passes the coarse threshold.
     """
     v = values.float()
     r, m = v.shape
-    q1 = torch.quantile(v, 0.25, dim=1)
-    q3 = torch.quantile(v, 0.75, dim=1)
+    srt = v.sort(dim=1, descending=True).values if sorted_desc is None else sorted_desc
+    ascending = srt.flip(1)
+    q1 = _quantile_of_sorted(ascending, 0.25)
+    q3 = _quantile_of_sorted(ascending, 0.75)
     thr = q3 + lambda1 * (q3 - q1)
     n_cand = (v > thr[:, None]).sum(1)
     kmax = int(n_cand.max()) if r else 0
     if kmax == 0 or m < 2:
         return torch.zeros(r, dtype=torch.long)
     kmax = min(kmax, m - 1)
-    srt = v.sort(dim=1, descending=True).values
     srt = srt / srt[:, :1].clamp(min=1e-12)
     cs = srt.cumsum(1)
     cs2 = srt.pow(2).cumsum(1)
@@ -62,12 +66,22 @@ def outlier_counts(values: torch.Tensor, lambda1: float, lambda2: float) -> torc
     return torch.where(n_cand > 0, best, torch.zeros_like(best))
 
 
+def _quantile_of_sorted(ascending: torch.Tensor, q: float) -> torch.Tensor:
+    """`torch.quantile(x, q, dim=1)` (linear interpolation) of rows already sorted in ascending order, with the same
+    float operations, so the same values (`torch.quantile` would sort each row again)."""
+    m = ascending.shape[1]
+    rank = torch.tensor(q, dtype=ascending.dtype) * (m - 1)
+    below, above = int(rank), int(torch.ceil(rank))
+    weight = rank - below
+    return torch.lerp(ascending[:, below], ascending[:, above], weight)
+
+
 def weight_truncation(weight: torch.Tensor, lambda1: float, lambda2: float) -> tuple[torch.Tensor, int]:
     """Per-row truncation threshold of |W| [N] (the largest non-outlier magnitude; the row max when none) and the
     number of outlier weights found."""
     a = weight.detach().float().abs()
-    k = outlier_counts(a, lambda1, lambda2)
     srt = a.sort(dim=1, descending=True).values
+    k = outlier_counts(a, lambda1, lambda2, srt)
     thr = srt.gather(1, k.clamp(max=a.shape[1] - 1)[:, None]).squeeze(1)
     return thr, int(k.sum())
 
@@ -154,6 +168,8 @@ class StatsCollector:
         self.stats = BlockStats()
         self._handles: list = []
         self._outputs: dict[str, torch.Tensor] = {}
+        #: this batch's statistics per input tensor: linears that read the same input (q/k/v, gate/up) share them
+        self._of_input: dict[tuple, tuple] = {}
         self._first = True
 
     def __enter__(self) -> StatsCollector:
@@ -169,11 +185,13 @@ class StatsCollector:
             h.remove()
         self._handles.clear()
         self._outputs.clear()
+        self._of_input.clear()
 
     def end_batch(self) -> None:
         """Call after each batch: feeding relations are learned from the first batch only."""
         self._first = False
         self._outputs.clear()
+        self._of_input.clear()
 
     def _norm_hook(self, name: str):
         def hook(mod, args, out):
@@ -187,21 +205,23 @@ class StatsCollector:
             x = args[0].detach()
             xf = x.float().reshape(-1, x.shape[-1])
             st = self.stats
-            amax = xf.abs().amax(0).cpu()
-            sq = xf.pow(2).sum(0).cpu()
+            key = (x.data_ptr(), tuple(x.shape), x.dtype)
+            if key not in self._of_input:
+                gram = xf.T @ xf if self.keep_gram else None
+                self._of_input[key] = (x, xf.abs().amax(0).cpu(), xf.pow(2).sum(0).cpu(), gram)
+            _, amax, sq, gram = self._of_input[key]  # x is kept so that its storage is not reused in the batch
             if name in st.act_max:
                 st.act_max[name] = torch.maximum(st.act_max[name], amax)
                 st.act_sq[name] += sq
                 st.tokens[name] += xf.shape[0]
             else:
-                st.act_max[name], st.act_sq[name], st.tokens[name] = amax, sq, xf.shape[0]
+                st.act_max[name], st.act_sq[name], st.tokens[name] = amax.clone(), sq.clone(), xf.shape[0]
             have = st.samples[name].shape[0] if name in st.samples else 0
             if have < self.keep_tokens:
                 rows = xf[: self.keep_tokens - have].cpu()
                 st.samples[name] = torch.cat([st.samples[name], rows]) if have else rows.clone()
             if self.keep_gram:
-                gram = xf.T @ xf
-                st.gram[name] = st.gram[name].add_(gram) if name in st.gram else gram
+                st.gram[name] = st.gram[name].add_(gram) if name in st.gram else gram.clone()
             if self._first:
                 st.feeds[name] = next(
                     (n for n, o in self._outputs.items() if o.data_ptr() == x.data_ptr() and o.shape == x.shape), None

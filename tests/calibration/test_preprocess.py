@@ -38,6 +38,18 @@ def test_detects_planted_outliers():
     assert counts.tolist()[2:] == [0, 0]  # uniform rows: the fine split keeps nothing or the coarse test fails
 
 
+@pytest.mark.parametrize("m", [1, 2, 7, 576, 1537])
+def test_quantiles_from_the_sorted_rows_equal_torch_quantile(m):
+    """The coarse thresholds reuse one sort of each row: its quartiles equal `torch.quantile`'s bit for bit."""
+    from cbq_hf.calibration.preprocess import _quantile_of_sorted
+
+    v = torch.randn(33, m, generator=torch.Generator().manual_seed(m)).abs()
+    v[0] = 1.0  # ties
+    ascending = v.sort(dim=1).values
+    for q in (0.25, 0.75):
+        assert torch.equal(_quantile_of_sorted(ascending, q), torch.quantile(v, q, dim=1))
+
+
 def test_smoothing_scales_only_touch_outliers():
     a = torch.ones(64)
     a[7], a[9] = 50.0, 45.0
