@@ -8,6 +8,10 @@ forward of the quantized window, both loss terms, backward, Adam) for each calib
 - dtype: float32 vs bfloat16 autocast of the window's matrix products (`CBQConfig(calibration_dtype=...)`);
 - threads: 1 vs all of the machine's torch threads.
 
+Beside them, the step's lower bound on this machine: its matrix products alone (forward, input gradient and weight
+gradient of each of the window's linears, batch x tokens rows) and its attention alone (forward and backward of
+`scaled_dot_product_attention` with the model's head shapes), in each dtype and thread count.
+
 A script that prints and writes a table; it asserts nothing. Run it alone on the machine.
 
     python -P benchmarks/calibration_speed.py --repeats 5
@@ -23,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -72,6 +77,46 @@ def _first_window(cfg: CBQConfig):
     return pipe, win, targets, sims, cbq._optimizer(sims, [], cfg)
 
 
+def _median_time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def _lower_bound(
+    pipe, sims, blocks: int, tokens: int, batch: int, dtype: torch.dtype, repeats: int
+) -> tuple[float, float]:
+    """(seconds of the window's matrix products alone, seconds of the attention of its `blocks` alone) per step,
+    in `dtype`."""
+    g = torch.Generator().manual_seed(0)
+    mats = []
+    for s in sims:
+        x = torch.randn(tokens, s.in_features, generator=g).to(dtype)
+        w = torch.randn(s.out_features, s.in_features, generator=g).to(dtype)
+        mats.append((x, w, torch.randn(tokens, s.out_features, generator=g).to(dtype)))
+
+    def products() -> None:
+        for x, w, gy in mats:
+            torch.mm(x, w.t()), torch.mm(gy, w), torch.mm(gy.t(), x)
+
+    c = pipe.model.config
+    heads, kv = c.num_attention_heads, getattr(c, "num_key_value_heads", c.num_attention_heads)
+    dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    seq = tokens // batch
+    qkv = [torch.randn(batch, n, seq, dim, generator=g).to(dtype).requires_grad_() for n in (heads, kv, kv)]
+
+    def attention() -> None:
+        for _ in range(blocks):
+            out = F.scaled_dot_product_attention(*qkv, is_causal=True, enable_gqa=kv != heads)
+            out.sum().backward()
+
+    return _median_time(products, repeats), _median_time(attention, repeats)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5, help="rounds over all variants (median reported)")
@@ -109,6 +154,15 @@ def main(argv: list[str] | None = None) -> None:
             times[(w, d, t)].append((time.perf_counter() - t0) / args.steps)
     rounding.QuantLinearSim.quantized_weight, rounding.QuantLinearSim.regularizer = FUSED
     rounding.USE_CPU_KERNELS = True
+    bounds = []
+    for t in sorted({1, all_threads}):
+        torch.set_num_threads(t)
+        for d in ("float32", "bfloat16"):
+            tokens = cfg.batch_size * cfg.seqlen
+            dt, n = getattr(torch, d), args.repeats * args.steps
+            mm, attn = _lower_bound(pipe, sims, len(win.blocks), tokens, cfg.batch_size, dt, n)
+            bounds.append(dict(dtype=d, threads=t, products_s=round(mm, 4), attention_s=round(attn, 4)))
+    torch.set_num_threads(all_threads)
     base = sorted(times[variants[0]])[len(times[variants[0]]) // 2]
     rows = []
     for v, ts in times.items():
@@ -122,7 +176,9 @@ def main(argv: list[str] | None = None) -> None:
         command="python -P benchmarks/calibration_speed.py " + " ".join(argv or sys.argv[1:]),
         date=time.strftime("%Y-%m-%d %H:%M"),
     )
-    (RESULTS / "calibration_speed.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+    (RESULTS / "calibration_speed.json").write_text(
+        json.dumps(dict(meta=meta, rows=rows, lower_bound=bounds), indent=1) + "\n"
+    )
     lines = [
         f"# Calibration step time ({meta['window']})",
         "",
@@ -134,6 +190,17 @@ def main(argv: list[str] | None = None) -> None:
         *[
             f"| {r['weight']} | {r['dtype']} | {r['threads']} | {r['step_s']:.3f} | {r['speedup']:.2f}x |"
             for r in rows
+        ],
+        "",
+        "Lower bound of a step on this machine: its matrix products alone and its attention alone (forward and",
+        "backward), with random inputs of the same shapes.",
+        "",
+        "| dtype | threads | matrix products (s) | attention (s) | both (s) |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {b['dtype']} | {b['threads']} | {b['products_s']:.3f} | {b['attention_s']:.3f} | "
+            f"{b['products_s'] + b['attention_s']:.3f} |"
+            for b in bounds
         ],
         "",
     ]
