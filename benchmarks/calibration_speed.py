@@ -37,6 +37,7 @@ from cbq_hf.calibration import cbq, pipeline, rounding
 from cbq_hf.calibration.cbq import has_bf16_matrix_units
 from cbq_hf.config import CBQConfig
 from cbq_hf.formats.uniform import expand_groups
+from cbq_hf.kernels.cpu import build
 
 RESULTS = ROOT / "benchmarks" / "results"
 FUSED = (rounding.QuantLinearSim.quantized_weight, rounding.QuantLinearSim.regularizer)
@@ -169,8 +170,8 @@ def main(argv: list[str] | None = None) -> None:
         med = sorted(ts)[len(ts) // 2]
         rows.append(dict(weight=v[0], dtype=v[1], threads=v[2], step_s=round(med, 4), speedup=round(base / med, 2)))
     meta = dict(
-        cpu=platform.processor() or platform.machine(),
-        bf16_matrix_units=has_bf16_matrix_units(torch.device("cpu")),
+        cpu=build.cpu_model() or platform.processor() or platform.machine(),
+        bf16_matrix_units=build.bf16_matrix_units() if has_bf16_matrix_units(torch.device("cpu")) else "none",
         torch=torch.__version__,
         window="blocks 0-1 of SmolLM2-135M, W4A16 g128, batch 2 x 256 tokens",
         command="python -P benchmarks/calibration_speed.py " + " ".join(argv or sys.argv[1:]),

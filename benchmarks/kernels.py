@@ -284,15 +284,8 @@ def main() -> None:
         "fp32_matmul": args.fp32_matmul,
         "load_before": " ".join(f"{v:.2f}" for v in os.getloadavg()),
     }
-    try:
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-        meta["cpu"] = cpu
-    except (OSError, StopIteration):
-        pass
+    if build.cpu_model():
+        meta["cpu"] = build.cpu_model()
     rows = []
     for k, n in shapes:
         rows += bench_shape(k, n, ms, args.paths, args.reps, args.min_time, args.device)

@@ -49,8 +49,14 @@ def _ops(r: dict) -> str:
     return r.get("calibration_ops", "torch")
 
 
+def _machine(r: dict) -> str:
+    """The CPU a row ran on (rows without the field ran on the earlier 2-core development machine, with AMX)."""
+    return r.get("machine", "x86-64, bf16 units: AMX")
+
+
 def _key(r: dict) -> str:
-    return "|".join(str(r.get(k)) for k in ("preset", "setting", "calibration_dtype")) + f"|{_levers(r)}|{_ops(r)}"
+    keys = ("preset", "setting", "calibration_dtype")
+    return "|".join(str(r.get(k)) for k in keys) + f"|{_levers(r)}|{_ops(r)}|{_machine(r)}"
 
 
 def render(rows: list[dict]) -> str:
@@ -60,15 +66,15 @@ def render(rows: list[dict]) -> str:
         f"fp32 perplexity: {fp:.2f}" if fp else "fp32 perplexity: not measured",
         "",
         "| preset | setting | budget (samples x tokens, epochs, batch) | rounding start, end-to-end epochs | "
-        "calibration dtype | calibration ops | threads | calibration | perplexity | vs fp32 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "calibration dtype | calibration ops | machine | threads | calibration | perplexity | vs fp32 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = list(PRESETS)
     for r in sorted((r for r in rows if r["preset"] != "fp32"), key=lambda r: (order.index(r["preset"]), _key(r))):
         ratio = f"{r['ppl'] / fp:.3f}x" if fp else "–"
         lines.append(
             f"| {r['preset']} | {r['setting']} | {r['budget']} | {_levers(r)} | "
-            f"{r['calibration_dtype']} ({r['autocast']}) | {_ops(r)} | "
+            f"{r['calibration_dtype']} ({r['autocast']}) | {_ops(r)} | {_machine(r)} | "
             f"{r['threads']} | {r['seconds'] / 60:.1f} min ({r['seconds']:.0f} s) | {r['ppl']:.2f} | {ratio} |"
         )
     cmds = sorted({r["command"] for r in rows})
@@ -123,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     path = demo_model_path()
     tok = AutoTokenizer.from_pretrained(path)
     text = (DATA / "wiki.test.raw").read_text(encoding="utf-8")
-    common = dict(command=command, threads=threads, cpu=platform.processor() or platform.machine())
+    machine = f"{build.cpu_model() or platform.machine()}, bf16 units: {build.bf16_matrix_units()}"
+    common = dict(command=command, threads=threads, cpu=platform.processor() or platform.machine(), machine=machine)
     if args.fp32:
         ppl = perplexity(load_model(path), tok, text, n_windows=args.eval_windows, progress=False)
         _record(rows, dict(preset="fp32", setting="-", calibration_dtype="-", ppl=ppl, **common))

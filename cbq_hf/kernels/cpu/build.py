@@ -71,6 +71,18 @@ def _cpuinfo_field(name: str) -> str:
     return ""
 
 
+def cpu_model() -> str:
+    """The CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) Platinum 8480C", ...; empty where /proc/cpuinfo has
+    none)."""
+    return _cpuinfo_field("model name")
+
+
+def bf16_matrix_units() -> str:
+    """Which bfloat16 matrix units this CPU has, by name: "AMX", "AVX512-BF16" or "none" (Linux /proc/cpuinfo)."""
+    flags = cpu_flags()
+    return "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "none"
+
+
 def cpu_flags() -> set[str]:
     """Instruction-set flags of this CPU (Linux /proc/cpuinfo; empty elsewhere)."""
     return set(_cpuinfo_field("flags").split())
