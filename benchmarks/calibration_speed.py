@@ -32,6 +32,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.lobcq_speed import median_ms
 from benchmarks.quality import DATA, load_model
 from cbq_hf.calibration import cbq, pipeline, rounding
 from cbq_hf.calibration.cbq import has_bf16_matrix_units
@@ -78,16 +79,6 @@ def _first_window(cfg: CBQConfig):
     return pipe, win, targets, sims, cbq._optimizer(sims, [], cfg)
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
 def _lower_bound(
     pipe, sims, blocks: int, tokens: int, batch: int, dtype: torch.dtype, repeats: int
 ) -> tuple[float, float]:
@@ -115,7 +106,7 @@ def _lower_bound(
             out = F.scaled_dot_product_attention(*qkv, is_causal=True, enable_gqa=kv != heads)
             out.sum().backward()
 
-    return _median_time(products, repeats), _median_time(attention, repeats)
+    return median_ms(products, repeats) / 1000, median_ms(attention, repeats) / 1000
 
 
 def main(argv: list[str] | None = None) -> None:
