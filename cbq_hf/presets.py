@@ -44,21 +44,61 @@ def token_steps(config) -> int:
     return config.epochs * config.nsamples * config.seqlen
 
 
-def estimate_message(config, seconds_per_window: float, windows_left: int) -> str:
-    """One line: the estimated remaining time of the windows, the end-to-end stage's steps when it runs, and per
-    preset with a smaller budget, its estimate."""
+def estimate_message(config, seconds_per_window: float, windows_left: int, num_blocks: int | None = None) -> str:
+    """One line: the estimated remaining time of the windows, of the end-to-end stage when it runs, and per preset
+    with a smaller budget, its estimate.
+
+    Args:
+        config: the run's `CBQConfig`.
+        seconds_per_window: wall time of the first window (s).
+        windows_left: windows still to run.
+        num_blocks: decoder blocks of the model; with it, the end-to-end stage is estimated too (a full-model step
+            costs about num_blocks / window_size window steps on the same tokens), else only its steps are named.
+    """
     left = seconds_per_window * windows_left
+    own = {k: getattr(config, k) for k in ("nsamples", "seqlen", "epochs", "batch_size", "e2e_epochs")}
     faster = []
     for name, fields in PRESETS.items():
         ratio = fields["epochs"] * fields["nsamples"] * fields["seqlen"] / max(token_steps(config), 1)
         if ratio < 0.999:
-            faster.append(f"preset {name!r} ~{_minutes(left * ratio)}")
+            # the preset's stage runs where this run's does (CBQ on the uniform grid, not switched off)
+            stage = _e2e_seconds(config, seconds_per_window, num_blocks, fields) if own["e2e_epochs"] else 0.0
+            faster.append(f"preset {name!r} ~{_minutes(left * ratio + (stage or 0.0))}")
     hint = f"; faster: {', '.join(faster)}" if faster else ""
-    steps = getattr(config, "e2e_epochs", 0) * -(-config.nsamples // config.batch_size)
-    then = f", then the end-to-end stage ({steps} full-model steps)" if steps else ""
+    steps = e2e_steps(own)
+    then = ""
+    if steps:
+        stage = _e2e_seconds(config, seconds_per_window, num_blocks, own)
+        then = f", then the end-to-end stage ({steps} full-model steps"
+        then += ")" if stage is None else f", ~{_minutes(stage)}): ~{_minutes(left + stage)} in all"
     return (
         f"calibration: ~{_minutes(left)} left for {windows_left} windows ({seconds_per_window:.0f} s each){then}{hint}"
     )
+
+
+def estimated_seconds(config, seconds_per_window: float, windows_left: int, num_blocks: int | None = None) -> float:
+    """The estimated remaining calibration time (s): the windows left, plus the end-to-end stage when it runs and
+    `num_blocks` is known."""
+    own = {k: getattr(config, k) for k in ("nsamples", "seqlen", "epochs", "batch_size", "e2e_epochs")}
+    stage = _e2e_seconds(config, seconds_per_window, num_blocks, own) if own["e2e_epochs"] else 0.0
+    return seconds_per_window * windows_left + (stage or 0.0)
+
+
+def _e2e_seconds(config, seconds_per_window: float, num_blocks: int | None, fields) -> float | None:
+    """The end-to-end stage's time for the budget `fields`, from this run's window time: a window step (the
+    window's float runs and GPTQ start spread over its steps) scaled by the tokens per step and by the blocks a
+    full-model step runs (num_blocks / window_size windows). None without `num_blocks`."""
+    if num_blocks is None:
+        return None
+    window_step = seconds_per_window / max(config.epochs * -(-config.nsamples // config.batch_size), 1)
+    tokens = fields["batch_size"] * fields["seqlen"] / (config.batch_size * config.seqlen)
+    return e2e_steps(fields) * window_step * tokens * num_blocks / config.window_size
+
+
+def e2e_steps(fields) -> int:
+    """Optimizer steps of the end-to-end stage: e2e_epochs x batches per epoch (`fields`: a preset or a config's
+    budget fields)."""
+    return int(fields.get("e2e_epochs", 0) or 0) * -(-int(fields["nsamples"]) // int(fields["batch_size"]))
 
 
 def _minutes(seconds: float) -> str:

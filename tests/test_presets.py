@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cbq_hf.config import CBQConfig
-from cbq_hf.presets import DEFAULT_PRESET, PRESETS, estimate_message
+from cbq_hf.presets import DEFAULT_PRESET, PRESETS, estimate_message, estimated_seconds
 
 BUDGET = ("nsamples", "seqlen", "epochs", "batch_size", "calibration_dtype", "e2e_epochs", "e2e_lr")
 
@@ -79,3 +79,19 @@ def test_estimate_names_the_faster_presets_only():
 def test_estimate_names_the_end_to_end_stage_when_it_runs():
     assert "end-to-end stage (64 full-model steps)" in estimate_message(CBQConfig(preset="balanced"), 5, 2)
     assert "end-to-end" not in estimate_message(CBQConfig(preset="balanced", e2e_epochs=0), 5, 2)
+
+
+def test_estimate_adds_the_end_to_end_stage_from_the_window_time_when_the_blocks_are_known():
+    # balanced: 4 epochs x 16 batches = 64 steps per window -> 1 s per window step; a full-model step runs
+    # 30 / 2 = 15 windows' worth of blocks on the same tokens: 64 stage steps x 15 s = 960 s
+    config = CBQConfig(preset="balanced")
+    assert config.window_size == 2
+    msg = estimate_message(config, seconds_per_window=64, windows_left=2, num_blocks=30)
+    assert "end-to-end stage (64 full-model steps, ~16 min): ~18 min in all" in msg
+    # fast: half the window tokens (64 s) and 16 stage steps of the same size (240 s)
+    assert "preset 'fast' ~5 min" in msg
+    assert estimated_seconds(config, 64, 2, num_blocks=30) == pytest.approx(128 + 960)
+    # without the stage, neither the stage nor its time is counted, for this run or the faster presets
+    off = CBQConfig(preset="balanced", e2e_epochs=0)
+    assert estimated_seconds(off, 64, 2, num_blocks=30) == pytest.approx(128)
+    assert "preset 'fast' ~64 s" in estimate_message(off, 64, 2, num_blocks=30)

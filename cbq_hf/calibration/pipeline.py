@@ -127,13 +127,14 @@ def walk_blocks(model: nn.Module, convert, progress: bool = True, desc: str = "b
     finish(model, plan)
 
 
-def _log_estimate(config, seconds_per_window: float, windows_left: int) -> None:
+def _log_estimate(config, seconds_per_window: float, windows_left: int, num_blocks: int) -> None:
     """After the first window: the estimated time left, and faster presets (a warning beyond 15 minutes)."""
-    from ..presets import estimate_message
+    from ..presets import estimate_message, estimated_seconds
 
-    left = seconds_per_window * windows_left
+    left = estimated_seconds(config, seconds_per_window, windows_left, num_blocks)
     logger.log(
-        logging.WARNING if left > 900 else logging.INFO, estimate_message(config, seconds_per_window, windows_left)
+        logging.WARNING if left > 900 else logging.INFO,
+        estimate_message(config, seconds_per_window, windows_left, num_blocks),
     )
 
 
@@ -213,7 +214,7 @@ class BlockPipeline:
             for win in bar:
                 entry = self._run_window(win, method)
                 if win.index == self.first_window and win.index + 1 < n:
-                    _log_estimate(self.config, entry["seconds"], n - win.index - 1)
+                    _log_estimate(self.config, entry["seconds"], n - win.index - 1, len(self.blocks))
                 bar.set_postfix(loss=f"{entry['loss_start']:.3g}->{entry['loss_end']:.3g}")
                 logger.info(
                     "window %d/%d (blocks %d-%d): loss %.4g -> %.4g (%s), %.1f s",
