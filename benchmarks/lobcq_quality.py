@@ -11,7 +11,8 @@ lobcq-w4a4-universal-cbq-n16x256 (twice that many calibration samples), lobcq-w4
 calibration tokens (-n16x256lr3-sqauto[-seedN]; 32 x 256: -n32x256lr3-sqauto) and with the token-normalised window
 loss (-n8x256lr3-sqauto-tn[-seedN]) or the blocks' norm weights trained with lr_norm 1e-3 / 3e-3
 (-n8x256lr3-sqauto-ln1[-seedN] / -ln3[-seedN]), with windows of 3 (4) blocks overlapping by 2 (3)
-(-n8x256lr3-sqauto-w3[-seedN] / -w4[-seedN]) or an array-scale learning rate of 1e-2 (-n8x256lr3-sqauto-ls2); block
+(-n8x256lr3-sqauto-w3[-seedN] / -w4[-seedN]), the 3-block row from the GPTQ start (-n8x256lr3-sqauto-w3-gptq[-seedN])
+or an array-scale learning rate of 1e-2 (-n8x256lr3-sqauto-ls2); block
 arrays of 32 values (lobcq-w4a4-universal-a32 RTN, -n8x256lr3-sqauto-w3-a32[-seedN] CBQ, and with the default 2-block
 windows -n8x256lr3-sqauto-w2-a32[-seedN]). Results accumulate in benchmarks/results/<--results>.json (default
 lobcq_quality; a row already there with the same
@@ -180,6 +181,22 @@ ROWS: dict[str, dict | None] = {
             **{**CBQ_BUDGET_MAIN, "lr": 3e-2},
         )
         for ws in (3, 4)
+        for seed in (0, 1, 2, 3)
+    },
+    # the 3-block windows' row started from GPTQ on the starting encoding (rounding_init="gptq"), four seeds
+    **{
+        f"lobcq-w4a4-universal-cbq-n8x256lr3-sqauto-w3-gptq{f'-seed{seed}' if seed else ''}": dict(
+            method="cbq",
+            format="lobcq",
+            act_bits=4,
+            lobcq_codebooks="universal",
+            smooth_alpha="auto",
+            seed=seed,
+            window_size=3,
+            window_overlap=2,
+            rounding_init="gptq",
+            **{**CBQ_BUDGET_MAIN, "lr": 3e-2},
+        )
         for seed in (0, 1, 2, 3)
     },
     "lobcq-w4a4-universal-cbq-n8x256lr3-sqauto-ls2": dict(

@@ -114,8 +114,9 @@ class CBQConfig(QuantizationConfigMixin):
         rounding_init: the starting point of the rounding: "rtn" (round-to-nearest on the clip-searched grid) or
             "gptq" (GPTQ's error-compensated codes on that same grid, from each linear's input Hessian over the
             calibration tokens of its float input, K x K float32 per linear while its window runs;
-            `calibration/gptq.py`; method="cbq" with format="uniform" only). None: "gptq" where it applies, else
-            "rtn" (the GPTQ start measured better at every uniform setting, docs/benchmarks_quality.md).
+            `calibration/gptq.py`; method="cbq" only; with format="lobcq": GPTQ on the starting array scales and
+            codebook selectors, each value to its block codebook's nearest entry). None: "gptq" for the uniform
+            format (measured better at every uniform setting, docs/benchmarks_quality.md), "rtn" for LO-BCQ.
         loss_weight_accumulated / loss_weight_homologous: weights of the two reconstruction terms
             (quantized window on X_q vs full precision on X_fp; quantized vs full precision both on X_q).
         kl_weight: weight of the KL part of each distance term (0 disables it).
@@ -366,10 +367,10 @@ class CBQConfig(QuantizationConfigMixin):
         _check_int("lora_rank", self.lora_rank, 1)
         if self.rounding_init not in _ROUNDING_INITS:
             raise _err("rounding_init", self.rounding_init, f"allowed: {list(_ROUNDING_INITS)}")
-        if self.rounding_init == "gptq" and (self.method != "cbq" or self.format != "uniform"):
+        if self.rounding_init == "gptq" and self.method != "cbq":
             raise ValueError(
-                f"CBQConfig: rounding_init='gptq' starts the uniform format's CBQ rounding from GPTQ's codes; it "
-                f"needs method='cbq' and format='uniform' (got method={self.method!r}, format={self.format!r})."
+                f"CBQConfig: rounding_init='gptq' starts CBQ's rounding from GPTQ's codes; it needs method='cbq' "
+                f"(got method={self.method!r})."
             )
         for name in (
             "loss_weight_accumulated",

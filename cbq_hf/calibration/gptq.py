@@ -10,13 +10,19 @@ on the grid GPTQ quantized on.
 
 `gptq_start` gives a `QuantLinearSim` the error-compensated weight W' (each column as GPTQ quantized it) as the
 weight its offsets round, so that its initial hard rounding (round-to-nearest of W' / scale0) equals GPTQ's codes.
+The LO-BCQ stand-in (`lobcq_sim.LOBCQLinearSim`) gets the same on its fixed starting encoding (array scales and
+codebook selectors kept, each value the nearest entry of its block's codebook): `gptq_quantize_with` runs GPTQ's
+column loop for any per-column quantizer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..formats.uniform import UniformSpec, group_index, round_scale
+from .lobcq_sim import LOBCQLinearSim
 from .rounding import cpu_calibration_ops
 
 #: Columns per lazy batch update (the reference implementation's block size).
@@ -109,11 +115,55 @@ def _columns(w1, hinv1, scale1, zero1, step1, qmax: int) -> tuple[torch.Tensor, 
 
 
 @torch.no_grad()
+def gptq_quantize_with(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    quantize_column: Callable[[int, torch.Tensor], torch.Tensor],
+    damp: float = 0.01,
+) -> torch.Tensor:
+    """GPTQ of W [N, K] for any fixed per-column quantizer (the same column order, lazy batches and dampening as
+    `gptq_quantize`).
+
+    Args:
+        weight: W [N, K].
+        hessian: H [K, K] of the linear's input.
+        quantize_column: (column index i, its current values [N] float32) -> their dequantized values [N].
+        damp: dampening relative to the mean diagonal of H.
+
+    Returns:
+        W' [N, K] float32: each column as it was when quantized (quantize_column of it is what GPTQ chose). Columns
+        of dead input channels (zero diagonal) are set to 0.
+    """
+    w = weight.detach().float().clone()
+    k = w.shape[1]
+    w[:, torch.diag(hessian) == 0] = 0.0
+    hinv = inverse_hessian_factor(hessian.to(w.device), damp)
+    w_start = torch.empty_like(w)
+    for i1 in range(0, k, BLOCK):
+        i2 = min(i1 + BLOCK, k)
+        w1, err1 = w[:, i1:i2], torch.empty_like(w[:, i1:i2])
+        for j in range(i2 - i1):
+            col = w1[:, j].clone()
+            w_start[:, i1 + j] = col
+            e = (col - quantize_column(i1 + j, col)) / hinv[i1 + j, i1 + j]
+            w1[:, j:] -= e[:, None] * hinv[i1 + j, i1 + j : i2][None, :]
+            err1[:, j] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return w_start
+
+
+@torch.no_grad()
 def gptq_start(sim, hessian: torch.Tensor, damp: float = 0.01) -> None:
-    """Start the uniform stand-in `sim` (`rounding.QuantLinearSim`) from GPTQ's error-compensated weight on its own
-    starting grid (sim.scale0, sim.zero), in place; `hessian` [K, K] is of the input its matmul sees. The codes use
-    the grid the stand-in rounds on (scale0 with LoRA-Rounding, else the stored step), the error feedback the
-    stored step."""
+    """Start the stand-in `sim` from GPTQ's error-compensated weight on its own starting grid, in place; `hessian`
+    [K, K] is of the input its matmul sees.
+
+    Uniform (`rounding.QuantLinearSim`): the grid (sim.scale0, sim.zero); the codes use the grid the stand-in rounds
+    on (scale0 with LoRA-Rounding, else the stored step), the error feedback the stored step. LO-BCQ
+    (`LOBCQLinearSim`): its starting array scales and codebook selectors, each value to the nearest entry of its
+    block's codebook."""
+    if isinstance(sim, LOBCQLinearSim):
+        sim.start_from(gptq_quantize_with(sim.weight, hessian, sim.column_quantizer(), damp))
+        return
     stored = round_scale(sim.scale0)
     codes_on = sim.scale0 if sim.use_lora_rounding else stored
     w_start, _ = gptq_quantize(sim.weight, hessian, codes_on, sim.zero, sim.spec, damp, stored)

@@ -194,6 +194,42 @@ class LOBCQLinearSim(QuantStandIn):
         w = (q.view(n, -1, self.spec.array_len) * real.unsqueeze(-1)).reshape(n, self.padded)
         return w[:, : self.in_features]
 
+    @torch.no_grad()
+    def column_quantizer(self):
+        """The starting encoding as a per-column quantizer for `gptq.gptq_quantize_with`: (column index i, values
+        [N]) -> each value as the nearest entry of its block's codebook at its array's current scale (ties to the
+        smaller entry, as the hard choice without LoRA-Rounding), dequantized. Scales and selectors stay fixed."""
+        real = self._scales()[0].detach()
+        n, lb, la = self.out_features, self.spec.block_len, self.spec.array_len
+        rows = self.rows.view(n, -1, self.rows.shape[-1]).transpose(0, 1).contiguous()  # [blocks per row, N, 16]
+
+        def quantize(i: int, col: torch.Tensor) -> torch.Tensor:
+            r = real[:, i // la]
+            y = torch.where(r > 0, col / r.clamp(min=1e-30), torch.zeros_like(col))
+            entries = rows[i // lb]
+            cnt = torch.searchsorted(entries, y[:, None], right=True)
+            last = entries.shape[-1] - 1
+            lo = torch.gather(entries, 1, (cnt - 1).clamp(0, last)).squeeze(1)
+            hi = torch.gather(entries, 1, cnt.clamp(0, last)).squeeze(1)
+            return torch.where((hi - y) < (y - lo), hi, lo) * r
+
+        return quantize
+
+    @torch.no_grad()
+    def start_from(self, weight: torch.Tensor) -> None:
+        """Encode `weight` [N, K] instead of the linear's weight with the same array scales and codebook selectors:
+        the initial hard choice of every value becomes its nearest codebook entry (`gptq.gptq_start` gives GPTQ's
+        error-compensated weight). Offsets within 1e-4 of 1/2 are moved to the nearest entry's side of 1/2, so the
+        inverse sigmoid's float error cannot flip a choice."""
+        self.weight.copy_(weight)
+        if self.use_lora_rounding:
+            y, lo, hi, _, _ = self._neighbours(self._scales()[0])
+            gap = hi - lo
+            h0 = torch.where(gap > 0, (y - lo) / gap.clamp(min=1e-12), torch.zeros_like(y))
+            up = (hi - y) < (y - lo)
+            h0 = torch.where(up, h0.clamp(min=0.5 + 1e-4), h0.clamp(max=0.5 - 1e-4))
+            self.v0.copy_(inverse_rectified_sigmoid(h0))
+
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         raw = x
         if self.input_scale is not None:

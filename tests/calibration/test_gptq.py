@@ -1,6 +1,7 @@
-"""GPTQ starting point of the uniform stand-in (`calibration/gptq.py`, `CBQConfig.rounding_init="gptq"`): the pure
-function lowers the output error against RTN on the same grid, the stand-in starts exactly from GPTQ's codes,
-the Hessian is collected and rescaled for smoothing, calibration runs and resumes bit for bit."""
+"""GPTQ starting point of the stand-ins (`calibration/gptq.py`, `CBQConfig.rounding_init="gptq"`): the pure
+function lowers the output error against RTN on the same grid, the uniform stand-in starts exactly from GPTQ's
+codes and the LO-BCQ one from GPTQ on its starting encoding, the Hessian is collected and rescaled for smoothing,
+calibration runs and resumes bit for bit."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ from torch import nn
 from cbq_hf.calibration.cbq import _smoothed_hessian
 from cbq_hf.calibration.checkpoint import run_identity
 from cbq_hf.calibration.engine import calibrate
-from cbq_hf.calibration.gptq import gptq_quantize, gptq_start
+from cbq_hf.calibration.gptq import gptq_quantize, gptq_quantize_with, gptq_start
+from cbq_hf.calibration.lobcq_sim import LOBCQLinearSim
 from cbq_hf.calibration.preprocess import StatsCollector
 from cbq_hf.calibration.rounding import QuantLinearSim, init_qparams
 from cbq_hf.config import CBQConfig
+from cbq_hf.formats.lobcq import LOBCQFormat, LOBCQSpec
 from cbq_hf.formats.uniform import UniformSpec, expand_groups, round_scale
 
 SPECS = {
@@ -115,6 +118,75 @@ def test_stand_in_starts_from_gptq_dequantized_weight(spec):
     assert torch.equal(lin.weight.detach(), float_weight)  # the float linear is untouched
 
 
+def test_gptq_with_a_uniform_column_quantizer_is_gptq_on_that_grid():
+    """The generic column loop with round-to-nearest on a fixed uniform grid gives the weight `gptq_quantize` gives."""
+    spec = SPECS["w4_g64"]
+    lin = _linear(24, 320)  # 320 columns: two full lazy batches and a ragged third
+    w = lin.weight.detach()
+    x = _correlated(1024, 320)
+    h = 2 * x.T @ x / x.shape[0]
+    scale, zero = init_qparams(w, spec)
+    ref, _ = gptq_quantize(w, h, scale, zero, spec)
+    s_k, z_k = expand_groups(scale, 320, spec), expand_groups(zero, 320, spec)
+
+    def rtn(i: int, col: torch.Tensor) -> torch.Tensor:
+        return (torch.clamp(torch.round(col / s_k[:, i]) + z_k[:, i], 0, spec.qmax) - z_k[:, i]) * s_k[:, i]
+
+    torch.testing.assert_close(gptq_quantize_with(w, h, rtn), ref, rtol=1e-5, atol=1e-6)
+
+
+def _lobcq_sims(lin: nn.Linear, lora: bool) -> tuple[LOBCQLinearSim, LOBCQLinearSim]:
+    fmt = LOBCQFormat(LOBCQSpec(), act_bits=None)
+    return tuple(
+        LOBCQLinearSim(lin, fmt, use_lora_rounding=lora, generator=torch.Generator().manual_seed(0)) for _ in range(2)
+    )
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora-rounding", "nearest"])
+def test_lobcq_stand_in_starts_from_gptq_on_its_starting_encoding(lora):
+    """LO-BCQ: GPTQ keeps the starting array scales and codebook selectors, starts every value at the nearest entry
+    of its codebook for the error-compensated weight, and lowers the output error against the nearest start."""
+    lin = _linear(32, 256)
+    float_weight = lin.weight.detach().clone()
+    x = _correlated(2048, 256)
+    h = 2 * x.T @ x / x.shape[0]
+    nearest, sim = _lobcq_sims(lin, lora)
+    quantize = sim.column_quantizer()
+    gptq_start(sim, h)
+    assert torch.equal(sim.scale0, nearest.scale0) and torch.equal(sim.selector, nearest.selector)
+    with torch.no_grad():
+        start = torch.stack([quantize(i, sim.weight[:, i]) for i in range(256)], 1)
+        assert torch.equal(sim.quantized_weight(), start)  # the hard choice is the nearest entry of W'
+        errs = [_rel_out_err(x, float_weight, s.quantized_weight()) for s in (nearest, sim)]
+    assert errs[1] < 0.9 * errs[0], errs
+    assert torch.equal(lin.weight.detach(), float_weight)  # the float linear is untouched
+    assert torch.equal(sim.codes().selector, nearest.codes().selector)
+
+
+def test_lobcq_gptq_start_with_uncorrelated_inputs_is_the_nearest_start():
+    """A diagonal Hessian leaves no error to compensate: the GPTQ start is the nearest-entry start, value for value."""
+    lin = _linear(16, 128)
+    nearest, sim = _lobcq_sims(lin, lora=False)
+    gptq_start(sim, torch.diag(torch.rand(128) + 0.5))
+    with torch.no_grad():
+        assert torch.equal(sim.quantized_weight(), nearest.quantized_weight())
+
+
+def test_calibrate_lobcq_from_gptq_start_runs_and_starts_lower(calib_ids):
+    """format="lobcq" with rounding_init="gptq": the windows start below the RTN start's (W4A16, where the weight
+    error is all there is; the tiny model's measured ordering, as in the uniform test above)."""
+    starts = {}
+    for init in ("rtn", "gptq"):
+        cfg = _cfg(format="lobcq", bits=4, group_size=-1, act_bits=None, epochs=2, rounding_init=init)
+        model = tiny_llama(layers=3).eval()
+        rep = calibrate(model, cfg, calib_ids, progress=False)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        assert all(w["status"] in ("ok", "reverted") and w["loss_end"] <= w["loss_start"] for w in rep["windows"])
+        starts[init] = [w["loss_start"] for w in rep["windows"]]
+    assert starts["gptq"][0] < starts["rtn"][0], starts
+    assert sum(starts["gptq"]) < sum(starts["rtn"]), starts
+
+
 def test_collector_hessian_is_of_the_float_input_and_rescaled_by_smoothing():
     torch.manual_seed(0)
     block = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 4))
@@ -189,8 +261,8 @@ def test_rounding_init_field_validates_and_round_trips(calib_ids):
         CBQConfig(rounding_init="nearest")
     with pytest.raises(ValueError, match="rounding_init='gptq'.*method='rtn'"):
         CBQConfig(method="rtn", rounding_init="gptq")
-    with pytest.raises(ValueError, match="rounding_init='gptq'.*format='lobcq'"):
-        CBQConfig(format="lobcq", bits=4, rounding_init="gptq")
+    assert CBQConfig(format="lobcq", bits=4, rounding_init="gptq").rounding_init == "gptq"
+    assert CBQConfig(format="lobcq", bits=4).rounding_init == "rtn"  # LO-BCQ's default start stays RTN's
     # a checkpoint written before the field existed (an RTN start) still matches an RTN-start run, not a gptq run
     model = tiny_llama(layers=2)
     plain = run_identity(CBQConfig(rounding_init="rtn"), calib_ids, model, 2)
