@@ -80,8 +80,8 @@ def _add_quantize(sub) -> None:
         "--rounding-init",
         default=None,
         choices=["rtn", "gptq"],
-        help="start of the rounding: gptq (GPTQ's error-compensated codes; the default for cbq on the uniform grid) "
-        "or rtn",
+        help="start of the rounding: gptq (GPTQ's error-compensated codes; the default for cbq on the uniform grid, "
+        "opt-in for lobcq) or rtn",
     )
     g.add_argument(
         "--e2e-epochs",
