@@ -56,7 +56,7 @@ def estimate_message(config, seconds_per_window: float, windows_left: int, num_b
             costs about num_blocks / window_size window steps on the same tokens), else only its steps are named.
     """
     left = seconds_per_window * windows_left
-    own = {k: getattr(config, k) for k in ("nsamples", "seqlen", "epochs", "batch_size", "e2e_epochs")}
+    own = _budget(config)
     faster = []
     for name, fields in PRESETS.items():
         ratio = fields["epochs"] * fields["nsamples"] * fields["seqlen"] / max(token_steps(config), 1)
@@ -79,7 +79,7 @@ def estimate_message(config, seconds_per_window: float, windows_left: int, num_b
 def estimated_seconds(config, seconds_per_window: float, windows_left: int, num_blocks: int | None = None) -> float:
     """The estimated remaining calibration time (s): the windows left, plus the end-to-end stage when it runs and
     `num_blocks` is known."""
-    own = {k: getattr(config, k) for k in ("nsamples", "seqlen", "epochs", "batch_size", "e2e_epochs")}
+    own = _budget(config)
     stage = _e2e_seconds(config, seconds_per_window, num_blocks, own) if own["e2e_epochs"] else 0.0
     return seconds_per_window * windows_left + (stage or 0.0)
 
@@ -90,7 +90,7 @@ def _e2e_seconds(config, seconds_per_window: float, num_blocks: int | None, fiel
     full-model step runs (num_blocks / window_size windows). None without `num_blocks`."""
     if num_blocks is None:
         return None
-    window_step = seconds_per_window / max(config.epochs * -(-config.nsamples // config.batch_size), 1)
+    window_step = seconds_per_window / max(config.epochs * _batches(_budget(config)), 1)
     tokens = fields["batch_size"] * fields["seqlen"] / (config.batch_size * config.seqlen)
     return e2e_steps(fields) * window_step * tokens * num_blocks / config.window_size
 
@@ -98,7 +98,17 @@ def _e2e_seconds(config, seconds_per_window: float, num_blocks: int | None, fiel
 def e2e_steps(fields) -> int:
     """Optimizer steps of the end-to-end stage: e2e_epochs x batches per epoch (`fields`: a preset or a config's
     budget fields)."""
-    return int(fields.get("e2e_epochs", 0) or 0) * -(-int(fields["nsamples"]) // int(fields["batch_size"]))
+    return int(fields.get("e2e_epochs", 0) or 0) * _batches(fields)
+
+
+def _batches(fields) -> int:
+    """Batches per epoch: ceil(nsamples / batch_size)."""
+    return -(-int(fields["nsamples"]) // int(fields["batch_size"]))
+
+
+def _budget(config) -> dict:
+    """A config's budget fields, in the form of a preset's."""
+    return {k: getattr(config, k) for k in ("nsamples", "seqlen", "epochs", "batch_size", "e2e_epochs")}
 
 
 def _minutes(seconds: float) -> str:

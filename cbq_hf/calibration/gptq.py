@@ -78,25 +78,38 @@ def gptq_quantize(
         (W' [N, K] float32: each column as it was when quantized, so that clamp(round(W' / scale) + zero) are the
         codes; codes [N, K] float32, integer-valued). Columns of dead input channels (zero diagonal) are set to 0.
     """
-    w = weight.detach().float().clone()
-    n, k = w.shape
-    w[:, torch.diag(hessian) == 0] = 0.0
-    hinv = inverse_hessian_factor(hessian.to(w.device), damp)
-    gi = group_index(k, spec, w.device)
+    k = weight.shape[1]
+    gi = group_index(k, spec, weight.device)
     scale_k, zero_k = scale.float()[:, gi], zero.float()[:, gi]
     step_k = scale_k if step is None else step.float()[:, gi]
-    w_start, codes = torch.empty_like(w), torch.empty_like(w)
-    ops = cpu_calibration_ops() if w.device.type == "cpu" else None
-    for i1 in range(0, k, BLOCK):
-        i2 = min(i1 + BLOCK, k)
-        block = (w[:, i1:i2], hinv[i1:i2, i1:i2], scale_k[:, i1:i2], zero_k[:, i1:i2], step_k[:, i1:i2])
+    w_start, codes = torch.empty_like(weight, dtype=torch.float32), torch.empty_like(weight, dtype=torch.float32)
+    ops = cpu_calibration_ops() if weight.device.type == "cpu" else None
+
+    def batch(i1: int, i2: int, w1: torch.Tensor, hinv1: torch.Tensor) -> torch.Tensor:
+        block = (w1, hinv1, scale_k[:, i1:i2], zero_k[:, i1:i2], step_k[:, i1:i2])
         if ops is not None:
             start1, codes1, err1 = ops.gptq_columns(*(t.contiguous() for t in block), spec.qmax)
         else:
             start1, codes1, err1 = _columns(*block, spec.qmax)
         w_start[:, i1:i2], codes[:, i1:i2] = start1, codes1
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+        return err1
+
+    _lazy_batches(weight, hessian, damp, batch)
     return w_start, codes
+
+
+def _lazy_batches(weight: torch.Tensor, hessian: torch.Tensor, damp: float, batch) -> None:
+    """GPTQ's outer loop over W [N, K] (float32 copy, dead input channels zeroed): for each lazy batch of BLOCK
+    columns, `batch(i1, i2, w1, hinv1)` quantizes the columns i1:i2 (w1 [N, B], as the batches before left them;
+    hinv1 the batch's block of the upper inverse-Hessian factor) and returns their scaled errors [N, B], which are
+    then fed forward to the columns after the batch."""
+    w = weight.detach().float().clone()
+    w[:, torch.diag(hessian) == 0] = 0.0
+    hinv = inverse_hessian_factor(hessian.to(w.device), damp)
+    for i1 in range(0, w.shape[1], BLOCK):
+        i2 = min(i1 + BLOCK, w.shape[1])
+        err1 = batch(i1, i2, w[:, i1:i2], hinv[i1:i2, i1:i2])
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 
 
 def _columns(w1, hinv1, scale1, zero1, step1, qmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -134,21 +147,19 @@ def gptq_quantize_with(
         W' [N, K] float32: each column as it was when quantized (quantize_column of it is what GPTQ chose). Columns
         of dead input channels (zero diagonal) are set to 0.
     """
-    w = weight.detach().float().clone()
-    k = w.shape[1]
-    w[:, torch.diag(hessian) == 0] = 0.0
-    hinv = inverse_hessian_factor(hessian.to(w.device), damp)
-    w_start = torch.empty_like(w)
-    for i1 in range(0, k, BLOCK):
-        i2 = min(i1 + BLOCK, k)
-        w1, err1 = w[:, i1:i2], torch.empty_like(w[:, i1:i2])
+    w_start = torch.empty_like(weight, dtype=torch.float32)
+
+    def batch(i1: int, i2: int, w1: torch.Tensor, hinv1: torch.Tensor) -> torch.Tensor:
+        err1 = torch.empty_like(w1)
         for j in range(i2 - i1):
             col = w1[:, j].clone()
             w_start[:, i1 + j] = col
-            e = (col - quantize_column(i1 + j, col)) / hinv[i1 + j, i1 + j]
-            w1[:, j:] -= e[:, None] * hinv[i1 + j, i1 + j : i2][None, :]
+            e = (col - quantize_column(i1 + j, col)) / hinv1[j, j]
+            w1[:, j:] -= e[:, None] * hinv1[j, j:][None, :]
             err1[:, j] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+        return err1
+
+    _lazy_batches(weight, hessian, damp, batch)
     return w_start
 
 

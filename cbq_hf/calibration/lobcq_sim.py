@@ -59,6 +59,20 @@ E4M3_MIN = 2.0**-9
 SCALE_SEARCH = 1
 
 
+def _bracket(entries: torch.Tensor, y: torch.Tensor):
+    """For sorted codebook rows `entries` [M, C] and values y [M, L] (each row's values in that row's codebook): the
+    entries lo <= y <= hi (clamped to the codebook's ends) and their indices, all [M, L]."""
+    cnt = torch.searchsorted(entries, y.detach(), right=True)  # entries <= y
+    last = entries.shape[-1] - 1
+    lo_i, hi_i = (cnt - 1).clamp(0, last), cnt.clamp(0, last)
+    return torch.gather(entries, 1, lo_i), torch.gather(entries, 1, hi_i), lo_i, hi_i
+
+
+def _nearest_is_hi(y: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Where the nearest of lo <= y <= hi is hi (ties go to the smaller entry)."""
+    return (hi - y) < (y - lo)
+
+
 def _ste(value: torch.Tensor, through: torch.Tensor) -> torch.Tensor:
     """`value` in the forward (exactly), the gradient of `through` in the backward."""
     return value.detach() + (through - through.detach())
@@ -125,10 +139,7 @@ class LOBCQLinearSim(QuantStandIn):
             self.register_buffer("log_delta", delta)
         self.use_lora_rounding = use_lora_rounding
         if use_lora_rounding:
-            with torch.no_grad():
-                y, lo, hi, _, _ = self._neighbours(self._scales()[0])
-            gap = hi - lo
-            h0 = torch.where(gap > 0, (y - lo) / gap.clamp(min=1e-12), torch.zeros_like(y))
+            h0, _ = self._start_offsets()
             self.register_buffer("v0", inverse_rectified_sigmoid(h0))
             a1 = torch.randn(n, lora_rank, generator=generator) / math.sqrt(lora_rank)
             self.a1 = nn.Parameter(a1.to(w.device))
@@ -166,18 +177,15 @@ class LOBCQLinearSim(QuantStandIn):
         wp = F.pad(self.weight, (0, kp - self.in_features)).view(n, -1, self.spec.array_len)
         r = real.unsqueeze(-1)
         y = torch.where(r > 0, wp / r.clamp(min=1e-30), torch.zeros_like(wp)).reshape(n, kp)
-        cnt = torch.searchsorted(self.rows, y.detach().reshape(-1, lb), right=True)  # entries <= y
-        lo_i, hi_i = (cnt - 1).clamp(0, 15), cnt.clamp(0, 15)
-        lo = torch.gather(self.rows, 1, lo_i).view(n, kp)
-        hi = torch.gather(self.rows, 1, hi_i).view(n, kp)
-        return y, lo, hi, lo_i.view(n, kp), hi_i.view(n, kp)
+        lo, hi, lo_i, hi_i = _bracket(self.rows, y.reshape(-1, lb))
+        return y, lo.view(n, kp), hi.view(n, kp), lo_i.view(n, kp), hi_i.view(n, kp)
 
     def _choice(self, y, lo, hi):
         """(take-hi mask [N, Kp] bool, differentiable offset or None)."""
         if self.use_lora_rounding:
             h = self.offsets()
             return h >= 0.5, h
-        return (hi - y.detach()) < (y.detach() - lo), None  # nearest; ties go to the smaller entry
+        return _nearest_is_hi(y.detach(), lo, hi), None
 
     def quantized_weight(self) -> torch.Tensor:
         real, _ = self._scales()
@@ -206,12 +214,9 @@ class LOBCQLinearSim(QuantStandIn):
         def quantize(i: int, col: torch.Tensor) -> torch.Tensor:
             r = real[:, i // la]
             y = torch.where(r > 0, col / r.clamp(min=1e-30), torch.zeros_like(col))
-            entries = rows[i // lb]
-            cnt = torch.searchsorted(entries, y[:, None], right=True)
-            last = entries.shape[-1] - 1
-            lo = torch.gather(entries, 1, (cnt - 1).clamp(0, last)).squeeze(1)
-            hi = torch.gather(entries, 1, cnt.clamp(0, last)).squeeze(1)
-            return torch.where((hi - y) < (y - lo), hi, lo) * r
+            lo, hi, _, _ = _bracket(rows[i // lb], y[:, None])
+            lo, hi = lo.squeeze(1), hi.squeeze(1)
+            return torch.where(_nearest_is_hi(y, lo, hi), hi, lo) * r
 
         return quantize
 
@@ -223,12 +228,18 @@ class LOBCQLinearSim(QuantStandIn):
         inverse sigmoid's float error cannot flip a choice."""
         self.weight.copy_(weight)
         if self.use_lora_rounding:
-            y, lo, hi, _, _ = self._neighbours(self._scales()[0])
-            gap = hi - lo
-            h0 = torch.where(gap > 0, (y - lo) / gap.clamp(min=1e-12), torch.zeros_like(y))
-            up = (hi - y) < (y - lo)
+            h0, up = self._start_offsets()
             h0 = torch.where(up, h0.clamp(min=0.5 + 1e-4), h0.clamp(max=0.5 - 1e-4))
             self.v0.copy_(inverse_rectified_sigmoid(h0))
+
+    @torch.no_grad()
+    def _start_offsets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(offsets h [N, Kp] that place every value at its position between its two neighbouring entries, where the
+        nearest entry is the upper one) at the current scales."""
+        y, lo, hi, _, _ = self._neighbours(self._scales()[0])
+        gap = hi - lo
+        h0 = torch.where(gap > 0, (y - lo) / gap.clamp(min=1e-12), torch.zeros_like(y))
+        return h0, _nearest_is_hi(y, lo, hi)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         raw = x
