@@ -45,6 +45,25 @@ CBQ_BUDGET = dict(nsamples=4, seqlen=128, epochs=2, batch_size=2, lr=1e-2, lr_sc
 #: The budget of the main quality table (benchmarks/quality.py rows "n8x256 e2").
 CBQ_BUDGET_MAIN = dict(nsamples=8, seqlen=256, epochs=2, batch_size=2, lr=1e-2, lr_scale=1e-3)
 
+
+def _sqauto(lr: float = 3e-2, **fields) -> dict:
+    """A CBQ row on universal LO-BCQ W4A4 with smooth_alpha="auto" at the main budget and rounding learning rate
+    `lr`; `fields` add to it or override the budget's."""
+    return dict(
+        method="cbq",
+        format="lobcq",
+        act_bits=4,
+        lobcq_codebooks="universal",
+        smooth_alpha="auto",
+        **{**CBQ_BUDGET_MAIN, "lr": lr, **fields},
+    )
+
+
+def _seed(seed: int) -> str:
+    """Row-name suffix of a seed (none for seed 0)."""
+    return f"-seed{seed}" if seed else ""
+
+
 ROWS: dict[str, dict | None] = {
     "fp32": None,
     "uniform-w4a4-g128": dict(method="rtn", bits=4, group_size=128, act_bits=4),
@@ -76,166 +95,61 @@ ROWS: dict[str, dict | None] = {
     "lobcq-w4a4-universal-cbq-n8x256-sq065": dict(
         method="cbq", format="lobcq", act_bits=4, lobcq_codebooks="universal", smooth_alpha=0.65, **CBQ_BUDGET_MAIN
     ),
-    "lobcq-w4a4-universal-cbq-n8x256-sqauto": dict(
-        method="cbq", format="lobcq", act_bits=4, lobcq_codebooks="universal", smooth_alpha="auto", **CBQ_BUDGET_MAIN
-    ),
+    "lobcq-w4a4-universal-cbq-n8x256-sqauto": _sqauto(lr=1e-2),
     # the same with 4 epochs, or with a 3x / 5x larger rounding learning rate
-    "lobcq-w4a4-universal-cbq-n8x256e4-sqauto": dict(
-        method="cbq",
-        format="lobcq",
-        act_bits=4,
-        lobcq_codebooks="universal",
-        smooth_alpha="auto",
-        **{**CBQ_BUDGET_MAIN, "epochs": 4},
-    ),
-    "lobcq-w4a4-universal-cbq-n8x256lr3-sqauto": dict(
-        method="cbq",
-        format="lobcq",
-        act_bits=4,
-        lobcq_codebooks="universal",
-        smooth_alpha="auto",
-        **{**CBQ_BUDGET_MAIN, "lr": 3e-2},
-    ),
+    "lobcq-w4a4-universal-cbq-n8x256e4-sqauto": _sqauto(lr=1e-2, epochs=4),
+    "lobcq-w4a4-universal-cbq-n8x256lr3-sqauto": _sqauto(),
     # the lr 3e-2 row with other seeds (other calibration samples and LoRA initialisations): run-to-run spread
-    "lobcq-w4a4-universal-cbq-n8x256lr3-sqauto-seed1": dict(
-        method="cbq",
-        format="lobcq",
-        act_bits=4,
-        lobcq_codebooks="universal",
-        smooth_alpha="auto",
-        seed=1,
-        **{**CBQ_BUDGET_MAIN, "lr": 3e-2},
-    ),
-    "lobcq-w4a4-universal-cbq-n8x256lr3-sqauto-seed2": dict(
-        method="cbq",
-        format="lobcq",
-        act_bits=4,
-        lobcq_codebooks="universal",
-        smooth_alpha="auto",
-        seed=2,
-        **{**CBQ_BUDGET_MAIN, "lr": 3e-2},
-    ),
+    "lobcq-w4a4-universal-cbq-n8x256lr3-sqauto-seed1": _sqauto(seed=1),
+    "lobcq-w4a4-universal-cbq-n8x256lr3-sqauto-seed2": _sqauto(seed=2),
     # the lr 3e-2 smoothed row with twice the calibration text (16 x 256 tokens), four seeds
     **{
-        f"lobcq-w4a4-universal-cbq-n16x256lr3-sqauto{f'-seed{seed}' if seed else ''}": dict(
-            method="cbq",
-            format="lobcq",
-            act_bits=4,
-            lobcq_codebooks="universal",
-            smooth_alpha="auto",
-            seed=seed,
-            **{**CBQ_BUDGET_MAIN, "lr": 3e-2, "nsamples": 16},
-        )
+        f"lobcq-w4a4-universal-cbq-n16x256lr3-sqauto{_seed(seed)}": _sqauto(seed=seed, nsamples=16)
         for seed in (0, 1, 2, 3)
     },
     # ... and with 32 x 256
-    "lobcq-w4a4-universal-cbq-n32x256lr3-sqauto": dict(
-        method="cbq",
-        format="lobcq",
-        act_bits=4,
-        lobcq_codebooks="universal",
-        smooth_alpha="auto",
-        **{**CBQ_BUDGET_MAIN, "lr": 3e-2, "nsamples": 32},
-    ),
+    "lobcq-w4a4-universal-cbq-n32x256lr3-sqauto": _sqauto(nsamples=32),
     # the lr 3e-2 smoothed row with the token-normalised window loss (massive attention-sink tokens no longer
     # dominate it), three seeds
     **{
-        f"lobcq-w4a4-universal-cbq-n8x256lr3-sqauto-tn{f'-seed{seed}' if seed else ''}": dict(
-            method="cbq",
-            format="lobcq",
-            act_bits=4,
-            lobcq_codebooks="universal",
-            smooth_alpha="auto",
-            seed=seed,
-            token_normalized_loss=True,
-            **{**CBQ_BUDGET_MAIN, "lr": 3e-2},
-        )
+        f"lobcq-w4a4-universal-cbq-n8x256lr3-sqauto-tn{_seed(seed)}": _sqauto(seed=seed, token_normalized_loss=True)
         for seed in (0, 1, 2)
     },
     # the lr 3e-2 smoothed row with the blocks' norm weights trained in the windows (lr_norm 1e-3 / 3e-3)
     **{
-        f"lobcq-w4a4-universal-cbq-n8x256lr3-sqauto-ln{tag}{f'-seed{seed}' if seed else ''}": dict(
-            method="cbq",
-            format="lobcq",
-            act_bits=4,
-            lobcq_codebooks="universal",
-            smooth_alpha="auto",
-            seed=seed,
-            lr_norm=lr_norm,
-            **{**CBQ_BUDGET_MAIN, "lr": 3e-2},
-        )
+        f"lobcq-w4a4-universal-cbq-n8x256lr3-sqauto-ln{tag}{_seed(seed)}": _sqauto(seed=seed, lr_norm=lr_norm)
         for tag, lr_norm in (("1", 1e-3), ("3", 3e-3))
         for seed in (0, 1, 2, 3)
     },
     # the lr 3e-2 smoothed row with windows of 3 blocks overlapping by 2, or array-scale learning rate 1e-2
     **{
-        f"lobcq-w4a4-universal-cbq-n8x256lr3-sqauto-w{ws}{f'-seed{seed}' if seed else ''}": dict(
-            method="cbq",
-            format="lobcq",
-            act_bits=4,
-            lobcq_codebooks="universal",
-            smooth_alpha="auto",
-            seed=seed,
-            window_size=ws,
-            window_overlap=ws - 1,
-            **{**CBQ_BUDGET_MAIN, "lr": 3e-2},
+        f"lobcq-w4a4-universal-cbq-n8x256lr3-sqauto-w{ws}{_seed(seed)}": _sqauto(
+            seed=seed, window_size=ws, window_overlap=ws - 1
         )
         for ws in (3, 4)
         for seed in (0, 1, 2, 3)
     },
     # the 3-block windows' row started from GPTQ on the starting encoding (rounding_init="gptq"), four seeds
     **{
-        f"lobcq-w4a4-universal-cbq-n8x256lr3-sqauto-w3-gptq{f'-seed{seed}' if seed else ''}": dict(
-            method="cbq",
-            format="lobcq",
-            act_bits=4,
-            lobcq_codebooks="universal",
-            smooth_alpha="auto",
-            seed=seed,
-            window_size=3,
-            window_overlap=2,
-            rounding_init="gptq",
-            **{**CBQ_BUDGET_MAIN, "lr": 3e-2},
+        f"lobcq-w4a4-universal-cbq-n8x256lr3-sqauto-w3-gptq{_seed(seed)}": _sqauto(
+            seed=seed, window_size=3, window_overlap=2, rounding_init="gptq"
         )
         for seed in (0, 1, 2, 3)
     },
-    "lobcq-w4a4-universal-cbq-n8x256lr3-sqauto-ls2": dict(
-        method="cbq",
-        format="lobcq",
-        act_bits=4,
-        lobcq_codebooks="universal",
-        smooth_alpha="auto",
-        **{**CBQ_BUDGET_MAIN, "lr": 3e-2, "lr_scale": 1e-2},
-    ),
+    "lobcq-w4a4-universal-cbq-n8x256lr3-sqauto-ls2": _sqauto(lr_scale=1e-2),
     # block arrays of 32 values instead of 64 (one E4M3 scale per 32 values: 4.75 bits per value instead of 4.625),
     # RTN and the best CBQ configuration (3-block windows), with the universal set designed for that spec
     "lobcq-w4a4-universal-a32": dict(
         method="rtn", format="lobcq", act_bits=4, lobcq_codebooks="universal", lobcq_array_len=32
     ),
     **{
-        f"lobcq-w4a4-universal-cbq-n8x256lr3-sqauto-w{ws}-a32{f'-seed{seed}' if seed else ''}": dict(
-            method="cbq",
-            format="lobcq",
-            act_bits=4,
-            lobcq_codebooks="universal",
-            smooth_alpha="auto",
-            seed=seed,
-            lobcq_array_len=32,
-            window_size=ws,
-            window_overlap=ws - 1,
-            **{**CBQ_BUDGET_MAIN, "lr": 3e-2},
+        f"lobcq-w4a4-universal-cbq-n8x256lr3-sqauto-w{ws}-a32{_seed(seed)}": _sqauto(
+            seed=seed, lobcq_array_len=32, window_size=ws, window_overlap=ws - 1
         )
         for ws in (2, 3)
         for seed in (0, 1, 2, 3)
     },
-    "lobcq-w4a4-universal-cbq-n8x256lr5-sqauto": dict(
-        method="cbq",
-        format="lobcq",
-        act_bits=4,
-        lobcq_codebooks="universal",
-        smooth_alpha="auto",
-        **{**CBQ_BUDGET_MAIN, "lr": 5e-2},
-    ),
+    "lobcq-w4a4-universal-cbq-n8x256lr5-sqauto": _sqauto(lr=5e-2),
 }
 
 
